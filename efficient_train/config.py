@@ -1,0 +1,280 @@
+"""The default configuration, config-file loading, and validation with one-line errors.
+
+Every run is described by one ml_collections ConfigDict. `default_config()` holds every
+field that exists (it is also the `tiny` recipe, so the installed package can train
+with no config file); files in `configs/` start from it and change what they need.
+The dict is locked, so an override of a key that does not exist fails at once.
+
+`validate(config, num_devices)` checks what can be checked before any device work and
+raises `ConfigError("<field>: <what is wrong>; <what is allowed>")`; the CLI prints that
+one line and exits with status 2. Only the data-path check imports jax (through the
+data package); the mesh arithmetic does not, so the CLI can size a simulated device
+count before jax starts.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from typing import Any
+
+import ml_collections
+
+ZERO_STAGES = (0, 1, 2, 3)
+REMAT_POLICIES = ("none", "full", "save_dots")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
+SEQUENCE_PARALLEL_MODES = ("ulysses", "ring", "all_gather")
+IMPLEMENTED_SEQUENCE_PARALLEL_MODES = ("all_gather",)
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = ("float32", "bfloat16")
+DATA_SOURCES = ("synthetic", "text", "tokens", "jsonl")
+TOKEN_DTYPES = ("uint16", "uint32")
+STATE_FORMATS = ("fp32",)
+MESH_AXES = ("replica", "data", "sequence", "tensor")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line naming the field."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field, with the values of the `tiny` recipe (a ~0.8M-parameter byte-level Llama)."""
+    c = ml_collections.ConfigDict()
+    c.workdir = "runs/default"
+    c.seed = 0
+    c.zero_stage = 1
+
+    c.mesh = ml_collections.ConfigDict(dict(replica=1, data=-1, sequence=1, tensor=1))
+
+    c.model = ml_collections.ConfigDict(
+        dict(
+            vocab_size=256,
+            hidden_size=128,
+            intermediate_size=384,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=32,
+            rope_theta=10000.0,
+            rms_norm_eps=1e-5,
+            tie_embeddings=True,
+            remat="none",
+            scan_layers=True,
+            dtype="float32",
+            param_dtype="float32",
+        )
+    )
+    c.attention = ml_collections.ConfigDict(dict(impl="auto"))
+    c.sequence_parallel = ml_collections.ConfigDict(dict(mode="all_gather"))
+
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=150,
+            batch_size=16,
+            grad_accum=1,
+            learning_rate=3e-3,
+            warmup_steps=15,
+            schedule="cosine",
+            min_lr_ratio=0.1,
+            max_grad_norm=1.0,
+            log_every=10,
+        )
+    )
+    c.optimizer = ml_collections.ConfigDict(
+        dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, state_format="fp32")
+    )
+    c.data = ml_collections.ConfigDict(
+        dict(
+            source="text",
+            path="",
+            seq_len=128,
+            seed=0,
+            shuffle=True,
+            max_bytes=4_000_000,
+            token_dtype="uint16",
+            eos_id=-1,
+            jsonl_field="text",
+        )
+    )
+    # `async` is a Python keyword: read it as config.checkpoint["async"].
+    c.checkpoint = ml_collections.ConfigDict({"dir": "", "every": 0, "keep": 3, "keep_every": 0, "async": True})
+    c.lock()
+    return c
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """Import a config file and call its `get_config()`."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config: file {path!r} does not exist; pass a path to a configs/*.py file")
+    spec = importlib.util.spec_from_file_location(f"_efficient_train_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config: {path!r} has no get_config() function")
+    return module.get_config()
+
+
+def get_config(path: str | None = None) -> ml_collections.ConfigDict:
+    """The default (`tiny`) config, or the one a config file's `get_config()` returns."""
+    return default_config() if path is None else load_config_file(path)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> None:
+    """Set dotted fields from strings (`{"mesh.data": "4"}`), parsed to the field's type."""
+    for dotted, text in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for i, name in enumerate(parents):
+            if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+                raise ConfigError(f"{'.'.join(parents[: i + 1])}: unknown config key; known: {_known(node)}")
+            node = node[name]
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            raise ConfigError(f"{dotted}: unknown config key; known: {_known(node)}")
+        node[leaf] = _parse_like(node[leaf], text, dotted)
+
+
+def _known(node: Any) -> str:
+    return ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else "(none)"
+
+
+def _parse_like(current: Any, text: str, field: str) -> Any:
+    try:
+        if isinstance(current, bool):
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{field}: cannot read {text!r} as {type(current).__name__}") from None
+    return text
+
+
+def _check_choice(config: ml_collections.ConfigDict, field: str, allowed: tuple) -> None:
+    value = _get(config, field)
+    if value not in allowed:
+        raise ConfigError(f"{field}: {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+
+
+def _check_positive(config: ml_collections.ConfigDict, field: str, allow_zero: bool = False) -> None:
+    value = _get(config, field)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{field}: {value!r} must be a number {bound}")
+
+
+def _get(config: ml_collections.ConfigDict, field: str) -> Any:
+    node: Any = config
+    for name in field.split("."):
+        node = node[name]
+    return node
+
+
+def _check_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, prefix: str = "") -> None:
+    for key in config.keys():
+        field = f"{prefix}{key}"
+        if key not in reference:
+            raise ConfigError(f"{field}: unknown config key; known: {_known(reference)}")
+        if isinstance(reference[key], ml_collections.ConfigDict):
+            if not isinstance(config[key], ml_collections.ConfigDict):
+                raise ConfigError(f"{field}: must be a section with keys {_known(reference[key])}")
+            _check_keys(config[key], reference[key], prefix=f"{field}.")
+
+
+def resolve_mesh_shape(mesh: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Mesh axis sizes with a -1 filled in from the device count; errors name the field."""
+    sizes = {axis: mesh[axis] for axis in MESH_AXES}
+    free = [axis for axis, size in sizes.items() if size == -1]
+    for axis, size in sizes.items():
+        if size != -1 and (not isinstance(size, int) or size < 1):
+            raise ConfigError(f"mesh.{axis}: {size!r} must be a positive integer or -1 (takes the remaining devices)")
+    if len(free) > 1:
+        raise ConfigError(f"mesh: only one axis may be -1, got {', '.join('mesh.' + a for a in free)}")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if num_devices % fixed:
+            raise ConfigError(
+                f"mesh.{free[0]}: cannot fill -1, the other axes multiply to {fixed} which does not divide "
+                f"the {num_devices} devices"
+            )
+        sizes[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        shape = " x ".join(f"{a}={s}" for a, s in sizes.items())
+        raise ConfigError(f"mesh: {shape} = {fixed} devices, but {num_devices} are available; sizes must multiply to the device count")
+    return sizes
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, *, check_paths: bool = True) -> dict[str, int]:
+    """Check the config against itself and the device count; returns the mesh shape."""
+    _check_keys(config, default_config())
+    if config.zero_stage not in ZERO_STAGES:
+        raise ConfigError(f"zero_stage: {config.zero_stage!r} is out of range; allowed 0, 1, 2, 3")
+    for field in (
+        "model.vocab_size", "model.hidden_size", "model.intermediate_size", "model.num_layers",
+        "model.num_heads", "model.num_kv_heads", "model.head_dim", "model.rope_theta", "model.rms_norm_eps",
+        "train.steps", "train.batch_size", "train.grad_accum", "train.learning_rate", "train.log_every",
+        "train.max_grad_norm", "data.seq_len", "data.max_bytes",
+    ):
+        _check_positive(config, field)
+    for field in ("train.warmup_steps", "train.min_lr_ratio", "optimizer.weight_decay", "optimizer.eps",
+                  "checkpoint.every", "checkpoint.keep", "checkpoint.keep_every"):
+        _check_positive(config, field, allow_zero=True)
+    for field in ("optimizer.b1", "optimizer.b2"):
+        if not 0.0 <= _get(config, field) < 1.0:
+            raise ConfigError(f"{field}: {_get(config, field)!r} must be in [0, 1)")
+    _check_choice(config, "model.remat", REMAT_POLICIES)
+    _check_choice(config, "model.dtype", DTYPES)
+    _check_choice(config, "model.param_dtype", DTYPES)
+    _check_choice(config, "attention.impl", ATTENTION_IMPLS)
+    _check_choice(config, "sequence_parallel.mode", SEQUENCE_PARALLEL_MODES)
+    _check_choice(config, "train.schedule", SCHEDULES)
+    _check_choice(config, "optimizer.state_format", STATE_FORMATS)
+    _check_choice(config, "data.source", DATA_SOURCES)
+    _check_choice(config, "data.token_dtype", TOKEN_DTYPES)
+
+    mesh = resolve_mesh_shape(config.mesh, num_devices)
+    model = config.model
+    if model.num_heads % model.num_kv_heads:
+        raise ConfigError(
+            f"model.num_kv_heads: {model.num_kv_heads} must divide model.num_heads={model.num_heads}"
+        )
+    if model.num_heads % mesh["tensor"]:
+        raise ConfigError(f"mesh.tensor: {mesh['tensor']} must divide model.num_heads={model.num_heads}")
+    if model.intermediate_size % mesh["tensor"]:
+        raise ConfigError(
+            f"mesh.tensor: {mesh['tensor']} must divide model.intermediate_size={model.intermediate_size}"
+        )
+    data_parallel = mesh["replica"] * mesh["data"]
+    batch = config.train.batch_size
+    if batch % data_parallel:
+        raise ConfigError(
+            f"train.batch_size: {batch} is not divisible by the data-parallel size "
+            f"mesh.replica x mesh.data = {data_parallel}"
+        )
+    if (batch // data_parallel) % config.train.grad_accum:
+        raise ConfigError(
+            f"train.grad_accum: {config.train.grad_accum} must divide the per-replica batch "
+            f"{batch // data_parallel} (train.batch_size / data-parallel size)"
+        )
+    if mesh["sequence"] > 1:
+        if config.sequence_parallel.mode not in IMPLEMENTED_SEQUENCE_PARALLEL_MODES:
+            raise ConfigError(
+                f"sequence_parallel.mode: {config.sequence_parallel.mode!r} is not implemented yet; "
+                f"available: {', '.join(IMPLEMENTED_SEQUENCE_PARALLEL_MODES)}"
+            )
+        if config.data.seq_len % mesh["sequence"]:
+            raise ConfigError(f"data.seq_len: {config.data.seq_len} must be divisible by mesh.sequence={mesh['sequence']}")
+    if check_paths:
+        from efficient_train.data import check_data_config
+
+        try:
+            check_data_config(config.data, model.vocab_size)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    return mesh

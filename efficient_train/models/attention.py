@@ -1,0 +1,119 @@
+"""The one attention entry point of the model, dispatching to an implementation.
+
+`attention(q, k, v, ...)` takes q [B, T, H, D] and k, v [B, S, KV, D] (grouped-query:
+H divisible by KV; query head h reads kv head h // (H // KV)). Keys and queries carry
+their own segment ids and positions, so sequence parallelism can plug in here later
+with all-gathered or ring-passed K/V whose tokens differ from the local queries.
+
+Masking: query i may attend key j iff both lie in the same segment, the segment is not
+0 (padding), and, when causal, position[j] <= position[i]. Causality comes from the
+positions, never from array indices, so reordered layouts (zigzag ring shards) stay
+correct. A query with no visible key (padding) outputs zeros in every implementation.
+
+Implementations:
+- 'xla': plain jnp; scores and softmax in fp32 (matmuls accumulate in fp32), no repeat
+  of kv heads (queries are grouped per kv head instead).
+- 'cudnn': `jax.nn.dot_product_attention(implementation='cudnn')` with the segment
+  and position mask passed as a boolean mask (jax's public API has no segment ids).
+  When the keys are the queries' own tokens, `is_causal` is set too so cuDNN can skip
+  the upper triangle; that relies on positions increasing along the sequence within a
+  segment, which packing guarantees. GPU only, bf16/fp16 only.
+- 'pallas': arrives with the kernels issue.
+- 'auto': 'cudnn' on an NVIDIA GPU when dtype and shapes allow it, else 'xla'.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from efficient_train.models.config import ATTENTION_IMPLS
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array,
+    positions: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
+    causal: bool = True,
+    impl: str = "auto",
+    scale: float | None = None,
+) -> jax.Array:
+    """Masked multi-head attention; returns [B, T, H, D] in q's dtype.
+
+    segment_ids, positions: int [B, T] of the queries. kv_segment_ids, kv_positions:
+    int [B, S] of the keys, defaulting to the queries' (self-attention on the same
+    tokens). positions default to array indices. scale defaults to 1/sqrt(D).
+    """
+    b, t, h, d = q.shape
+    s, kv = k.shape[1], k.shape[2]
+    if k.shape != (b, s, kv, d) or v.shape != k.shape:
+        raise ValueError(f"k and v must be [B, S, KV, D] matching q {q.shape}, got {k.shape}, {v.shape}")
+    if h % kv:
+        raise ValueError(f"query heads ({h}) must be divisible by kv heads ({kv})")
+    same_tokens = kv_segment_ids is None and kv_positions is None
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
+    kv_positions = positions if kv_positions is None else kv_positions
+    mask = _mask(segment_ids, positions, kv_segment_ids, kv_positions, causal)
+    scale = d ** -0.5 if scale is None else scale
+
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = "cudnn" if _cudnn_supported(q, s) else "xla"
+    if impl == "pallas":
+        raise NotImplementedError(
+            "attention impl 'pallas': the Pallas flash-attention kernel arrives with the "
+            "kernels issue (pallas_kernels); use 'auto', 'xla' or 'cudnn' for now")
+    if impl == "cudnn":
+        if not _on_nvidia_gpu():
+            raise ValueError(
+                f"attention impl 'cudnn' needs an NVIDIA GPU backend, but jax's backend is "
+                f"{jax.default_backend()!r}; use 'auto' or 'xla'")
+        if q.dtype not in (jnp.bfloat16, jnp.float16):
+            raise ValueError(f"attention impl 'cudnn' needs bf16 or fp16 inputs, got {q.dtype}")
+        out = jax.nn.dot_product_attention(
+            q, k, v, mask=mask[:, None], scale=scale,
+            is_causal=causal and same_tokens, implementation="cudnn")
+    else:
+        out = _xla_attention(q, k, v, mask, scale)
+    visible = jnp.any(mask, axis=-1)  # [B, T]: queries with at least one key
+    return jnp.where(visible[:, :, None, None], out, jnp.zeros((), out.dtype))
+
+
+def _mask(q_seg: jax.Array, q_pos: jax.Array, kv_seg: jax.Array, kv_pos: jax.Array,
+          causal: bool) -> jax.Array:
+    """Boolean [B, T, S]: True where the query may attend the key."""
+    mask = (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
+    if causal:
+        mask &= kv_pos[:, None, :] <= q_pos[:, :, None]
+    return mask
+
+
+def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                   scale: float) -> jax.Array:
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, h // kv, d)  # head h = kv_head * group + g
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def _on_nvidia_gpu() -> bool:
+    return jax.default_backend() in ("gpu", "cuda") and "nvidia" in jax.devices()[0].device_kind.lower()
+
+
+def _cudnn_supported(q: jax.Array, kv_len: int) -> bool:
+    """Conservative shape/dtype limits of cuDNN flash attention with a mask (as a bias)."""
+    t, d = q.shape[1], q.shape[3]
+    return (_on_nvidia_gpu() and q.dtype in (jnp.bfloat16, jnp.float16)
+            and d % 8 == 0 and d <= 128 and t % 2 == 0 and kv_len % 2 == 0)

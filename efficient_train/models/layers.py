@@ -1,0 +1,118 @@
+"""Building blocks of the decoder: Linear, Embed, RMSNorm and rotary embeddings.
+
+Every parameter is an `nnx.Param` carrying its logical axis names as the standard Flax
+metadata `out_sharding=(...)` (the key `nnx.with_partitioning` writes), one name per
+dimension, so `efficient_train.sharding` can map them to mesh axes with a rule table.
+The names used across the model are 'vocab', 'embed', 'heads', 'kv_heads', 'head_dim',
+'mlp', 'norm', and 'layers' for the stacked layer axis.
+
+Parameters are stored in `param_dtype` and cast to the compute `dtype` at use, so a
+bf16 model can keep fp32 master weights. Norm statistics and rotary angles are always
+computed in fp32.
+
+With Flax's default eager sharding, creating a Param with `out_sharding` requires a
+mesh; build models inside `with nnx.use_eager_sharding(False):` when there is none
+(the trainer does, and places the state itself).
+
+Initialisation: kernels are truncated-normal with variance 1/fan_in; the embedding is
+normal with variance 1/hidden (Flax's default), so tied and untied output logits both
+start with unit scale; norm scales start at one.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str, ...]
+
+
+class Linear(nnx.Module):
+    """A bias-free projection contracting the last len(in_shape) dims of its input.
+
+    The kernel has shape in_shape + out_shape (e.g. q: (embed, heads, head_dim)) so each
+    dimension keeps its own logical axis name rather than being flattened away.
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], axes: Axes, *,
+                 dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+        shape = in_shape + out_shape
+        if len(axes) != len(shape):
+            raise ValueError(f"kernel of shape {shape} needs {len(shape)} axis names, got {axes}")
+        n_in = len(in_shape)
+        init = jax.nn.initializers.variance_scaling(
+            1.0, "fan_in", "truncated_normal",
+            in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, len(shape))))
+        self.kernel = nnx.Param(init(rngs.params(), shape, param_dtype), out_sharding=axes)
+        self.n_in = n_in
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
+        """x[..., *in_shape] -> [..., *out_shape] in `out_dtype` (default: compute dtype)."""
+        kernel = self.kernel.get_value().astype(self.dtype)
+        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        return jax.lax.dot_general(
+            x.astype(self.dtype), kernel, (contract, ((), ())),
+            preferred_element_type=out_dtype or self.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding table ('vocab', 'embed'); `attend` reuses it as a tied output head."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, *, dtype: jnp.dtype,
+                 param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+        self.embedding = nnx.Param(
+            init(rngs.params(), (vocab_size, hidden_size), param_dtype), out_sharding=("vocab", "embed"))
+        self.dtype = dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding.get_value(), ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """x [..., embed] -> fp32 logits [..., vocab] = x @ embedding.T."""
+        table = self.embedding.get_value().astype(self.dtype)
+        return jnp.einsum("...e,ve->...v", x.astype(self.dtype), table,
+                          preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+    """y = x / sqrt(mean(x^2) + eps) * scale, computed in fp32, returned in `dtype`."""
+
+    def __init__(self, size: int, *, eps: float, dtype: jnp.dtype, param_dtype: jnp.dtype):
+        self.scale = nnx.Param(jnp.ones((size,), param_dtype), out_sharding=("norm",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (x32 * inv_rms * self.scale.get_value().astype(jnp.float32)).astype(self.dtype)
+
+
+def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of the rotary angles, fp32 [..., head_dim // 2], for explicit positions.
+
+    Frequency i is theta^(-2i/head_dim); positions are per token (they restart at every
+    packed document), never array indices.
+    """
+    exponent = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    inv_freq = 1.0 / (theta ** exponent)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates x [B, S, heads, head_dim] by angles [B, S, head_dim // 2], in fp32.
+
+    Uses the rotate-half layout (dimension i pairs with i + head_dim/2), the convention
+    of Hugging Face Llama checkpoints.
+    """
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)

@@ -1,0 +1,234 @@
+"""Logical axis rules and ZeRO stages -> shardings of parameters, gradients, optimizer state.
+
+Two layers of placement, decided per parameter from its *global* shape only:
+
+1. Tensor parallelism: the parameter's logical axis names map to mesh axes through an
+   ordered rule table (first rule naming the logical axis wins; a mesh axis of size 1,
+   one that does not divide the dimension, or one already used by an earlier dimension
+   drops out, leaving that dimension whole).
+2. ZeRO: the ZeRO group is `data` x `sequence` (the devices that would otherwise hold
+   identical copies). A stage shards a tensor along its largest dimension that the
+   group divides and that no other mesh axis already uses; the stacked `layers` axis is
+   never chosen, so a scan over layers stays local. `replica` is never sharded over
+   (hybrid sharding: shard inside a node, replicate across nodes).
+
+| stage | parameters | gradients | optimizer state |
+|---|---|---|---|
+| 0 | tensor | tensor | tensor |
+| 1 | tensor | tensor | ZeRO |
+| 2 | tensor | ZeRO | ZeRO |
+| 3 | ZeRO | ZeRO | ZeRO |
+
+The plan also gives the specs the train step's `shard_map` needs: that map is manual
+over replica, data and sequence and leaves `tensor` to the compiler, so its specs name
+only the manual axes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MeshAxes = str | tuple[str, ...] | None
+Rules = tuple[tuple[str, MeshAxes], ...]
+
+DEFAULT_RULES: Rules = (
+    ("batch", ("replica", "data")),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", None),
+    ("head_dim", None),
+    ("norm", None),
+    ("layers", None),
+)
+ZERO_GROUP = ("data", "sequence")
+BATCH_AXES = ("replica", "data")
+MANUAL_AXES = ("replica", "data", "sequence")
+LAYER_AXIS = "layers"
+
+
+def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:
+    """The logical axis names a Flax variable carries (`nnx.with_partitioning` metadata)."""
+    metadata = variable.get_metadata()
+    for key in ("out_sharding", "sharding_names", "sharding"):
+        names = metadata.get(key)
+        if names:
+            return tuple(names)
+    return None
+
+
+def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def tensor_spec(shape: Sequence[int], names: Sequence[str | None] | None, rules: Rules, mesh_shape: dict[str, int]) -> P:
+    """Map logical names to mesh axes by the rule table (see the module docstring)."""
+    if names is None:
+        return P(*([None] * len(shape)))
+    if len(names) != len(shape):
+        raise ValueError(f"logical axes {tuple(names)} do not match shape {tuple(shape)}")
+    table = {}
+    for logical, mesh_axes in rules:
+        table.setdefault(logical, mesh_axes)
+    used: set[str] = set()
+    entries: list[MeshAxes] = []
+    for dim, name in zip(shape, names):
+        chosen: list[str] = []
+        extent = dim
+        for axis in _as_tuple(table.get(name)) if name else ():
+            size = mesh_shape.get(axis, 1)
+            if size == 1 or axis in used or extent % size:
+                continue
+            chosen.append(axis)
+            extent //= size
+        used.update(chosen)
+        entries.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    return P(*entries)
+
+
+def choose_zero_dim(shape: Sequence[int], spec: P, names: Sequence[str | None] | None, group: int) -> int | None:
+    """The largest dimension the ZeRO group divides and no mesh axis uses (never `layers`)."""
+    if group == 1:
+        return None
+    best = None
+    for dim, (extent, entry) in enumerate(zip(shape, spec)):
+        if entry is not None or extent % group:
+            continue
+        if names is not None and names[dim] == LAYER_AXIS:
+            continue
+        if best is None or extent > shape[best]:
+            best = dim
+    return best
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+    """Placement of one parameter: its tensor-parallel spec and its ZeRO dimension."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+    tensor: P
+    zero_dim: int | None
+
+    def spec(self, zero: bool, zero_axes: tuple[str, ...], keep: tuple[str, ...] | None = None) -> P:
+        """The spec with (zero=True) or without the ZeRO axes; `keep` filters to those mesh axes."""
+        entries = list(self.tensor) + [None] * (len(self.shape) - len(self.tensor))
+        if zero and self.zero_dim is not None:
+            entries[self.zero_dim] = zero_axes[0] if len(zero_axes) == 1 else zero_axes
+        if keep is not None:
+            entries = [_filter_entry(entry, keep) for entry in entries]
+        return P(*entries)
+
+
+def _filter_entry(entry: MeshAxes, keep: tuple[str, ...]) -> MeshAxes:
+    kept = tuple(axis for axis in _as_tuple(entry) if axis in keep)
+    return None if not kept else kept[0] if len(kept) == 1 else kept
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingPlan:
+    """Where every parameter, gradient and optimizer-state leaf lives for one ZeRO stage."""
+
+    mesh: Mesh
+    zero_stage: int
+    leaves: Any  # pure-dict tree of LeafPlan, the structure of the parameters
+
+    @property
+    def zero_axes(self) -> tuple[str, ...]:
+        return tuple(axis for axis in ZERO_GROUP if self.mesh.shape[axis] > 1)
+
+    @property
+    def params_sharded(self) -> bool:
+        return self.zero_stage >= 3
+
+    @property
+    def grads_sharded(self) -> bool:
+        return self.zero_stage >= 2
+
+    @property
+    def opt_state_sharded(self) -> bool:
+        return self.zero_stage >= 1
+
+    def _specs(self, zero: bool, keep: tuple[str, ...] | None = None) -> Any:
+        return jax.tree.map(lambda leaf: leaf.spec(zero, self.zero_axes, keep), self.leaves, is_leaf=_is_leaf_plan)
+
+    def param_specs(self) -> Any:
+        return self._specs(self.params_sharded)
+
+    def grad_specs(self) -> Any:
+        return self._specs(self.grads_sharded)
+
+    def opt_param_specs(self) -> Any:
+        """Specs for the parameter-shaped parts of the optimizer state."""
+        return self._specs(self.opt_state_sharded)
+
+    def manual_param_specs(self) -> Any:
+        """Parameter specs as the step's shard_map sees them (manual axes only)."""
+        return self._specs(self.params_sharded, keep=MANUAL_AXES)
+
+    def manual_grad_specs(self) -> Any:
+        return self._specs(self.grads_sharded, keep=MANUAL_AXES)
+
+    def zero_dims(self) -> Any:
+        return jax.tree.map(lambda leaf: leaf.zero_dim, self.leaves, is_leaf=_is_leaf_plan)
+
+    def named(self, specs: Any) -> Any:
+        return jax.tree.map(lambda spec: NamedSharding(self.mesh, spec), specs, is_leaf=_is_spec)
+
+
+def _is_leaf_plan(node: Any) -> bool:
+    return isinstance(node, LeafPlan)
+
+
+def _is_spec(node: Any) -> bool:
+    return isinstance(node, P)
+
+
+def plan_sharding(abstract_params: nnx.State, mesh: Mesh, zero_stage: int, rules: Rules = DEFAULT_RULES) -> ShardingPlan:
+    """Plan placement for an abstract parameter state (Variables with logical-axis metadata)."""
+    mesh_shape = dict(mesh.shape)
+    group = int(np.prod([mesh_shape[axis] for axis in ZERO_GROUP]))
+
+    def leaf(variable: nnx.Variable) -> LeafPlan:
+        value = variable.get_value()
+        shape = tuple(value.shape)
+        names = logical_axes(variable)
+        spec = tensor_spec(shape, names, rules, mesh_shape)
+        return LeafPlan(shape, value.dtype, spec, choose_zero_dim(shape, spec, names, group))
+
+    flat = {path: leaf(variable) for path, variable in nnx.to_flat_state(abstract_params)}
+    return ShardingPlan(mesh, zero_stage, _unflatten(flat))
+
+
+def _unflatten(flat: dict[tuple, Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def batch_spec(ndim: int, shard_sequence: bool) -> P:
+    """Leading dim over replica x data; dim 1 over sequence for token batches."""
+    if shard_sequence and ndim >= 2:
+        return P(BATCH_AXES, "sequence", *([None] * (ndim - 2)))
+    return P(BATCH_AXES, *([None] * (ndim - 1)))
+
+
+def per_device_bytes(tree: Any, shardings: Any) -> int:
+    """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs) under `shardings`."""
+    total = 0
+    for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, NamedSharding))):
+        shard_shape = sharding.shard_shape(tuple(leaf.shape))
+        total += int(np.prod(shard_shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    return total

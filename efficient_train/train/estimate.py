@@ -1,0 +1,52 @@
+"""Per-device memory of a config's train step, from the compiler, without running it.
+
+The step is lowered on abstract state and batch (ShapeDtypeStructs carrying their
+shardings) over the current devices, usually simulated CPU devices as many as the
+mesh needs, and compiled; nothing is allocated. Parameter and optimizer-state bytes
+follow exactly from the shardings and hold on any backend. The temporary bytes are the
+CPU compiler's schedule: GPU and TPU compilers fuse and schedule differently, so read
+them as an estimate of activation memory, not a guarantee.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+
+from efficient_train.config import validate
+from efficient_train.mesh import make_mesh
+from efficient_train.train.program import build_program, lm_batch_shapes
+from efficient_train.train.step import build_train_step
+from efficient_train.train.trainer import memory_record
+
+GIB = 1024**3
+
+
+def estimate_memory(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    mesh_shape = validate(config, jax.device_count(), check_paths=False)
+    mesh = make_mesh(mesh_shape)
+    program = build_program(config, mesh)
+    batch = lm_batch_shapes(config)
+    step = build_train_step(program.spec, program.state_shardings, batch)
+    compiled = step.lower(program.abstract_state, program.abstract_batch(batch)).compile()
+    return {
+        "mesh": mesh_shape,
+        "zero_stage": config.zero_stage,
+        "num_params": program.num_params,
+        "per_device_bytes": memory_record(program, compiled),
+    }
+
+
+def format_estimate(config: ml_collections.ConfigDict, estimate: dict[str, Any]) -> str:
+    mesh = " x ".join(f"{axis}={size}" for axis, size in estimate["mesh"].items())
+    per_device = estimate["per_device_bytes"]
+    lines = [
+        f"model: {estimate['num_params'] / 1e9:.3f}B parameters, mesh {mesh}, zero_stage {estimate['zero_stage']}, "
+        f"optimizer states {config.optimizer.state_format}, batch {config.train.batch_size} x {config.data.seq_len}",
+        "per-device memory (GiB):",
+    ]
+    for name in ("params", "opt_state", "temp", "total"):
+        lines.append(f"  {name:<10} {per_device[name] / GIB:10.3f}")
+    lines.append("(params and opt_state are exact; temp is the CPU compiler's schedule, an estimate for GPU/TPU)")
+    return "\n".join(lines)

@@ -1,0 +1,157 @@
+"""Everything about a training run that is decided before any array exists.
+
+`build_program` turns a config (and optionally the user's own module and loss) into
+the model structure, the sharding plan, the optimizer and the shardings of a
+TrainState, all from abstract shapes. The Trainer then materializes the state; the
+`estimate` command instead lowers the step on abstract inputs and reads the
+compiler's memory analysis, so a 70B model on 64 devices can be sized on a laptop.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from efficient_train.data import Batch
+from efficient_train.models import Llama, ModelConfig
+from efficient_train.optim import adamw, decay_mask, make_schedule
+from efficient_train.parallel.param_gather import ZERO_DIM
+from efficient_train.sharding import ShardingPlan, plan_sharding
+from efficient_train.train.loss import next_token_loss
+from efficient_train.train.state import TrainState, set_metadata
+from efficient_train.train.step import LossFn, StepSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    create_model: Callable[[], nnx.Module]
+    model_config: ModelConfig | None  # None for a user's own module
+    spec: StepSpec
+    abstract_state: TrainState  # ShapeDtypeStructs
+    state_shardings: TrainState  # NamedShardings
+
+    @property
+    def plan(self) -> ShardingPlan:
+        return self.spec.plan
+
+    @property
+    def num_params(self) -> int:
+        return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(self.abstract_state.params)))
+
+    def flops_per_token(self, seq_len: int) -> float:
+        if self.model_config is not None:
+            return float(self.model_config.flops_per_token(seq_len))
+        return 6.0 * self.num_params
+
+    def abstract_batch(self, global_batch: Any) -> Any:
+        """ShapeDtypeStructs with the step's batch shardings, for lowering without data."""
+        from efficient_train.train.step import batch_specs
+
+        specs = batch_specs(global_batch, self.spec.shard_sequence)
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(self.mesh, s)), global_batch, specs
+        )
+
+
+def lm_batch_shapes(config: ml_collections.ConfigDict) -> Batch:
+    """Global shapes of one token batch, for lowering the step without data."""
+    shape = (config.train.batch_size, config.data.seq_len)
+    ints = jax.ShapeDtypeStruct(shape, jnp.int32)
+    return Batch(inputs=ints, targets=ints, positions=ints, segment_ids=ints, loss_weights=jax.ShapeDtypeStruct(shape, jnp.float32))
+
+
+def build_program(
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    *,
+    model: nnx.Module | None = None,
+    loss_fn: LossFn | None = None,
+    shard_sequence: bool = True,
+) -> Program:
+    model_config = None
+    if model is None:
+        model_config = ModelConfig.from_config_dict(config.model, attention_impl=config.attention.impl)
+        create_model = lambda: Llama(model_config, rngs=nnx.Rngs(config.seed))
+    else:
+        create_model = lambda: model
+    with nnx.use_eager_sharding(False):
+        abstract_model = nnx.eval_shape(create_model) if model is None else model
+    graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
+    if model is not None:
+        abstract_params = jax.tree.map(
+            lambda v: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype)),
+            abstract_params,
+            is_leaf=lambda x: isinstance(x, nnx.Variable),
+        )
+    plan = plan_sharding(abstract_params, mesh, config.zero_stage)
+    template = set_metadata(abstract_params, ZERO_DIM, plan.zero_dims()) if plan.params_sharded else abstract_params
+
+    train = config.train
+    schedule = make_schedule(train.schedule, train.learning_rate, train.warmup_steps, train.steps, train.min_lr_ratio)
+    opt = config.optimizer
+    optimizer = adamw(
+        schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+        state_format=opt.state_format, mask=decay_mask(abstract_params),
+    )
+    pure_params = nnx.to_pure_dict(abstract_params)
+    abstract_opt_state = jax.eval_shape(optimizer.init, pure_params)
+    opt_specs = optax.tree_map_params(
+        optimizer, lambda _, spec: spec, abstract_opt_state, plan.opt_param_specs(),
+        transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P),
+    )
+    scalar = NamedSharding(mesh, P())
+    state_shardings = TrainState(
+        step=scalar,
+        params=plan.named(plan.param_specs()),
+        opt_state=plan.named(opt_specs),
+        skipped_steps=scalar,
+    )
+    int_scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        TrainState(step=int_scalar, params=pure_params, opt_state=abstract_opt_state, skipped_steps=int_scalar),
+        state_shardings,
+    )
+    spec = StepSpec(
+        graphdef=graphdef,
+        template=template,
+        rest=rest if len(jax.tree.leaves(rest)) else None,
+        plan=plan,
+        optimizer=optimizer,
+        schedule=schedule,
+        loss_fn=loss_fn or next_token_loss,
+        model_gathers_per_layer=bool(getattr(abstract_model, "gathers_params_per_layer", False)),
+        grad_accum=train.grad_accum,
+        max_grad_norm=train.max_grad_norm,
+        shard_sequence=shard_sequence,
+    )
+    return Program(config, mesh, create_model, model_config, spec, abstract_state, state_shardings)
+
+
+def init_state(program: Program) -> TrainState:
+    """Materialize parameters and optimizer state directly in their shardings."""
+    spec = program.spec
+
+    def init() -> TrainState:
+        with nnx.use_eager_sharding(False):
+            model = program.create_model()
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(step=zero, params=params, opt_state=spec.optimizer.init(params), skipped_steps=zero)
+
+    if program.model_config is not None:
+        return jax.jit(init, out_shardings=program.state_shardings)()
+    # A user's module already holds concrete arrays: place them, then init the optimizer there.
+    params = jax.device_put(nnx.to_pure_dict(nnx.state(program.create_model(), nnx.Param)), program.state_shardings.params)
+    opt_state = jax.jit(spec.optimizer.init, out_shardings=program.state_shardings.opt_state)(params)
+    zero = jax.device_put(jnp.zeros((), jnp.int32), program.state_shardings.step)
+    return TrainState(step=zero, params=params, opt_state=opt_state, skipped_steps=zero)

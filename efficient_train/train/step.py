@@ -1,0 +1,176 @@
+"""The train step: one jitted function, explicit shardings, donated state.
+
+Shape of the step (DeepSpeed's ZeRO, stated in the program so every backend,
+the CPU included, runs the collectives the stage promises):
+
+1. `jax.shard_map`, manual over replica x data x sequence (tensor stays with the
+   compiler), computes gradients of the *unnormalized* loss sum on the local batch,
+   scanning over micro-batches for gradient accumulation. Under ZeRO-3 the model
+   all-gathers each layer's parameters right before use (`parallel.param_gather`),
+   so autodiff turns those gathers into reduce-scatters of the gradients.
+2. Still inside the map, gradients are reduced over the batch axes: an all-reduce
+   (stages 0-1), a reduce-scatter over the ZeRO group (stage 2; stage 3 already has
+   it), then an all-reduce over `replica` only (hybrid sharding).
+3. Outside the map, with the compiler partitioning: normalize by the global loss
+   weight, clip by global norm, AdamW update with the optimizer state where the stage
+   puts it; stage 1 and 2 parameters are all-gathered back to whole by the output
+   sharding. A step whose loss or gradient norm is not finite leaves parameters and
+   optimizer state untouched and counts itself in `skipped_steps`.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from efficient_train.parallel import param_gather
+from efficient_train.sharding import MANUAL_AXES, ShardingPlan, batch_spec
+from efficient_train.train.state import TrainState, as_state, bind
+
+LossFn = Callable[[nnx.Module, Any], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """What the step needs besides the state: model structure, plan, optimizer, loss."""
+
+    graphdef: nnx.GraphDef
+    template: nnx.State  # abstract parameters with logical axes (+ zero_dim under ZeRO-3)
+    rest: nnx.State | None  # non-parameter module state, held constant
+    plan: ShardingPlan
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    loss_fn: LossFn
+    model_gathers_per_layer: bool
+    grad_accum: int
+    max_grad_norm: float
+    shard_sequence: bool
+
+
+def loss_terms(output: Any) -> tuple[jax.Array, jax.Array]:
+    """A loss function returns (sum, weight) or a scalar mean (taken as weight 1)."""
+    if isinstance(output, tuple):
+        total, weight = output
+        return jnp.asarray(total, jnp.float32), jnp.asarray(weight, jnp.float32)
+    return jnp.asarray(output, jnp.float32), jnp.ones((), jnp.float32)
+
+
+def batch_specs(batch: Any, shard_sequence: bool) -> Any:
+    return jax.tree.map(lambda x: batch_spec(len(x.shape), shard_sequence), batch)
+
+
+def _axes_over_one(mesh_shape: dict[str, int], axes: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(axis for axis in axes if mesh_shape[axis] > 1)
+
+
+def make_local_grads(spec: StepSpec) -> Callable:
+    """The shard_map body: local gradients reduced over the batch axes, loss sum and weight."""
+    plan = spec.plan
+    mesh_shape = dict(plan.mesh.shape)
+    zero_axes = plan.zero_axes
+    all_batch_axes = _axes_over_one(mesh_shape, MANUAL_AXES)
+    replica_axes = _axes_over_one(mesh_shape, ("replica",))
+    zero_dims = plan.zero_dims()
+    per_layer = plan.params_sharded and spec.model_gathers_per_layer and bool(zero_axes)
+    gather_upfront = plan.params_sharded and not spec.model_gathers_per_layer and bool(zero_axes)
+
+    def micro_loss(params: dict, micro_batch: Any) -> tuple[jax.Array, jax.Array]:
+        if gather_upfront:
+            with param_gather.gathering(zero_axes):
+                params = nnx.to_pure_dict(param_gather.gather(as_state(spec.template, params)))
+        model = bind(spec.graphdef, spec.template, params, spec.rest)
+        context = param_gather.gathering(zero_axes) if per_layer else contextlib.nullcontext()
+        with context:
+            return loss_terms(spec.loss_fn(model, micro_batch))
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def reduce(grad: jax.Array, zero_dim: int | None) -> jax.Array:
+        if zero_dim is None or not zero_axes:
+            return jax.lax.psum(grad, all_batch_axes) if all_batch_axes else grad
+        if plan.params_sharded:  # already reduce-scattered by the gather's transpose
+            reduced = grad
+        elif plan.grads_sharded:
+            reduced = jax.lax.psum_scatter(grad, zero_axes, scatter_dimension=zero_dim, tiled=True)
+        else:
+            return jax.lax.psum(grad, all_batch_axes)
+        return jax.lax.psum(reduced, replica_axes) if replica_axes else reduced
+
+    def local_grads(params: dict, batch: Any) -> tuple[dict, jax.Array, jax.Array]:
+        if spec.grad_accum == 1:
+            (total, weight), grads = grad_fn(params, batch)
+        else:
+            micro_batches = jax.tree.map(lambda x: x.reshape(spec.grad_accum, x.shape[0] // spec.grad_accum, *x.shape[1:]), batch)
+
+            def accumulate(carry, micro_batch):
+                grads, total, weight = carry
+                (t, w), g = grad_fn(params, micro_batch)
+                return (jax.tree.map(jnp.add, grads, g), total + t, weight + w), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)  # local shards: gradients have their shapes
+            (grads, total, weight), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(()), jnp.zeros(())), micro_batches)
+        grads = jax.tree.map(reduce, grads, zero_dims)
+        if all_batch_axes:
+            total, weight = jax.lax.psum((total, weight), all_batch_axes)
+        return grads, total, weight
+
+    return local_grads
+
+
+def build_train_step(spec: StepSpec, state_shardings: TrainState, example_batch: Any) -> Callable:
+    """A jitted `step(state, batch) -> (state, metrics)` with explicit shardings, state donated."""
+    plan = spec.plan
+    mesh = plan.mesh
+    local_grads = make_local_grads(spec)
+    manual_batch_specs = batch_specs(example_batch, spec.shard_sequence)
+    sharded_grads = jax.shard_map(
+        local_grads,
+        mesh=mesh,
+        in_specs=(plan.manual_param_specs(), manual_batch_specs),
+        out_specs=(plan.manual_grad_specs(), P(), P()),
+        axis_names=set(MANUAL_AXES),
+        check_vma=False,
+    )
+    grad_shardings = plan.named(plan.grad_specs())
+
+    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+        grads, total, weight = sharded_grads(state.params, batch)
+        grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+        weight = jnp.maximum(weight, 1.0)
+        grads = jax.tree.map(lambda g: g / weight, grads)
+        loss = total / weight
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        scale = jnp.minimum(1.0, spec.max_grad_norm / (grad_norm + 1e-6))
+        grads = jax.tree.map(lambda g: g * scale, grads)
+        updates, new_opt_state = spec.optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        applied_steps = state.step - state.skipped_steps
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt_state, state.opt_state),
+            skipped_steps=state.skipped_steps + jnp.where(finite, 0, 1).astype(jnp.int32),
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": spec.schedule(applied_steps),
+            "skipped_steps": new_state.skipped_steps,
+        }
+        return new_state, metrics
+
+    batch_shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), batch_specs(example_batch, spec.shard_sequence))
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, None),
+        donate_argnums=(0,),
+    )
