@@ -79,14 +79,19 @@ def check_data_config(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> N
     if source == "synthetic":
         if vocab_size < _SYNTHETIC_SUCCESSORS:
             raise ValueError(
-                f"data.source: 'synthetic' needs vocab_size >= {_SYNTHETIC_SUCCESSORS}; the model has {vocab_size}"
+                f"data.source: 'synthetic' needs vocab_size >= {_SYNTHETIC_SUCCESSORS}; "
+                f"the model has {vocab_size}"
             )
         return
     if source == "text":
         if vocab_size < 256:
-            raise ValueError(f"data.source: 'text' is byte-level and needs vocab_size >= 256; the model has {vocab_size}")
+            raise ValueError(
+                f"data.source: 'text' is byte-level and needs vocab_size >= 256; the model has {vocab_size}"
+            )
         if path and not os.path.exists(path):
-            raise ValueError(f"data.path: '{path}' does not exist; give a file, a directory or '' (stdlib sources)")
+            raise ValueError(
+                f"data.path: '{path}' does not exist; give a file, a directory or '' (stdlib sources)"
+            )
         max_bytes = _get(data_cfg, "max_bytes")
         if not _is_int(max_bytes) or max_bytes < 1:
             raise ValueError(f"data.max_bytes: {max_bytes!r} must be an int >= 1")
@@ -96,7 +101,8 @@ def check_data_config(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> N
     if source == "tokens":
         dtype = _get(data_cfg, "token_dtype")
         if dtype not in TOKEN_DTYPES:
-            raise ValueError(f"data.token_dtype: {dtype!r} is not one of {', '.join(map(repr, TOKEN_DTYPES))}")
+            allowed = ", ".join(map(repr, TOKEN_DTYPES))
+            raise ValueError(f"data.token_dtype: {dtype!r} is not one of {allowed}")
         eos = _eos_id(data_cfg)
         if eos is not None and eos >= vocab_size:
             raise ValueError(f"data.eos_id: {eos} must be below vocab_size {vocab_size}")

@@ -36,7 +36,8 @@ class PackedWindows:
         total = int(self._doc_starts[-1])
         if total < seq_len + 1:
             raise ValueError(
-                f"seq_len: the source holds {total} tokens, fewer than seq_len + 1 = {seq_len + 1} for one row"
+                f"seq_len: the source holds {total} tokens, "
+                f"fewer than seq_len + 1 = {seq_len + 1} for one row"
             )
         self.num_tokens = total
 
@@ -59,13 +60,16 @@ class PackedWindows:
             col = 0
             for d in range(first, last + 1):
                 start = int(within[row, 0]) if d == first else 0
-                stop = int(within[row, -1]) + 1 if d == last else int(self._doc_starts[d + 1] - self._doc_starts[d])
+                if d == last:
+                    stop = int(within[row, -1]) + 1
+                else:
+                    stop = int(self._doc_starts[d + 1] - self._doc_starts[d])
                 tokens[row, col : col + stop - start] = self.source.read(d, start, stop)
                 col += stop - start
 
         return Batch(
-            inputs=tokens[:, :-1],
-            targets=tokens[:, 1:],
+            inputs=np.ascontiguousarray(tokens[:, :-1]),
+            targets=np.ascontiguousarray(tokens[:, 1:]),
             positions=within[:, :-1].astype(np.int32),
             segment_ids=(doc[:, :-1] - doc[:, :1] + 1).astype(np.int32),
             loss_weights=(doc[:, 1:] == doc[:, :-1]).astype(np.float32),

@@ -81,9 +81,10 @@ class Trainer:
         self.state: TrainState = init_state(self.program)
         global_batch = self._global_shapes(self._first_batch)
         self._step_fn = build_train_step(self.program.spec, self.program.state_shardings, global_batch)
-        self.compiled = self._step_fn.lower(self.state, self.program.abstract_batch(global_batch)).compile()
+        self.abstract_batch = self.program.abstract_batch(global_batch)
+        self.compiled = self._step_fn.lower(self.state, self.abstract_batch).compile()
         self.writer = MetricsWriter(config.workdir, enabled=self.is_main)
-        self._batch_shardings = jax.tree.map(lambda x: x.sharding, self.program.abstract_batch(global_batch))
+        self._batch_shardings = jax.tree.map(lambda x: x.sharding, self.abstract_batch)
         # Tokens for a token batch; examples (the leading dim) for a user's batch.
         leading = jax.tree.leaves(global_batch)[0].shape
         self.tokens_per_step = leading[0] * leading[1] if isinstance(global_batch, Batch) else leading[0]
