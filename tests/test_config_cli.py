@@ -1,0 +1,98 @@
+"""Config validation and the command line: one clear line naming the field, exit code 2."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from efficient_train.config import ConfigError, apply_overrides, default_config, get_config, validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(**overrides: str):
+    c = default_config()
+    apply_overrides(c, overrides)
+    return c
+
+
+@pytest.mark.parametrize(
+    "overrides, devices, field",
+    [
+        ({"mesh.data": "3"}, 8, "mesh:"),
+        ({"mesh.data": "-1", "mesh.tensor": "3"}, 8, "mesh.data"),
+        ({"mesh.data": "8", "train.batch_size": "12"}, 8, "train.batch_size"),
+        ({"mesh.data": "4", "train.batch_size": "16", "train.grad_accum": "3"}, 4, "train.grad_accum"),
+        ({"mesh.data": "2", "mesh.tensor": "4", "model.num_heads": "6", "model.num_kv_heads": "2"}, 8, "mesh.tensor"),
+        ({"model.num_kv_heads": "3"}, 1, "model.num_kv_heads"),
+        ({"zero_stage": "4"}, 1, "zero_stage"),
+        ({"model.remat": "sometimes"}, 1, "model.remat"),
+        ({"attention.impl": "flash"}, 1, "attention.impl"),
+        ({"sequence_parallel.mode": "spiral"}, 1, "sequence_parallel.mode"),
+        ({"train.schedule": "step"}, 1, "train.schedule"),
+        ({"data.source": "web"}, 1, "data.source"),
+        ({"model.hidden_size": "0"}, 1, "model.hidden_size"),
+        ({"train.steps": "-5"}, 1, "train.steps"),
+        ({"data.seq_len": "0"}, 1, "data.seq_len"),
+        ({"data.source": "tokens", "data.path": "/nonexistent/tokens.bin"}, 1, "data.path"),
+    ],
+)
+def test_validate_names_the_field(overrides, devices, field):
+    with pytest.raises(ConfigError) as error:
+        validate(_config(**overrides), devices)
+    message = str(error.value)
+    assert message.startswith(field), message
+    assert "\n" not in message
+
+
+def test_unknown_keys_are_refused():
+    with pytest.raises(ConfigError, match=r"^train\.stepz: unknown config key"):
+        apply_overrides(default_config(), {"train.stepz": "3"})
+    with pytest.raises(ConfigError, match=r"^modle: unknown config key"):
+        apply_overrides(default_config(), {"modle.hidden_size": "3"})
+    c = default_config()
+    c.unlock()
+    c.train.extra = 1
+    with pytest.raises(ConfigError, match=r"^train\.extra: unknown config key"):
+        validate(c, 1)
+
+
+def test_overrides_parse_to_the_field_type():
+    c = _config(**{"train.learning_rate": "1e-4", "model.tie_embeddings": "false", "mesh.data": "4"})
+    assert c.train.learning_rate == 1e-4 and c.model.tie_embeddings is False and c.mesh.data == 4
+    with pytest.raises(ConfigError, match=r"^mesh\.data: cannot read 'four' as int"):
+        _config(**{"mesh.data": "four"})
+
+
+def test_valid_configs_pass_and_fill_minus_one():
+    assert validate(_config(**{"mesh.tensor": "2"}), 8) == {"replica": 1, "data": 4, "sequence": 1, "tensor": 2}
+    for name in ("tiny", "gpt2_small", "llama_1b", "llama_8b"):
+        config = get_config(os.path.join(ROOT, "configs", f"{name}.py"))
+        validate(config, 8)
+    validate(get_config(os.path.join(ROOT, "configs", "llama_70b.py")), 64)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "efficient_train.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (["train", "--config.zero_stage=7"], "zero_stage"),
+        (["train", "--config.mesh.data=3"], "mesh"),
+        (["train", "--config.nope=1"], "nope"),
+        (["train", "--config", "configs/missing.py"], "config"),
+        (["train", "--config.data.source=tokens", "--config.data.path=/nonexistent"], "data.path"),
+        (["train", "--bogus"], "unrecognized argument"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(args, field):
+    result = _cli(*args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
