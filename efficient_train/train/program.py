@@ -153,5 +153,6 @@ def init_state(program: Program) -> TrainState:
     # A user's module already holds concrete arrays: place them, then init the optimizer there.
     params = jax.device_put(nnx.to_pure_dict(nnx.state(program.create_model(), nnx.Param)), program.state_shardings.params)
     opt_state = jax.jit(spec.optimizer.init, out_shardings=program.state_shardings.opt_state)(params)
-    zero = jax.device_put(jnp.zeros((), jnp.int32), program.state_shardings.step)
-    return TrainState(step=zero, params=params, opt_state=opt_state, skipped_steps=zero)
+    # Two buffers: the state is donated, and one buffer may not be donated twice.
+    step, skipped = (jax.device_put(jnp.zeros((), jnp.int32), program.state_shardings.step) for _ in range(2))
+    return TrainState(step=step, params=params, opt_state=opt_state, skipped_steps=skipped)

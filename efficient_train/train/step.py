@@ -145,7 +145,7 @@ def build_train_step(spec: StepSpec, state_shardings: TrainState, example_batch:
         weight = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
         loss = total / weight
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         scale = jnp.minimum(1.0, spec.max_grad_norm / (grad_norm + 1e-6))
         grads = jax.tree.map(lambda g: g * scale, grads)
