@@ -1,0 +1,43 @@
+"""Multi-host: 2 processes x 4 devices (jax.distributed, gloo on 127.0.0.1) train to the
+same losses as 1 process x 8 devices, and only process 0 writes metrics."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARGS = [
+    "--config.data.source=synthetic", "--config.data.seq_len=32", "--config.model.hidden_size=64",
+    "--config.model.intermediate_size=128", "--config.model.num_layers=2", "--config.model.head_dim=16",
+    "--config.train.steps=4", "--config.train.batch_size=16", "--config.train.log_every=1",
+    "--config.mesh.data=8", "--config.zero_stage=3",
+]
+
+
+def _losses(workdir: str) -> list[float]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f if '"loss"' in line]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    env.pop("XLA_FLAGS", None)
+    single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+    subprocess.run([sys.executable, "-m", "efficient_train.cli", "train", "--devices", "8", "--workdir", single, *ARGS],
+                   check=True, env=env, cwd=ROOT, capture_output=True, timeout=600)
+    result = subprocess.run(["bash", "scripts/launch_local.sh", "2", "--devices_per_process", "4", "--workdir", multi, *ARGS],
+                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    single_losses, multi_losses = _losses(single), _losses(multi)
+    assert len(single_losses) == 4
+    np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
+    # Process 1 wrote no metrics of its own: one startup record, from process 0, naming 2 processes.
+    records = [json.loads(line) for line in open(os.path.join(multi, "metrics.jsonl"))]
+    startups = [r for r in records if r.get("event") == "startup"]
+    assert len(startups) == 1 and startups[0]["processes"] == 2 and startups[0]["devices"] == 8
