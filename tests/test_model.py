@@ -23,6 +23,9 @@ from efficient_train.models.layers import apply_rope, rope_angles
 from efficient_train.parallel import param_gather
 
 B, S, V = 2, 16, 256
+# Every program here is tiny: LLVM's optimisation passes cost more time than they save
+# (compiles run 2-3x faster at level 0). Numerics are unaffected; HLO passes still run.
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 LOGICAL_NAMES = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm", "layers"}
 EXPECTED_AXES = {
     "embed/embedding": ("vocab", "embed"),
@@ -56,7 +59,7 @@ def abstract(cfg: ModelConfig) -> Llama:
 def build(cfg: ModelConfig, seed: int = 0) -> Llama:
     """The model's own initialisation, in one compiled program (eager init compiles op by op)."""
     with nnx.use_eager_sharding(False):
-        state = jax.jit(lambda key: nnx.state(Llama(cfg, rngs=nnx.Rngs(key))))(jax.random.key(seed))
+        state = jit(lambda key: nnx.state(Llama(cfg, rngs=nnx.Rngs(key))))(jax.random.key(seed))
     return nnx.merge(nnx.graphdef(abstract(cfg)), state)
 
 
@@ -82,7 +85,7 @@ def as_loop(scan_model: Llama) -> Llama:
     """A scan_layers=False model holding the same weights as `scan_model`."""
     pure = nnx.to_pure_dict(nnx.state(scan_model))
     stacked = pure["blocks"]
-    pure["blocks"] = {i: jax.tree.map(lambda a: a[i], stacked) for i in range(scan_model.cfg.num_layers)}
+    pure["blocks"] = {i: jax.tree.map(lambda a: np.asarray(a)[i], stacked) for i in range(scan_model.cfg.num_layers)}
     return with_weights(dataclasses.replace(scan_model.cfg, scan_layers=False), pure)
 
 
@@ -91,7 +94,7 @@ def variant(model: Llama, **overrides) -> Llama:
     return with_weights(dataclasses.replace(model.cfg, **overrides), nnx.to_pure_dict(nnx.state(model)))
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jit, static_argnums=0)
 def _forward(graphdef: nnx.GraphDef, state: nnx.State, ids, pos, seg) -> jax.Array:
     return nnx.merge(graphdef, state)(ids, pos, seg)
 
@@ -140,7 +143,7 @@ def reference(scan: bool, remat: str):
         logits = nnx.merge(graphdef, st)(ids, pos, seg)
         return cross_entropy(logits, ids), logits
 
-    (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state)
+    (loss, logits), grads = jit(jax.value_and_grad(loss_fn, has_aux=True))(state)
     return loss, logits, grads
 
 
@@ -155,9 +158,7 @@ def model() -> Llama:
 @pytest.mark.parametrize("scan", [True, False])
 def test_num_params_and_flops_match_real_parameters(tied, scan):
     cfg = make_cfg(tie_embeddings=tied, scan_layers=scan, num_layers=3, intermediate_size=96)
-    with nnx.use_eager_sharding(False):  # abstract build: no mesh, no allocation
-        abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-    params = variables(nnx.state(abstract, nnx.Param))
+    params = variables(nnx.state(abstract(cfg), nnx.Param))
     assert sum(int(np.prod(v.shape)) for _, v in params) == cfg.num_params()
     # Matmul parameters: everything but norm scales and (untied) the lookup table.
     n_matmul = sum(int(np.prod(v.shape)) for p, v in params
@@ -170,9 +171,7 @@ def test_num_params_and_flops_match_real_parameters(tied, scan):
 @pytest.mark.parametrize("scan", [True, False])
 def test_every_param_has_logical_axes(scan):
     cfg = make_cfg(scan_layers=scan, param_dtype="bfloat16")
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-    params = variables(nnx.state(abstract, nnx.Param))
+    params = variables(nnx.state(abstract(cfg), nnx.Param))
     assert len(params) == 3 + 9 * (1 if scan else cfg.num_layers)
     for path, v in params:
         axes = v.get_metadata()["out_sharding"]
@@ -214,7 +213,7 @@ def test_scan_and_loop_compute_the_same_function(model):
     np.testing.assert_allclose(out_scan, out_loop, rtol=1e-5, atol=1e-5)
     # Not vacuous: the loop model really runs its own weights (layer 1 scaled here).
     pure = nnx.to_pure_dict(nnx.state(as_loop(model)))
-    pure["blocks"][1]["mlp"]["down"]["kernel"] *= 2
+    pure["blocks"][1]["mlp"]["down"]["kernel"] = 2 * pure["blocks"][1]["mlp"]["down"]["kernel"]
     changed = forward(with_weights(dataclasses.replace(model.cfg, scan_layers=False), pure), ids, pos, seg)
     assert not np.allclose(changed, out_loop, atol=1e-3)
 
@@ -271,14 +270,14 @@ def test_gqa_matches_repeated_kv_reference(kv_heads):
     k, v = (rng.standard_normal((2, 12, kv_heads, 8), np.float32) for _ in range(2))
     seg = np.array([[1] * 5 + [2] * 4 + [0] * 3, [1] * 12], np.int32)
     pos = np.array([list(range(5)) + list(range(4)) + [0] * 3, list(range(12))], np.int32)
-    run = jax.jit(attention, static_argnames=("impl", "causal"))
+    run = jit(attention, static_argnames=("impl", "causal"))
     out = run(q, k, v, segment_ids=seg, positions=pos, impl="xla")
     np.testing.assert_allclose(out, naive_attention(q, k, v, seg, seg, pos, pos), rtol=1e-5, atol=1e-5)
     assert np.all(np.asarray(out)[0, 9:] == 0)  # padding queries output zeros
     # Keys given separately (as sequence parallelism will): the last 6 queries against
     # all 12 keys equal the corresponding rows of full self-attention.
     part = run(q[:, 6:], k, v, segment_ids=seg[:, 6:], positions=pos[:, 6:],
-                     kv_segment_ids=seg, kv_positions=pos, impl="xla")
+               kv_segment_ids=seg, kv_positions=pos, impl="xla")
     np.testing.assert_allclose(part, out[:, 6:], rtol=1e-5, atol=1e-5)
 
 
@@ -353,22 +352,21 @@ def test_rope_scores_depend_only_on_position_difference(model):
 def test_remat_policies_give_identical_loss_and_grads(scan):
     loss, _, grads = reference(scan, "none")
     assert np.isfinite(loss) and loss > 0
-    # The loop runs the same remat wrapper per block; 'full' is what its ZeRO-3 test uses.
-    for policy in ("full", "save_dots") if scan else ("full",):
+    for policy in ("full", "save_dots"):
         other_loss, _, other_grads = reference(scan, policy)
-        np.testing.assert_allclose(other_loss, loss, rtol=1e-6)
-        for a, b in zip(jax.tree.leaves(other_grads), jax.tree.leaves(grads)):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        # Recomputation replays the same ops: bitwise equal, not merely close.
+        assert np.array_equal(other_loss, loss), policy
+        for a, b in zip(jax.tree.leaves(other_grads), jax.tree.leaves(grads), strict=True):
+            assert np.array_equal(a, b), policy
 
 
 def test_bf16_compute_close_to_fp32(model):
     ids, pos, seg = batch()
     ref, out = forward(model, ids, pos, seg), forward(variant(model, dtype="bfloat16"), ids, pos, seg)
     assert out.dtype == jnp.float32
-    assert not np.array_equal(out, ref)  # the compute really ran in bf16
-    scale = np.abs(np.asarray(ref)).max()
-    assert np.abs(np.asarray(out) - np.asarray(ref)).max() < 3e-2 * scale
-    np.testing.assert_array_equal(jnp.argmax(out, -1)[..., :1], jnp.argmax(ref, -1)[..., :1])
+    rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+    # Measured about 1e-2 (bf16 has an 8-bit mantissa); fp32 compute would be ~1e-7.
+    assert 1e-3 < rel < 3e-2
 
 
 # --- ZeRO-3 ---------------------------------------------------------------------------
@@ -417,7 +415,7 @@ def test_zero3_gather_matches_unsharded(scan):
         logits = sharded_forward(st, ids, pos, seg)
         return cross_entropy(logits, ids), logits
 
-    step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True)).lower(sharded).compile()
+    step = jit(jax.value_and_grad(loss_fn, has_aux=True)).lower(sharded).compile()
     hlo = step.as_text()
     assert "all-gather" in hlo and "reduce-scatter" in hlo
     (loss, logits), grads = step(sharded)

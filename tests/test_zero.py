@@ -85,6 +85,27 @@ def test_gradients_are_reduce_scattered_not_all_reduced(name, runs):
     text = trainer.compiled.as_text()
     found = collectives(text)
     scattered = [c for c in found if c.op == "reduce-scatter"]
-    # One reduce-scatter per sharded parameter; every all-reduce left is a scalar (loss, norm).
-    assert len(scattered) == len(jax.tree.leaves(trainer.program.abstract_state.params))
+    # Every parameter's gradient arrives as its own shard by a reduce-scatter (under ZeRO-3,
+    # one layer's slice at a time inside the layer scan); every all-reduce left is a scalar.
+    params = trainer.program.abstract_state.params
+    shardings = trainer.program.plan.named(trainer.program.plan.grad_specs())
+    expected = set()
+    for path, (leaf, sharding) in zip(_paths(params), zip(jax.tree.leaves(params), jax.tree.leaves(shardings))):
+        shard = sharding.shard_shape(leaf.shape)
+        expected.add(shard[1:] if name == "zero3" and path[0] == "blocks" else shard)
+    assert expected <= {shape for c in scattered for shape in c.shapes}
     assert all(c.largest <= 1 for c in found if c.op == "all-reduce"), [c for c in found if c.op == "all-reduce"]
+
+
+def test_zero3_gathers_parameters_layer_by_layer(runs):
+    _, trainer = runs["zero3"]
+    stacked = {tuple(x.shape) for x in jax.tree.leaves(trainer.program.abstract_state.params["blocks"])}
+    per_layer = {shape[1:] for shape in stacked}
+    gathered = {shape for c in collectives(trainer.compiled.as_text()) if c.op == "all-gather" for shape in c.shapes}
+    # Inside the layer scan each layer's weights are gathered alone; never the whole stack.
+    assert not gathered & stacked
+    assert per_layer <= gathered
+
+
+def _paths(tree) -> list[tuple]:
+    return [tuple(getattr(k, "key", k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]

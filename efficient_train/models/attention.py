@@ -48,6 +48,12 @@ def attention(
     int [B, S] of the keys, defaulting to the queries' (self-attention on the same
     tokens). positions default to array indices. scale defaults to 1/sqrt(D).
     """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if impl == "pallas":
+        raise NotImplementedError(
+            "attention impl 'pallas': the Pallas flash-attention kernel arrives with the "
+            "kernels issue (pallas_kernels); use 'auto', 'xla' or 'cudnn' for now")
     b, t, h, d = q.shape
     s, kv = k.shape[1], k.shape[2]
     if k.shape != (b, s, kv, d) or v.shape != k.shape:
@@ -62,14 +68,8 @@ def attention(
     mask = _mask(segment_ids, positions, kv_segment_ids, kv_positions, causal)
     scale = d ** -0.5 if scale is None else scale
 
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if impl == "auto":
         impl = "cudnn" if _cudnn_supported(q, s) else "xla"
-    if impl == "pallas":
-        raise NotImplementedError(
-            "attention impl 'pallas': the Pallas flash-attention kernel arrives with the "
-            "kernels issue (pallas_kernels); use 'auto', 'xla' or 'cudnn' for now")
     if impl == "cudnn":
         if not _on_nvidia_gpu():
             raise ValueError(

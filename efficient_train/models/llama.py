@@ -97,7 +97,7 @@ class Block(nnx.Module):
 
 def _stacked_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
     """One Block whose every parameter has a leading layer axis named 'layers'."""
-    graphdefs: list[nnx.GraphDef] = []
+    graphdefs: list[nnx.GraphDef] = []  # the (static) structure, recorded while vmap traces
 
     def init_layer(key: jax.Array) -> nnx.State:
         graphdef, state = nnx.split(Block(cfg, rngs=nnx.Rngs(params=key)))
@@ -143,6 +143,10 @@ class Llama(nnx.Module):
       final_norm.scale                  ('norm',)
       lm_head.kernel                    ('embed', 'vocab')   (absent when tied)
     """
+
+    # Tells the trainer that ZeRO-3 gathers happen here, layer by layer (param_gather),
+    # so it must not gather the whole model up front.
+    gathers_params_per_layer = True
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         dt = _dtypes(cfg)

@@ -1,0 +1,78 @@
+"""Plain-JAX attention: the semantics every flash-attention backend must reproduce.
+
+Owns the masking rule (`visible`, shared with the kernels so that there is one
+definition of who sees whom) and `attention_reference`, the 'xla' backend and the
+oracle of the tests. It materializes the full [T, S] score matrix on purpose: no
+blocking, no online softmax, nothing that could hide the same bug as a kernel. It is
+differentiated by ordinary autodiff.
+
+Semantics (shared by all backends):
+- query i has global position q_offset + i, key j has kv_offset + j; with causal,
+  query i sees key j iff kv_offset + j <= q_offset + i;
+- with segment ids, a query sees only keys of an equal segment id;
+- grouped-query attention: query head h reads kv head h // (H // KV);
+- a query row that sees no key gets output 0 and log-sum-exp -inf (its gradients are 0).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def visible(q_pos: jax.Array, kv_pos: jax.Array, q_seg: jax.Array | None,
+            kv_seg: jax.Array | None, *, causal: bool) -> jax.Array | None:
+    """Boolean mask, True where a query may attend a key; None if nothing is masked.
+
+    Arguments broadcast against each other: queries along axis -2, keys along axis -1
+    (e.g. q_pos [T, 1] and kv_pos [1, S]). Positions are global (offsets included).
+    """
+    mask = None
+    if causal:
+        mask = kv_pos <= q_pos
+    if q_seg is not None:
+        same = q_seg == kv_seg
+        mask = same if mask is None else mask & same
+    return mask
+
+
+def attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    q_offset: int | jax.Array = 0,
+    kv_offset: int | jax.Array = 0,
+    sm_scale: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Returns (out [B, T, H, D] in q's dtype, lse [B, H, T] in float32 or wider).
+
+    Computes in float32, or float64 when the inputs are float64 (the tests' oracle).
+    """
+    b, t, h, d = q.shape
+    s, kvh = k.shape[1], k.shape[2]
+    group = h // kvh
+    scale = d ** -0.5 if sm_scale is None else sm_scale
+    dtype = jnp.promote_types(q.dtype, jnp.float32)
+    qg = q.astype(dtype).reshape(b, t, kvh, group, d)  # head h = kv_head * group + g
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(dtype)) * scale
+
+    q_pos = (q_offset + jnp.arange(t))[:, None]
+    kv_pos = (kv_offset + jnp.arange(s))[None, :]
+    q_seg = None if q_segment_ids is None else q_segment_ids[:, None, None, :, None]
+    kv_seg = None if kv_segment_ids is None else kv_segment_ids[:, None, None, None, :]
+    mask = visible(q_pos, kv_pos, q_seg, kv_seg, causal=causal)
+    if mask is not None:
+        scores = jnp.where(mask, scores, -jnp.inf)
+
+    row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # empty rows: exp(-inf) = 0
+    p = jnp.exp(scores - row_max)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    seen = denom > 0
+    safe = jnp.where(seen, denom, 1.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", p / safe, v.astype(dtype))
+    lse = jnp.where(seen, row_max + jnp.log(safe), -jnp.inf)[..., 0]  # [B, KV, G, T]
+    return out.reshape(b, t, h, d).astype(q.dtype), lse.reshape(b, h, t)

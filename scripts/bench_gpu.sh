@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Every GPU measurement in one go; prints a short table last, full logs under $OUT (or /tmp).
+#
+#   bash scripts/bench_gpu.sh
+#
+# Runs from the source tree (PYTHONPATH), so it works on an image whose jax is already
+# installed (jax 0.10 or 0.11). Wheels of pure-Python dependencies the image lacks may be
+# placed in .wheels/ and are installed with --no-deps first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/efficient_train_bench}
+mkdir -p "$out"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+py=${PYTHON:-python3}
+if compgen -G ".wheels/*.whl" >/dev/null; then
+  $py -m pip install --quiet --no-deps --no-index .wheels/*.whl >"$out/wheels.log" 2>&1 || cat "$out/wheels.log"
+fi
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  $py -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, jax.devices())'
+} 2>&1 | tee "$out/env.txt"
+
+run() {  # name, then the command
+  local name=$1; shift
+  echo "== $name: $*" | tee -a "$out/summary.txt"
+  if "$@" >"$out/$name.log" 2>&1; then
+    grep -v "it/s" "$out/$name.log" | tail -4 | tee -a "$out/summary.txt"
+  else
+    echo "FAILED (exit $?)" | tee -a "$out/summary.txt"; tail -25 "$out/$name.log"
+  fi
+}
+
+# 1. MFU of llama_1b-sized training on one GPU (bf16 compute, fp32 master weights).
+run mfu_llama1b_b8_savedots $py benchmarks/mfu.py --config configs/llama_1b.py --steps 15 \
+  --config.train.batch_size=8 --config.zero_stage=0 --config.model.remat=save_dots
+run mfu_llama1b_b8_noremat $py benchmarks/mfu.py --config configs/llama_1b.py --steps 15 \
+  --config.train.batch_size=8 --config.zero_stage=0 --config.model.remat=none
+run mfu_llama1b_b8_xla_attention $py benchmarks/mfu.py --config configs/llama_1b.py --steps 15 \
+  --config.train.batch_size=8 --config.zero_stage=0 --config.model.remat=save_dots --config.attention.impl=xla
+# 2. Trainer overhead against a hand-written jit + optax step, same model on the GPU.
+run overhead_gpt2_small $py benchmarks/trainer_overhead.py --config configs/gpt2_small.py --steps 20 \
+  --config.train.batch_size=16 --config.data.source=synthetic
+
+echo "=============== summary ==============="
+cat "$out/summary.txt"
