@@ -35,8 +35,6 @@ run mfu_llama1b_b8_savedots $py benchmarks/mfu.py --config configs/llama_1b.py -
   --config.train.batch_size=8 --config.zero_stage=0 --config.model.remat=save_dots
 run mfu_llama1b_b8_noremat $py benchmarks/mfu.py --config configs/llama_1b.py --steps 15 \
   --config.train.batch_size=8 --config.zero_stage=0 --config.model.remat=none
-run mfu_llama1b_b8_xla_attention $py benchmarks/mfu.py --config configs/llama_1b.py --steps 15 \
-  --config.train.batch_size=8 --config.zero_stage=0 --config.model.remat=save_dots --config.attention.impl=xla
 # 2. Trainer overhead against a hand-written jit + optax step, same model on the GPU.
 run overhead_gpt2_small $py benchmarks/trainer_overhead.py --config configs/gpt2_small.py --steps 20 \
   --config.train.batch_size=16 --config.data.source=synthetic
