@@ -20,6 +20,7 @@ Without a GPU and without --cpu-smoke it says 'no GPU' and measures nothing.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -165,6 +166,39 @@ def check_on_device(interpret: bool) -> None:
         print(f"check {dtype.__name__}: ok ({', '.join(report)})", flush=True)
 
 
+SWEEP_FWD = [(128, 64, 8, 2), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 2), (128, 32, 4, 3),
+             (64, 128, 4, 2)]
+SWEEP_BWD = [(64, 64, 64, 64, 4, 2), (128, 64, 64, 128, 8, 2), (64, 32, 32, 64, 4, 3),
+             (128, 32, 32, 128, 8, 2), (64, 64, 64, 64, 8, 3), (32, 64, 64, 32, 4, 2)]
+
+
+def sweep(seq: int, tokens: int, heads: int, head_dim: int, repeats: int) -> None:
+    """TFLOP/s of ours over candidate block sizes (causal, bf16): forward configs as
+    (block_q, block_kv, warps, stages), then backward ones as (block_q_dq, block_kv_dq,
+    block_q_dkv, block_kv_dkv, warps, stages) timed as forward+backward."""
+    batch = max(1, tokens // seq)
+    shape = (batch, seq, heads, head_dim)
+    key = jax.random.PRNGKey(2)
+    q, k, v = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in jax.random.split(key, 3))
+    do = jax.random.normal(key, shape, jnp.float32)
+    configs = [BlockSizes(bq, bk, num_warps=w, num_stages=st) for bq, bk, w, st in SWEEP_FWD]
+    configs += [BlockSizes(block_q_dq=a, block_kv_dq=b, block_q_dkv=c, block_kv_dkv=d,
+                           num_warps_bwd=w, num_stages_bwd=st)
+                for a, b, c, d, w, st in SWEEP_BWD]
+    for i, blocks in enumerate(configs):
+        backward = i >= len(SWEEP_FWD)
+        attn = functools.partial(flash_attention, backend="triton", block_sizes=blocks)
+        fwd, fwdbwd = fwd_and_fwdbwd(lambda q, k, v, c: attn(q, k, v, causal=c), True)
+        fn, fargs = (fwdbwd, (q, k, v, do)) if backward else (fwd, (q, k, v))
+        flops = attention_flops(batch, heads, seq, head_dim, True, backward)
+        try:
+            result = f"{flops / time_jax(fn, fargs, repeats) / 1e12:7.1f} TFLOP/s"
+        except Exception as e:  # a config Triton rejects (e.g. out of shared memory)
+            result = f"failed: {type(e).__name__}: {str(e)[:200]}"
+        print(f"sweep seq={seq} causal {'fwd+bwd' if backward else 'fwd'} {blocks}: {result}",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seqs", default="2048,4096,8192,16384")
@@ -172,6 +206,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--sweep", type=int, default=0, metavar="SEQ",
+                        help="instead of the table: time ours over candidate block sizes")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="without a GPU: tiny sizes, kernel in the Pallas interpreter")
     args = parser.parse_args()
@@ -189,7 +225,15 @@ def main() -> None:
         seqs = [int(x) for x in args.seqs.split(",")]
         tokens, heads, head_dim, repeats = args.tokens, args.heads, args.head_dim, args.repeats
 
-    check_on_device(interpret)
+    if args.sweep:
+        sweep(args.sweep, tokens, heads, head_dim, repeats)
+        return
+    try:
+        check_on_device(interpret)
+        failed = False
+    except Exception as e:  # still time it, but exit non-zero at the end
+        print(f"CHECK FAILED: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+        failed = True
     peak = None if interpret else matmul_peak(repeats)
     if peak:
         print(f"bf16 matmul peak (measured): {peak:.0f} TFLOP/s", flush=True)
@@ -239,6 +283,8 @@ def main() -> None:
                 print(line, flush=True)
     print("\n".join(["", "summary (TFLOP/s, bf16, head_dim %d, %d heads, %d tokens/call):"
                      % (head_dim, heads, tokens)] + rows))
+    if failed:
+        sys.exit("the correctness check failed (see above)")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ LAYOUTS = {
     "tensor2_zero3": {"mesh.data": 4, "mesh.tensor": 2, "zero_stage": 3},
     "replica2_data4_zero3": {"mesh.replica": 2, "mesh.data": 4, "zero_stage": 3},
     "zero2_grad_accum2": {"mesh.data": 8, "zero_stage": 2, "train.grad_accum": 2},
+    "data2_sequence4_zero3": {"mesh.data": 2, "mesh.sequence": 4, "zero_stage": 3},
 }
 
 

@@ -10,6 +10,9 @@ Masking: query i may attend key j iff both lie in the same segment, the segment 
 positions, never from array indices, so reordered layouts (zigzag ring shards) stay
 correct. A query with no visible key (padding) outputs zeros in every implementation.
 
+Under sequence parallelism (`efficient_train.parallel.sequence`), the keys of the
+other devices' sequence slices are brought in first, by the configured mode.
+
 Implementations:
 - 'xla': plain jnp; scores and softmax in fp32 (matmuls accumulate in fp32), no repeat
   of kv heads (queries are grouped per kv head instead).
@@ -27,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from efficient_train.models.config import ATTENTION_IMPLS
+from efficient_train.parallel import sequence as sequence_parallel
 
 
 def attention(
@@ -54,6 +58,15 @@ def attention(
         raise NotImplementedError(
             "attention impl 'pallas': the Pallas flash-attention kernel arrives with the "
             "kernels issue (pallas_kernels); use 'auto', 'xla' or 'cudnn' for now")
+    sp = sequence_parallel.active()
+    if sp is not None:
+        if kv_segment_ids is not None or kv_positions is not None:
+            raise ValueError("under sequence parallelism the keys are the queries' own tokens")
+        if sp.mode != "all_gather":
+            raise NotImplementedError(f"sequence_parallel.mode {sp.mode!r} is not implemented; use 'all_gather'")
+        if positions is None:
+            raise ValueError("positions are required under sequence parallelism (array indices are local)")
+        k, v, kv_segment_ids, kv_positions = sequence_parallel.all_gather_keys(sp, k, v, segment_ids, positions)
     b, t, h, d = q.shape
     s, kv = k.shape[1], k.shape[2]
     if k.shape != (b, s, kv, d) or v.shape != k.shape:

@@ -133,6 +133,7 @@ def build_program(
         grad_accum=train.grad_accum,
         max_grad_norm=train.max_grad_norm,
         shard_sequence=shard_sequence,
+        sequence_mode=config.sequence_parallel.mode,
     )
     return Program(config, mesh, create_model, model_config, spec, abstract_state, state_shardings)
 

@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from efficient_train.parallel import param_gather
+from efficient_train.parallel import sequence as sequence_parallel
 from efficient_train.sharding import MANUAL_AXES, ShardingPlan, batch_spec
 from efficient_train.train.state import TrainState, as_state, bind
 
@@ -51,6 +52,7 @@ class StepSpec:
     grad_accum: int
     max_grad_norm: float
     shard_sequence: bool
+    sequence_mode: str  # sequence_parallel.mode, used when the sequence axis is > 1
 
 
 def loss_terms(output: Any) -> tuple[jax.Array, jax.Array]:
@@ -79,14 +81,18 @@ def make_local_grads(spec: StepSpec) -> Callable:
     zero_dims = plan.zero_dims()
     per_layer = plan.params_sharded and spec.model_gathers_per_layer and bool(zero_axes)
     gather_upfront = plan.params_sharded and not spec.model_gathers_per_layer and bool(zero_axes)
+    split_sequence = spec.shard_sequence and mesh_shape["sequence"] > 1
 
     def micro_loss(params: dict, micro_batch: Any) -> tuple[jax.Array, jax.Array]:
         if gather_upfront:
             with param_gather.gathering(zero_axes):
                 params = nnx.to_pure_dict(param_gather.gather(as_state(spec.template, params)))
         model = bind(spec.graphdef, spec.template, params, spec.rest)
-        context = param_gather.gathering(zero_axes) if per_layer else contextlib.nullcontext()
-        with context:
+        with contextlib.ExitStack() as contexts:
+            if per_layer:
+                contexts.enter_context(param_gather.gathering(zero_axes))
+            if split_sequence:
+                contexts.enter_context(sequence_parallel.sharding("sequence", spec.sequence_mode))
             return loss_terms(spec.loss_fn(model, micro_batch))
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
