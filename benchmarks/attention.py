@@ -124,7 +124,8 @@ def matmul_peak(repeats: int) -> float:
 def check_on_device(interpret: bool) -> None:
     """ours vs the reference on this device; raises if they disagree."""
     key = jax.random.PRNGKey(0)
-    for dtype, tol in ((jnp.float32, 2e-4), (jnp.bfloat16, 3e-2)):
+    # fp32 on a GPU: Triton, like XLA, multiplies fp32 in TF32 by default.
+    for dtype, tol in ((jnp.float32, 1e-4 if interpret else 5e-3), (jnp.bfloat16, 3e-2)):
         b, t, s, h, kvh, d = (2, 45, 50, 4, 2, 64) if interpret else (2, 300, 333, 8, 2, 128)
         kq, kk, kv, kd, ks = jax.random.split(key, 5)
         q = jax.random.normal(kq, (b, t, h, d), dtype)
@@ -147,9 +148,11 @@ def check_on_device(interpret: bool) -> None:
 
         ours = jax.jit(jax.value_and_grad(lambda *a: loss(*a, "triton"), argnums=(0, 1, 2),
                                           has_aux=True))
-        ref = jax.jit(jax.value_and_grad(
-            lambda *a: loss(*(x.astype(jnp.float32) for x in a), "xla"), argnums=(0, 1, 2),
-            has_aux=True))
+        def ref_loss(*a):
+            with jax.default_matmul_precision("highest"):
+                return loss(*(x.astype(jnp.float32) for x in a), "xla")
+
+        ref = jax.jit(jax.value_and_grad(ref_loss, argnums=(0, 1, 2), has_aux=True))
         ((_, (o1, l1)), g1), ((_, (o2, l2)), g2) = ours(q, k, v), ref(q, k, v)
         errors = {"out": (o1, o2), "lse": (l1, l2), "dq": (g1[0], g2[0]),
                   "dk": (g1[1], g2[1]), "dv": (g1[2], g2[2])}
@@ -166,10 +169,10 @@ def check_on_device(interpret: bool) -> None:
         print(f"check {dtype.__name__}: ok ({', '.join(report)})", flush=True)
 
 
-SWEEP_FWD = [(128, 64, 8, 2), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 2), (128, 32, 4, 3),
-             (64, 128, 4, 2)]
-SWEEP_BWD = [(64, 64, 64, 64, 4, 2), (128, 64, 64, 128, 8, 2), (64, 32, 32, 64, 4, 3),
-             (128, 32, 32, 128, 8, 2), (64, 64, 64, 64, 8, 3), (32, 64, 64, 32, 4, 2)]
+SWEEP_FWD = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 64, 8, 2),
+             (64, 64, 4, 3), (128, 128, 4, 3)]
+SWEEP_BWD = [(64, 64, 64, 64, 4, 2), (64, 64, 64, 64, 4, 3), (64, 32, 32, 64, 4, 3),
+             (128, 64, 64, 128, 8, 2), (64, 64, 128, 64, 8, 2), (32, 64, 64, 32, 4, 2)]
 
 
 def sweep(seq: int, tokens: int, heads: int, head_dim: int, repeats: int) -> None:

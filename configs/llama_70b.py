@@ -17,6 +17,6 @@ def get_config():
         num_kv_heads=8, head_dim=128, rope_theta=500000.0, tie_embeddings=False, dtype="bfloat16",
         remat="full",
     )
-    c.train.update(steps=10000, batch_size=512, learning_rate=1.5e-4, warmup_steps=2000)
+    c.train.update(steps=10000, batch_size=512, grad_accum=16, learning_rate=1.5e-4, warmup_steps=2000)
     c.data.seq_len = 4096
     return c

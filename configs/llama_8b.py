@@ -18,6 +18,6 @@ def get_config():
         num_kv_heads=8, head_dim=128, rope_theta=500000.0, tie_embeddings=False, dtype="bfloat16",
         remat="full",
     )
-    c.train.update(steps=10000, batch_size=64, learning_rate=3e-4, warmup_steps=1000)
+    c.train.update(steps=10000, batch_size=64, grad_accum=4, learning_rate=3e-4, warmup_steps=1000)
     c.data.seq_len = 4096
     return c

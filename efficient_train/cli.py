@@ -3,7 +3,7 @@
     efficient-train train [--config FILE] [--config.FIELD=VALUE ...] [--workdir DIR]
                           [--coordinator HOST:PORT --num_processes N --process_id I]
                           [--devices N]
-    efficient-train estimate [--config FILE] [--config.FIELD=VALUE ...] [--devices N]
+    efficient-train estimate [--config FILE] [--config.FIELD=VALUE ...] [--devices N] [--json]
 
 A bad config or flag prints one line naming the field and what is allowed, and exits
 with status 2. jax is imported only after the flags are read, because the simulated
@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--config", default=None, help="a configs/*.py file (default: the tiny recipe)")
         sub.add_argument("--devices", type=int, default=None, help="simulate N CPU devices")
+        if name == "estimate":
+            sub.add_argument("--json", action="store_true", help="print one JSON record instead of a table")
         if name == "train":
             sub.add_argument("--workdir", default=None, help="where metrics.jsonl (and later checkpoints) go")
             sub.add_argument("--coordinator", default="", help="host:port of process 0 for multi-process runs")
@@ -78,10 +80,11 @@ def _train(args: argparse.Namespace, config) -> int:
     return 0
 
 
-def _estimate(config) -> int:
+def _estimate(config, as_json: bool) -> int:
     from efficient_train.train.estimate import estimate_memory, format_estimate
 
-    print(format_estimate(config, estimate_memory(config)))
+    estimate = estimate_memory(config)
+    print(json.dumps(estimate) if as_json else format_estimate(config, estimate))
     return 0
 
 
@@ -102,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if devices < 1:
                 raise UsageError(f"--devices: {devices} must be a positive integer")
             _simulate_devices(devices)
-        return _train(args, config) if args.command == "train" else _estimate(config)
+        return _train(args, config) if args.command == "train" else _estimate(config, args.json)
     except (ConfigError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -32,18 +32,20 @@ class BlockSizes:
     num_stages are used by the Triton backend only (forward, then backward).
     """
     block_q: int = 128
-    block_kv: int = 64
+    block_kv: int = 128
     block_q_dq: int = 64
     block_kv_dq: int = 64
     block_q_dkv: int = 64
     block_kv_dkv: int = 64
     num_warps: int = 8
-    num_stages: int = 2
+    num_stages: int = 3
     num_warps_bwd: int = 4
     num_stages_bwd: int = 2
 
     @classmethod
     def default(cls, backend: str, head_dim: int) -> BlockSizes:
+        """Triton: the best of a sweep on an H100 (bf16, head_dim 128, 4k-8k causal);
+        TPU: 128 everywhere (untuned)."""
         if backend == "mosaic_tpu":
             return cls(128, 128, 128, 128, 128, 128)
         return cls(num_warps=4 if head_dim <= 64 else 8)

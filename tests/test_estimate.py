@@ -1,0 +1,41 @@
+"""`efficient-train estimate`: per-device memory of a config on a mesh larger than the
+machine, from the compiled step, without running it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _estimate(*args: str) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # the command sizes the simulated devices from the mesh
+    out = subprocess.run([sys.executable, "-m", "efficient_train.cli", "estimate", "--json", *args],
+                         capture_output=True, text=True, env=env, cwd=ROOT, check=True, timeout=600)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_llama_8b_zero3_on_8_devices_holds_an_eighth():
+    from efficient_train.config import get_config
+    from efficient_train.models import ModelConfig
+
+    estimate = _estimate("--config", "configs/llama_8b.py", "--config.mesh.data=8")
+    num_params = ModelConfig.from_config_dict(get_config(os.path.join(ROOT, "configs/llama_8b.py")).model).num_params()
+    assert estimate["num_params"] == num_params and 8.0e9 < num_params < 8.1e9
+    per_device = estimate["per_device_bytes"]
+    assert per_device["params"] == num_params * 4 // 8  # fp32 master weights, every tensor split 8 ways
+    # Adam's m and v split 8 ways, plus the optimizer's replicated int32 step counters.
+    assert 0 < per_device["opt_state"] - 2 * num_params * 4 // 8 <= 16
+    assert per_device["temp"] > 0 and per_device["total"] > per_device["params"] + per_device["opt_state"]
+
+
+def test_stage_and_mesh_change_the_estimate():
+    small = ["--config.model.num_layers=2", "--config.data.seq_len=64"]
+    zero0 = _estimate("--config.mesh.data=4", "--config.zero_stage=0", *small)
+    zero3 = _estimate("--config.mesh.data=4", "--config.zero_stage=3", *small)
+    tensor = _estimate("--config.mesh.data=2", "--config.mesh.tensor=2", "--config.zero_stage=0", *small)
+    assert zero0["mesh"]["data"] == 4 and zero0["per_device_bytes"]["params"] == 4 * zero3["per_device_bytes"]["params"]
+    assert tensor["per_device_bytes"]["params"] < zero0["per_device_bytes"]["params"]
