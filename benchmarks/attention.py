@@ -25,7 +25,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave memory to torch
 
@@ -284,8 +284,8 @@ def main() -> None:
                     line += f"  {tflops.get('ours', float('nan')) / peak:9.2f}"
                 rows.append(line)
                 print(line, flush=True)
-    print("\n".join(["", "summary (TFLOP/s, bf16, head_dim %d, %d heads, %d tokens/call):"
-                     % (head_dim, heads, tokens)] + rows))
+    print("\n".join(["", f"summary (TFLOP/s, bf16, head_dim {head_dim}, {heads} heads, "
+                         f"{tokens} tokens/call):"] + rows))
     if failed:
         sys.exit("the correctness check failed (see above)")
 

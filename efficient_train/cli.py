@@ -19,6 +19,7 @@ import os
 import sys
 from typing import Sequence
 
+from efficient_train.checkpoint.metadata import CheckpointError
 from efficient_train.config import MESH_AXES, ConfigError, apply_overrides, get_config
 
 
@@ -45,7 +46,7 @@ def _split_overrides(extra: Sequence[str]) -> dict[str, str]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="efficient-train", description="Distributed LLM training on JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("train", "train a model (resumes nothing yet; see README)"),
+    for name, help_text in (("train", "train a model; resumes from the newest checkpoint in the work directory"),
                             ("estimate", "per-device memory of a config's train step, compile only")):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--config", default=None, help="a configs/*.py file (default: the tiny recipe)")
@@ -106,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(f"--devices: {devices} must be a positive integer")
             _simulate_devices(devices)
         return _train(args, config) if args.command == "train" else _estimate(config, args.json)
-    except (ConfigError, UsageError) as error:
+    except (ConfigError, UsageError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -97,7 +97,9 @@ def default_config() -> ml_collections.ConfigDict:
         )
     )
     # `async` is a Python keyword: read it as config.checkpoint["async"].
-    c.checkpoint = ml_collections.ConfigDict({"dir": "", "every": 0, "keep": 3, "keep_every": 0, "async": True})
+    # dir "" = <workdir>/checkpoints; every 0 = only at the end (and on SIGTERM);
+    # keep the newest `keep` plus every `keep_every`-th step (0 = none extra).
+    c.checkpoint = ml_collections.ConfigDict({"dir": "", "every": 50, "keep": 3, "keep_every": 0, "async": True})
     c.lock()
     return c
 

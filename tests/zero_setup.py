@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 STEPS = 5
 
@@ -21,7 +22,7 @@ def small_config(**overrides):
     c.model.update(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16, num_layers=2)
     c.data.update(source="synthetic", seq_len=32)
     c.train.update(steps=STEPS, batch_size=16, warmup_steps=1, learning_rate=1e-2)
-    c.workdir = os.path.join(os.environ.get("TMPDIR", "/tmp"), "efficient_train_test_runs")
+    c.workdir = tempfile.mkdtemp(prefix="efficient_train_test_")  # fresh: nothing to resume
     for dotted, value in overrides.items():
         node = c
         *parents, leaf = dotted.split(".")

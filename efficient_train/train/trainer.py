@@ -5,20 +5,31 @@
 module under the same mesh and ZeRO stage. The step is compiled ahead of time, once,
 so the startup record can report the compiled program's per-device memory before
 the first step runs. Only process 0 writes metrics and the console.
+
+Checkpoints: at start the newest verified step in `checkpoint.dir` (default
+`<workdir>/checkpoints`) is restored onto this run's mesh, with the data loader's
+position, so a restarted command continues where it stopped. Saves run in the
+background every `checkpoint.every` steps and at the end; SIGTERM (preemption) makes
+every process save at the same next step boundary and return.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from efficient_train.config import validate
-from efficient_train.data import Batch, build_loader
+from efficient_train.checkpoint import Checkpointer
+from efficient_train.config import ConfigError, validate
+from efficient_train.data import Batch, LoaderState, build_loader
 from efficient_train.mesh import make_mesh
 from efficient_train.sharding import per_device_bytes
 from efficient_train.train.metrics import MetricsWriter, peak_tflops, throughput
@@ -62,24 +73,35 @@ class Trainer:
         self.mesh = make_mesh(mesh_shape)
         self.hooks = list(hooks)
         self.is_main = jax.process_index() == 0
+        self._first_batch: Any = None
         if data is None:
-            self.loader = build_loader(
-                config.data,
-                vocab_size=config.model.vocab_size,
-                global_batch_size=config.train.batch_size,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-            )
-            data = self.loader
+            try:
+                self.loader = build_loader(
+                    config.data,
+                    vocab_size=config.model.vocab_size,
+                    global_batch_size=config.train.batch_size,
+                    process_index=jax.process_index(),
+                    process_count=jax.process_count(),
+                )
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
+            self._data: Iterator[Any] = iter(self.loader)
+            global_batch: Any = lm_batch_shapes(config)
         else:
             self.loader = None
-        self._data: Iterator[Any] = iter(data)
-        self._first_batch = next(self._data)
+            self._data = iter(data)
+            self._first_batch = next(self._data)
+            global_batch = self._global_shapes(self._first_batch)
         self.program = build_program(
-            config, self.mesh, model=model, loss_fn=loss_fn, shard_sequence=isinstance(self._first_batch, Batch)
+            config, self.mesh, model=model, loss_fn=loss_fn, shard_sequence=isinstance(global_batch, Batch)
         )
-        self.state: TrainState = init_state(self.program)
-        global_batch = self._global_shapes(self._first_batch)
+        self.checkpointer = Checkpointer(
+            config.checkpoint.dir or os.path.join(config.workdir, "checkpoints"),
+            keep=config.checkpoint.keep,
+            keep_every=config.checkpoint.keep_every,
+            async_save=config.checkpoint["async"],
+        )
+        self.state: TrainState = self._restore_or_init()
         self._step_fn = build_train_step(self.program.spec, self.program.state_shardings, global_batch)
         self.abstract_batch = self.program.abstract_batch(global_batch)
         self.compiled = self._step_fn.lower(self.state, self.abstract_batch).compile()
@@ -88,6 +110,35 @@ class Trainer:
         # Tokens for a token batch; examples (the leading dim) for a user's batch.
         leading = jax.tree.leaves(global_batch)[0].shape
         self.tokens_per_step = leading[0] * leading[1] if isinstance(global_batch, Batch) else leading[0]
+        self._preempted = False
+
+    def _model_record(self) -> dict:
+        model_config = self.program.model_config
+        return {} if model_config is None else dataclasses.asdict(model_config)
+
+    def _restore_or_init(self) -> TrainState:
+        restored = self.checkpointer.restore_latest(self.program.abstract_state, model=self._model_record())
+        if restored is None:
+            return init_state(self.program)
+        state, metadata = restored
+        if self.loader is not None and metadata.data is not None:
+            self.loader.restore(LoaderState.from_dict(metadata.data))
+        if self.is_main:
+            print(f"resumed from {self.checkpointer.step_dir(metadata.step)}", flush=True)
+        return state
+
+    def save(self) -> None:
+        """Start a background save of the current state (waits for the previous save first)."""
+        self.checkpointer.save(
+            int(self.state.step),
+            self.state,
+            model=self._model_record(),
+            mesh=dict(self.mesh.shape),
+            zero_stage=self.config.zero_stage,
+            optimizer=self.config.optimizer.to_dict(),
+            data=None if self.loader is None else self.loader.state().to_dict(),
+            seed=self.config.seed,
+        )
 
     def _global_shapes(self, local_batch: Any) -> Any:
         rows = jax.process_count()
@@ -116,6 +167,7 @@ class Trainer:
             "devices": jax.device_count(),
             "processes": jax.process_count(),
             "device_kind": jax.devices()[0].device_kind,
+            "start_step": int(self.state.step),
         }
 
     def step(self) -> dict[str, jax.Array]:
@@ -124,23 +176,46 @@ class Trainer:
         self.state, metrics = self.compiled(self.state, batch)
         return metrics
 
+    def _preemption_requested(self) -> bool:
+        """Whether any process got SIGTERM; every process gets the same answer."""
+        if jax.process_count() == 1:
+            return self._preempted
+        flags = multihost_utils.process_allgather(np.asarray(self._preempted, np.int32))
+        return bool(np.any(flags))
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self._preempted = True
+
     def fit(self) -> dict[str, Any]:
-        """Train to `train.steps`; returns the last logged metrics record."""
-        train = self.config.train
-        startup = self.startup_record()
-        self.writer.write(startup)
+        """Train to `train.steps` (or to a preemption); returns the last logged metrics record."""
+        previous_handler = None
+        if threading.current_thread() is threading.main_thread():  # signals only go there
+            previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            return self._fit()
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
+            self.checkpointer.wait()
+
+    def _fit(self) -> dict[str, Any]:
+        train, every = self.config.train, self.config.checkpoint.every
+        self.writer.write(self.startup_record())
         peak = peak_tflops(jax.devices()[0])
         seq_len = self.config.data.seq_len
         progress = tqdm(total=train.steps, initial=int(self.state.step), disable=not self.is_main, dynamic_ncols=True)
-        record: dict[str, Any] = {}
+        record: dict[str, Any] = {"step": int(self.state.step)}
         interval_start, interval_steps = time.perf_counter(), 0
         while int(self.state.step) < train.steps:
             metrics = self.step()
             step = int(self.state.step)
             interval_steps += 1
             progress.update(1)
+            preempted = self._preemption_requested()
+            if preempted or step == train.steps or (every and step % every == 0):
+                self.save()
             due_hooks = [hook for hook in self.hooks if step % hook.every == 0]
-            if step % train.log_every and step != train.steps and not due_hooks:
+            if step % train.log_every and step != train.steps and not due_hooks and not preempted:
                 continue
             fetched = {name: float(value) for name, value in jax.device_get(metrics).items()}
             elapsed = time.perf_counter() - interval_start
@@ -164,6 +239,9 @@ class Trainer:
             for hook in due_hooks:
                 hook.fn(self, step, record)
             interval_start, interval_steps = time.perf_counter(), 0
+            if preempted:
+                self.writer.write({"event": "preempted", "step": step})
+                break
         progress.close()
         self.writer.close()
         return record

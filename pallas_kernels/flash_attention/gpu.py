@@ -99,7 +99,7 @@ def _fwd_kernel(offsets_ref, q_ref, k_ref, v_ref, *refs, scale2: float, causal: 
                             num_kv_blocks=num_kv_blocks)
 
     def step(j, carry, masked: bool):
-        acc, m, l = carry
+        acc, m, denom = carry
         keys = pl.ds(j * block_kv, block_kv)
         s = _dot(q, k_ref[keys, :], _NT) * scale2
         if masked:
@@ -113,18 +113,18 @@ def _fwd_kernel(offsets_ref, q_ref, k_ref, v_ref, *refs, scale2: float, causal: 
         p = jnp.exp2(s - m_use[:, None])
         v = v_ref[keys, :]
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
-        return acc, m_new, l * alpha + jnp.sum(p, axis=1)
+        return acc, m_new, denom * alpha + jnp.sum(p, axis=1)
 
     carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
              jnp.zeros((block_q,), jnp.float32))
     carry = lax.fori_loop(0, lo, functools.partial(step, masked=False), carry)
     if causal or segmented or kv_len % block_kv:
         carry = lax.fori_loop(lo, hi, functools.partial(step, masked=True), carry)
-    acc, m, l = carry
-    seen = l > 0.0
-    l_safe = jnp.where(seen, l, 1.0)
-    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, (m + jnp.log2(l_safe)) / _LOG2E, -jnp.inf)
+    acc, m, denom = carry
+    seen = denom > 0.0
+    denom = jnp.where(seen, denom, 1.0)
+    o_ref[...] = (acc / denom[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, (m + jnp.log2(denom)) / _LOG2E, -jnp.inf)
 
 
 def _mask(q_pos: jax.Array, q_seg: jax.Array | None, j: jax.Array, kv_offset: jax.Array,

@@ -23,8 +23,8 @@ def visible(q_pos: jax.Array, kv_pos: jax.Array, q_seg: jax.Array | None,
             kv_seg: jax.Array | None, *, causal: bool) -> jax.Array | None:
     """Boolean mask, True where a query may attend a key; None if nothing is masked.
 
-    Arguments broadcast against each other: queries along axis -2, keys along axis -1
-    (e.g. q_pos [T, 1] and kv_pos [1, S]). Positions are global (offsets included).
+    Arguments broadcast against each other (e.g. q_pos [T, 1] against kv_pos [1, S], or
+    transposed). Positions are global (offsets included).
     """
     mask = None
     if causal:

@@ -89,11 +89,11 @@ def _fwd_kernel(offsets_ref, q_ref, k_ref, v_ref, *refs, scale: float, causal: b
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
-        l = l_ref[...]
-        seen = l > 0.0
-        l_safe = jnp.where(seen, l, 1.0)
-        o_ref[...] = (acc_ref[...] / l_safe).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(seen, m_ref[...] + jnp.log(l_safe), -jnp.inf)
+        denom = l_ref[...]
+        seen = denom > 0.0
+        denom = jnp.where(seen, denom, 1.0)
+        o_ref[...] = (acc_ref[...] / denom).astype(o_ref.dtype)
+        lse_ref[...] = jnp.where(seen, m_ref[...] + jnp.log(denom), -jnp.inf)
 
 
 def _dq_kernel(offsets_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
@@ -236,7 +236,8 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
 
     bq, bk = block_q_dq, block_kv_dq
     q_spec = pl.BlockSpec((None, None, bq, d), lambda bi, hi, i, j, o: (bi, hi, i, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, d), lambda bi, hi, i, j, o: (bi, lax.div(hi, groups), j, 0))
+    kv_spec = pl.BlockSpec((None, None, bk, d),
+                           lambda bi, hi, i, j, o: (bi, lax.div(hi, groups), j, 0))
     row_spec = pl.BlockSpec((None, None, bq, 1), lambda bi, hi, i, j, o: (bi, hi, i, 0))
     dq = _call(
         functools.partial(_dq_kernel, **kernel_args),

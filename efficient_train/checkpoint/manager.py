@@ -1,0 +1,155 @@
+"""Saving and restoring TrainStates: atomic, asynchronous, verified, on any mesh.
+
+Orbax does the heavy lifting: each step is one directory written under a temporary
+name and renamed when complete (so a crash leaves no half-listed step, and leftovers
+are cleaned at the next start), arrays go to OCDBT in their canonical global form,
+saves run in a background thread, a new save first waits for the previous one (two
+never overlap) and re-raises its error, and every process of a multi-process run
+writes its own shards. On top of that this module adds `metadata.json` (metadata.py)
+with a fingerprint per leaf (fingerprint.py), and a restore that verifies every leaf
+and, when the newest step is damaged, says so loudly and falls back to the previous
+step that verifies.
+
+Restoring builds its targets from the *current* program's abstract state (shapes,
+dtypes and shardings of this mesh), so any mesh loads any checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from efficient_train.checkpoint.fingerprint import device_fingerprint
+from efficient_train.checkpoint.verify import describe, verify_step
+from efficient_train.checkpoint.metadata import (
+    FORMAT_VERSION,
+    CheckpointError,
+    CheckpointMetadata,
+    LeafRecord,
+    check_model_matches,
+)
+
+log = logging.getLogger(__name__)
+
+STATE_ITEM = "state"
+METADATA_ITEM = "metadata"
+METADATA_FILE = "metadata.json"
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A step whose bytes do not match its fingerprints, or that cannot be read."""
+
+
+def leaf_paths(tree: Any) -> list[tuple[str, Any]]:
+    """("params/blocks/attn/q/kernel", leaf) pairs, a stable name per leaf."""
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        parts = []
+        for key in path:
+            for attr in ("key", "name", "idx"):
+                if hasattr(key, attr):
+                    parts.append(str(getattr(key, attr)))
+                    break
+        out.append(("/".join(parts), leaf))
+    return out
+
+
+def metadata_path(step_dir: str) -> str:
+    return os.path.join(step_dir, METADATA_ITEM, METADATA_FILE)
+
+
+def read_metadata(step_dir: str) -> CheckpointMetadata:
+    path = metadata_path(step_dir)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise DamagedCheckpoint(f"{path}: unreadable ({error})") from None
+    return CheckpointMetadata.from_json(raw)
+
+
+class Checkpointer:
+    def __init__(self, directory: str, *, keep: int, keep_every: int, async_save: bool) -> None:
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep or None,
+            keep_period=keep_every or None,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                STATE_ITEM: ocp.StandardCheckpointHandler(),
+                METADATA_ITEM: ocp.JsonCheckpointHandler(filename=METADATA_FILE),
+            },
+        )
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def save(self, step: int, state: Any, *, model: dict, mesh: dict, zero_stage: int, optimizer: dict,
+             data: dict | None, seed: int) -> None:
+        """Start saving `state` as step `step`; returns once the bytes are being written."""
+        leaves = {
+            path: LeafRecord(tuple(leaf.shape), str(leaf.dtype), device_fingerprint(leaf))
+            for path, leaf in leaf_paths(state)
+        }
+        metadata = CheckpointMetadata(FORMAT_VERSION, step, model, mesh, zero_stage, optimizer, data, seed, leaves)
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{STATE_ITEM: ocp.args.StandardSave(state), METADATA_ITEM: ocp.args.JsonSave(metadata.to_json())}
+            ),
+            force=True,
+        )
+
+    def wait(self) -> None:
+        """Block until the background save is committed; raises its error if it failed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def restore_step(self, step: int, abstract_state: Any, *, model: dict) -> tuple[Any, CheckpointMetadata]:
+        """Restore one step onto `abstract_state`'s shardings and verify every leaf."""
+        metadata = read_metadata(self.step_dir(step))
+        check_model_matches(metadata.model, model)
+        expected = {path: (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in leaf_paths(abstract_state)}
+        saved = {path: (record.shape, record.dtype) for path, record in metadata.leaves.items()}
+        if expected != saved:
+            differing = sorted(set(expected.items()) ^ set(saved.items()))[:5]
+            raise CheckpointError(f"step {step}: the state's leaves do not match the checkpoint's, e.g. {differing}")
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)})
+            )[STATE_ITEM]
+        except Exception:  # corrupt or missing files surface as many error types: name the leaves
+            problems = verify_step(self.step_dir(step))
+            detail = describe(problems) if problems else "orbax could not restore it, though every leaf reads back"
+            raise DamagedCheckpoint(f"step {step}: damaged leaves: {detail}") from None
+        damaged = [
+            path for path, leaf in leaf_paths(restored) if device_fingerprint(leaf) != metadata.leaves[path].fingerprint
+        ]
+        if damaged:
+            raise DamagedCheckpoint(f"step {step}: damaged leaves (fingerprint mismatch): {', '.join(damaged)}")
+        return restored, metadata
+
+    def restore_latest(self, abstract_state: Any, *, model: dict) -> tuple[Any, CheckpointMetadata] | None:
+        """The newest step that verifies; damaged newer steps are reported and skipped."""
+        for step in reversed(self.steps()):
+            try:
+                return self.restore_step(step, abstract_state, model=model)
+            except DamagedCheckpoint as error:
+                log.warning("CHECKPOINT DAMAGED, falling back to the previous step: %s", error)
+                print(f"WARNING: checkpoint damaged, falling back to the previous step: {error}", flush=True)
+        return None

@@ -1,0 +1,201 @@
+"""Checkpoints: bit-exact resume, restore onto other meshes and stages, retention,
+crash leftovers, damage detection with fallback, refusals, and SIGTERM preemption."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from efficient_train import Hook, Trainer
+from efficient_train.checkpoint import CheckpointError, Checkpointer, leaf_paths, read_metadata
+from efficient_train.checkpoint.manager import metadata_path
+from tests.zero_setup import small_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(workdir, **overrides):
+    config = small_config(**{"mesh.data": 8, "zero_stage": 3, "train.log_every": 1, **overrides})
+    config.workdir = str(workdir)
+    return config
+
+
+def _fit_losses(config) -> tuple[dict, Trainer]:
+    losses = {}
+    trainer = Trainer(config, hooks=[Hook(every=1, fn=lambda t, step, record: losses.__setitem__(step, record["loss"]))])
+    trainer.fit()
+    return losses, trainer
+
+
+def _host(tree):
+    return [(path, np.asarray(jax.device_get(leaf))) for path, leaf in leaf_paths(tree)]
+
+
+def test_resume_is_bit_exact_on_the_same_mesh(tmp_path):
+    straight, reference = _fit_losses(_config(tmp_path / "a", **{"train.steps": 6, "checkpoint.every": 0}))
+
+    def crash(trainer, step, record):
+        raise KeyboardInterrupt("simulated crash after step 3")
+
+    interrupted = _config(tmp_path / "b", **{"train.steps": 6, "checkpoint.every": 3})
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(interrupted, hooks=[Hook(every=3, fn=crash)]).fit()
+    resumed_losses, resumed = _fit_losses(_config(tmp_path / "b", **{"train.steps": 6}))
+    assert sorted(resumed_losses) == [4, 5, 6]
+    assert [resumed_losses[s] for s in (4, 5, 6)] == [straight[s] for s in (4, 5, 6)]  # bitwise
+    for (path, a), (_, b) in zip(_host(reference.state), _host(resumed.state)):
+        np.testing.assert_array_equal(a, b, err_msg=path)
+    assert resumed.loader.state() == reference.loader.state()
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        {"mesh.data": 2, "mesh.replica": 4, "zero_stage": 1},
+        {"mesh.data": 4, "mesh.tensor": 2, "zero_stage": 2},
+        {"mesh.data": 2, "mesh.sequence": 4, "zero_stage": 3},
+    ],
+    ids=["replica4xdata2", "data4xtensor2", "data2xseq4"],
+)
+def test_restore_on_another_mesh_is_byte_identical_and_saves_back_the_same(tmp_path, target):
+    _, saved = _fit_losses(_config(tmp_path, **{"train.steps": 3}))
+    saved_leaves = _host(saved.state)
+    moved = Trainer(_config(tmp_path, **{"train.steps": 5, **target}))
+    assert int(moved.state.step) == 3
+    for (path, a), (_, b) in zip(saved_leaves, _host(moved.state)):
+        np.testing.assert_array_equal(a, b, err_msg=path)
+    # Save A -> restore on B -> save A': the two checkpoints hold the same bytes.
+    moved.checkpointer.save(103, moved.state, model=moved._model_record(), mesh=dict(moved.mesh.shape),
+                            zero_stage=moved.config.zero_stage, optimizer={}, data=None, seed=0)
+    moved.checkpointer.wait()
+    first, second = read_metadata(saved.checkpointer.step_dir(3)), read_metadata(moved.checkpointer.step_dir(103))
+    assert {p: r.fingerprint for p, r in first.leaves.items()} == {p: r.fingerprint for p, r in second.leaves.items()}
+    # Training continues on the new mesh from the restored state.
+    moved.fit()
+    assert int(moved.state.step) == 5
+
+
+def test_one_device_restore(tmp_path):
+    _, saved = _fit_losses(_config(tmp_path, **{"train.steps": 3}))
+    fingerprints = {p: r.fingerprint for p, r in read_metadata(saved.checkpointer.step_dir(3)).leaves.items()}
+    script = (
+        "import json, sys; from tests.zero_setup import small_config; from efficient_train import Trainer;"
+        "from efficient_train.checkpoint import leaf_paths; from efficient_train.checkpoint.fingerprint import device_fingerprint;"
+        f"c = small_config(**{{'mesh.data': 1, 'zero_stage': 0, 'train.steps': 4}}); c.workdir = {str(tmp_path)!r};"
+        "t = Trainer(c); print(json.dumps({'step': int(t.state.step), 'fp': {p: device_fingerprint(x) for p, x in leaf_paths(t.state)}}))"
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    restored = json.loads(out.stdout.strip().splitlines()[-1])
+    assert restored["step"] == 3 and restored["fp"] == fingerprints
+
+
+def test_retention_keeps_newest_and_every_kth(tmp_path):
+    _, trainer = _fit_losses(_config(tmp_path, **{"train.steps": 7, "checkpoint.every": 1, "checkpoint.keep": 2,
+                                                  "checkpoint.keep_every": 3}))
+    assert trainer.checkpointer.steps() == [3, 6, 7]
+
+
+def test_crash_leftover_is_ignored_and_cleaned(tmp_path):
+    _, trainer = _fit_losses(_config(tmp_path, **{"train.steps": 2}))
+    leftover = os.path.join(trainer.checkpointer.directory, "5.orbax-checkpoint-tmp-1700000000")
+    os.makedirs(os.path.join(leftover, "state"))
+    with open(os.path.join(leftover, "state", "partial"), "wb") as f:
+        f.write(b"half written")
+    resumed = Trainer(_config(tmp_path, **{"train.steps": 4}))
+    assert int(resumed.state.step) == 2 and resumed.checkpointer.steps() == [2]
+    assert not os.path.exists(leftover)
+
+
+@pytest.fixture(scope="module")
+def two_steps_saved(tmp_path_factory) -> str:
+    """A work directory whose checkpoints hold steps 1 and 2; tests damage copies of it."""
+    workdir = tmp_path_factory.mktemp("two_steps")
+    _, trainer = _fit_losses(_config(workdir, **{"train.steps": 2, "checkpoint.every": 1}))
+    assert trainer.checkpointer.steps() == [1, 2]
+    return str(workdir)
+
+
+def _copy(workdir: str, tmp_path) -> tuple[str, str]:
+    shutil.copytree(workdir, tmp_path / "run")
+    return str(tmp_path / "run"), str(tmp_path / "run" / "checkpoints")
+
+
+def _array_files(step_dir: str) -> list[str]:
+    return sorted(f for f in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True) if os.path.isfile(f))
+
+
+@pytest.mark.parametrize("damage", ["flip_bit", "truncate", "delete_data", "delete_metadata"])
+def test_damage_is_detected_and_restore_falls_back(tmp_path, damage, capsys, two_steps_saved):
+    workdir, checkpoints = _copy(two_steps_saved, tmp_path)
+    step_dir = os.path.join(checkpoints, "2")
+    files = _array_files(step_dir)
+    largest = max(files, key=os.path.getsize)
+    if damage == "flip_bit":
+        with open(largest, "r+b") as f:
+            f.seek(os.path.getsize(largest) // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0x10]))
+    elif damage == "truncate":
+        with open(largest, "r+b") as f:
+            f.truncate(os.path.getsize(largest) // 2)
+    elif damage == "delete_data":
+        os.remove(largest)
+    else:
+        os.remove(metadata_path(step_dir))
+    resumed = Trainer(_config(workdir, **{"train.steps": 3}))
+    assert int(resumed.state.step) == 1
+    warning = [line for line in capsys.readouterr().out.splitlines() if "checkpoint damaged" in line]
+    assert len(warning) == 1
+    if damage == "delete_metadata":
+        assert "metadata.json" in warning[0]
+    else:  # the damaged leaf is named
+        assert re.search(r"step 2: damaged leaves.*(params|opt_state)/", warning[0]), warning[0]
+
+
+def test_newer_format_and_other_model_are_refused(tmp_path, two_steps_saved):
+    workdir, checkpoints = _copy(two_steps_saved, tmp_path)
+    with pytest.raises(CheckpointError, match=r"model config does not match the checkpoint \(hidden_size: saved 64"):
+        Trainer(_config(workdir, **{"model.hidden_size": 32, "model.intermediate_size": 64}))
+    path = metadata_path(os.path.join(checkpoints, "2"))
+    raw = json.load(open(path))
+    raw["format_version"] = 99
+    json.dump(raw, open(path, "w"))
+    with pytest.raises(CheckpointError, match="format_version 99 is newer"):
+        Trainer(_config(workdir))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path):
+    workdir = str(tmp_path)
+    args = ["--devices", "8", "--workdir", workdir, "--config.data.source=synthetic", "--config.data.seq_len=32",
+            "--config.model.hidden_size=64", "--config.model.intermediate_size=128", "--config.model.num_layers=2",
+            "--config.model.head_dim=16", "--config.train.steps=100000", "--config.train.log_every=1",
+            "--config.checkpoint.every=0", "--config.mesh.data=8", "--config.zero_stage=3"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    process = subprocess.Popen([sys.executable, "-m", "efficient_train.cli", "train", *args], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and not (os.path.exists(metrics) and open(metrics).read().count('"loss"') >= 3):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-2000:]
+    records = [json.loads(line) for line in open(metrics)]
+    preempted = [r for r in records if r.get("event") == "preempted"]
+    assert len(preempted) == 1
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=3, keep_every=0, async_save=False)
+    assert checkpointer.steps() == [preempted[0]["step"]] and preempted[0]["step"] < 100000
