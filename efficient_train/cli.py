@@ -1,9 +1,10 @@
-"""The `efficient-train` command: `train` and `estimate`.
+"""The `efficient-train` command: `train`, `estimate` and `checkpoint` tools.
 
     efficient-train train [--config FILE] [--config.FIELD=VALUE ...] [--workdir DIR]
                           [--coordinator HOST:PORT --num_processes N --process_id I]
                           [--devices N]
     efficient-train estimate [--config FILE] [--config.FIELD=VALUE ...] [--devices N] [--json]
+    efficient-train checkpoint inspect|verify CKPT
 
 A bad config or flag prints one line naming the field and what is allowed, and exits
 with status 2. jax is imported only after the flags are read, because the simulated
@@ -58,7 +59,23 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--coordinator", default="", help="host:port of process 0 for multi-process runs")
             sub.add_argument("--num_processes", type=int, default=1)
             sub.add_argument("--process_id", type=int, default=0)
+    checkpoint = commands.add_parser("checkpoint", help="inspect or verify a saved checkpoint")
+    tools = checkpoint.add_subparsers(dest="tool", required=True)
+    for name, help_text in (("inspect", "table of leaves, shapes, dtypes, bytes; step, mesh at save, formats"),
+                            ("verify", "recompute every leaf's fingerprint; exit 1 naming damaged leaves")):
+        tools.add_parser(name, help=help_text).add_argument("ckpt", help="a checkpoint directory or one step in it")
     return parser
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
+    from efficient_train.checkpoint.tools import inspect_text, verify_text
+
+    if args.tool == "inspect":
+        print(inspect_text(args.ckpt))
+        return 0
+    ok, text = verify_text(args.ckpt)
+    print(text)
+    return 0 if ok else 1
 
 
 def _simulate_devices(count: int) -> None:
@@ -92,6 +109,10 @@ def _estimate(config, as_json: bool) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args, extra = _parser().parse_known_args(argv)
     try:
+        if args.command == "checkpoint":
+            if extra:
+                raise UsageError(f"unrecognized arguments {' '.join(extra)}")
+            return _checkpoint(args)
         config = get_config(args.config)
         apply_overrides(config, _split_overrides(extra))
         if args.command == "train" and args.workdir:

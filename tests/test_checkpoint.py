@@ -199,3 +199,27 @@ def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path):
     assert len(preempted) == 1
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=3, keep_every=0, async_save=False)
     assert checkpointer.steps() == [preempted[0]["step"]] and preempted[0]["step"] < 100000
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "efficient_train.cli", "checkpoint", *args], cwd=ROOT,
+                          capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_inspect_and_verify_commands(tmp_path, two_steps_saved):
+    _, checkpoints = _copy(two_steps_saved, tmp_path)
+    inspected = _cli("inspect", checkpoints)  # a checkpoint directory: its newest step
+    assert inspected.returncode == 0 and "step 2, format version 1" in inspected.stdout
+    assert re.search(r"params/embed/embedding\s+\[256, 64\]\s+float32\s+65,536", inspected.stdout)
+    assert _cli("verify", os.path.join(checkpoints, "2")).returncode == 0
+    largest = max(_array_files(os.path.join(checkpoints, "2")), key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.seek(os.path.getsize(largest) // 3)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+    verified = _cli("verify", checkpoints)
+    assert verified.returncode == 1 and "DAMAGED: step 2" in verified.stdout
+    assert re.search(r"^  (params|opt_state)/\S+: (fingerprint mismatch|unreadable)", verified.stdout, re.M)
+    missing = _cli("verify", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and missing.stderr.startswith("error: CKPT:")
