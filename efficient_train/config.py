@@ -252,6 +252,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, *, check_paths
         raise ConfigError(
             f"mesh.tensor: {mesh['tensor']} must divide model.intermediate_size={model.intermediate_size}"
         )
+    if config.attention.impl == "pallas" and mesh["tensor"] > 1:
+        raise ConfigError(
+            "attention.impl: 'pallas' runs whole heads per device and is not split by the compiler; "
+            "use mesh.tensor=1 with it, or 'auto'/'xla' with tensor parallelism"
+        )
     data_parallel = mesh["replica"] * mesh["data"]
     batch = config.train.batch_size
     if batch % data_parallel:

@@ -286,8 +286,6 @@ def test_attention_dispatch():
     seg = jnp.ones((1, 4), jnp.int32)
     np.testing.assert_array_equal(attention(q, q, q, segment_ids=seg, impl="auto"),
                                   attention(q, q, q, segment_ids=seg, impl="xla"))
-    with pytest.raises(NotImplementedError, match="kernels issue"):
-        attention(q, q, q, segment_ids=seg, impl="pallas")
     with pytest.raises(ValueError, match="GPU"):
         attention(q, q, q, segment_ids=seg, impl="cudnn")
     with pytest.raises(ValueError, match="must be one of"):
@@ -431,3 +429,22 @@ def test_zero3_gather_matches_unsharded(scan):
                 assert shard.data.shape[dim] == ref.shape[dim] // ZERO_ROWS, path
             np.testing.assert_allclose(shard.data, ref[shard.index], rtol=1e-4,
                                        atol=1e-5 * np.abs(ref).max(), err_msg=path)
+
+
+def test_pallas_attention_equals_xla_with_segments_padding_and_gqa():
+    rng = np.random.default_rng(7)
+    q = jnp.asarray(rng.normal(size=(2, 24, 4, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, 24, 2, 16)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(2, 24, 2, 16)), jnp.float32)
+    seg = jnp.asarray([[1] * 10 + [2] * 11 + [0] * 3, [1] * 24], jnp.int32)
+    pos = jnp.asarray([list(range(10)) + list(range(11)) + [0] * 3, list(range(24))], jnp.int32)
+
+    def loss(impl, q, k, v):
+        out = attention(q, k, v, segment_ids=seg, positions=pos, impl=impl)
+        return jnp.sum(out * jnp.cos(out)), out
+
+    (_, xla_out), xla_grads = jax.value_and_grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    (_, pallas_out), pallas_grads = jax.value_and_grad(lambda *a: loss("pallas", *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    np.testing.assert_allclose(pallas_out, xla_out, rtol=1e-5, atol=1e-5)
+    for a, b in zip(pallas_grads, xla_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

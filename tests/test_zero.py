@@ -24,6 +24,7 @@ LAYOUTS = {
     "replica2_data4_zero3": {"mesh.replica": 2, "mesh.data": 4, "zero_stage": 3},
     "zero2_grad_accum2": {"mesh.data": 8, "zero_stage": 2, "train.grad_accum": 2},
     "data2_sequence4_zero3": {"mesh.data": 2, "mesh.sequence": 4, "zero_stage": 3},
+    "pallas_attention_data2_sequence4": {"mesh.data": 2, "mesh.sequence": 4, "zero_stage": 1, "attention.impl": "pallas"},
 }
 
 

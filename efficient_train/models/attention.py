@@ -21,7 +21,9 @@ Implementations:
   When the keys are the queries' own tokens, `is_causal` is set too so cuDNN can skip
   the upper triangle; that relies on positions increasing along the sequence within a
   segment, which packing guarantees. GPU only, bf16/fp16 only.
-- 'pallas': arrives with the kernels issue.
+- 'pallas': `pallas_kernels.flash_attention` (Triton on GPU, Mosaic on TPU, the Pallas
+  interpreter on CPU); causality from token order, so it needs packed positions to
+  rise within a document (they do). Not split by the compiler: use it with mesh.tensor=1.
 - 'auto': 'cudnn' on an NVIDIA GPU when dtype and shapes allow it, else 'xla'.
 """
 from __future__ import annotations
@@ -54,11 +56,9 @@ def attention(
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
-    if impl == "pallas":
-        raise NotImplementedError(
-            "attention impl 'pallas': the Pallas flash-attention kernel arrives with the "
-            "kernels issue (pallas_kernels); use 'auto', 'xla' or 'cudnn' for now")
     sp = sequence_parallel.active()
+    if impl == "pallas":
+        return _pallas_attention(q, k, v, segment_ids, kv_segment_ids, sp, causal, scale)
     if sp is not None:
         if kv_segment_ids is not None or kv_positions is not None:
             raise ValueError("under sequence parallelism the keys are the queries' own tokens")
@@ -97,6 +97,35 @@ def attention(
         out = _xla_attention(q, k, v, mask, scale)
     visible = jnp.any(mask, axis=-1)  # [B, T]: queries with at least one key
     return jnp.where(visible[:, :, None, None], out, jnp.zeros((), out.dtype))
+
+
+def _pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                      kv_segment_ids: jax.Array | None, sp: sequence_parallel.SequenceParallel | None,
+                      causal: bool, scale: float | None) -> jax.Array:
+    """The Pallas flash kernel (pallas_kernels): never materializes a [T, S] mask.
+
+    Its causal mask comes from token order plus offsets, which equals the position
+    mask for packed rows (positions rise within a document). Under all-gather sequence
+    parallelism the local queries start at `axis_index x T` of the gathered keys.
+    On the CPU the kernel runs in the Pallas interpreter.
+    """
+    from pallas_kernels import flash_attention
+
+    q_offset = 0
+    if sp is not None:
+        if sp.mode != "all_gather":
+            raise NotImplementedError(f"sequence_parallel.mode {sp.mode!r} is not implemented; use 'all_gather'")
+        gather = lambda x: jax.lax.all_gather(x, sp.axis, axis=1, tiled=True)
+        k, v, kv_segment_ids = gather(k), gather(v), gather(segment_ids)
+        q_offset = jax.lax.axis_index(sp.axis) * q.shape[1]
+    out = flash_attention(
+        q, k, v, causal=causal, q_segment_ids=segment_ids,
+        kv_segment_ids=segment_ids if kv_segment_ids is None else kv_segment_ids,
+        q_offset=q_offset, kv_offset=0, sm_scale=scale,
+        interpret=jax.default_backend() == "cpu",
+    )
+    # The kernel treats segment 0 like any other; padding queries output zeros here.
+    return jnp.where((segment_ids != 0)[:, :, None, None], out, jnp.zeros((), out.dtype))
 
 
 def _mask(q_seg: jax.Array, q_pos: jax.Array, kv_seg: jax.Array, kv_pos: jax.Array,
