@@ -86,7 +86,9 @@ class Checkpointer:
             self.directory,
             options=options,
             item_handlers={
-                STATE_ITEM: ocp.StandardCheckpointHandler(),
+                # Uncompressed: optimizer states and weights barely compress, and zstd
+                # would cost more time than the bytes it saves.
+                STATE_ITEM: ocp.PyTreeCheckpointHandler(use_compression=False),
                 METADATA_ITEM: ocp.JsonCheckpointHandler(filename=METADATA_FILE),
             },
         )
@@ -108,7 +110,7 @@ class Checkpointer:
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                **{STATE_ITEM: ocp.args.StandardSave(state), METADATA_ITEM: ocp.args.JsonSave(metadata.to_json())}
+                **{STATE_ITEM: ocp.args.PyTreeSave(state), METADATA_ITEM: ocp.args.JsonSave(metadata.to_json())}
             ),
             force=True,
         )
@@ -131,7 +133,15 @@ class Checkpointer:
             raise CheckpointError(f"step {step}: the state's leaves do not match the checkpoint's, e.g. {differing}")
         try:
             restored = self._manager.restore(
-                step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)})
+                step,
+                args=ocp.args.Composite(
+                    **{
+                        STATE_ITEM: ocp.args.PyTreeRestore(
+                            item=abstract_state,
+                            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+                        )
+                    }
+                ),
             )[STATE_ITEM]
         except Exception:  # corrupt or missing files surface as many error types: name the leaves
             problems = verify_step(self.step_dir(step))
