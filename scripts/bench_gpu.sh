@@ -2,6 +2,7 @@
 # Every GPU measurement in one go; prints a short table last, full logs under $OUT (or /tmp).
 #
 #   bash scripts/bench_gpu.sh
+#   BENCH_ONLY="mfu_llama1b_b8_pallas attention" bash scripts/bench_gpu.sh   # a subset
 #
 # Runs from the source tree (PYTHONPATH), so it works on an image whose jax is already
 # installed (jax 0.10 or 0.11). Wheels of pure-Python dependencies the image lacks may be
@@ -20,8 +21,9 @@ fi
   $py -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, jax.devices())'
 } 2>&1 | tee "$out/env.txt"
 
-run() {  # name, then the command
+run() {  # name, then the command; BENCH_ONLY="name1 name2" runs a subset
   local name=$1; shift
+  if [[ -n "${BENCH_ONLY:-}" && " $BENCH_ONLY " != *" $name "* ]]; then return; fi
   echo "== $name: $*" | tee -a "$out/summary.txt"
   if "$@" >"$out/$name.log" 2>&1; then
     grep -v "it/s" "$out/$name.log" | tail -4 | tee -a "$out/summary.txt"
@@ -33,11 +35,16 @@ run() {  # name, then the command
 # 1. MFU of llama_1b-sized training on one GPU (bf16 compute, fp32 master weights).
 run mfu_llama1b_b8_savedots $py benchmarks/mfu.py --config configs/llama_1b.py --steps 15 \
   --config.train.batch_size=8 --config.zero_stage=0 --config.model.remat=save_dots
-run mfu_llama1b_b8_noremat $py benchmarks/mfu.py --config configs/llama_1b.py --steps 15 \
-  --config.train.batch_size=8 --config.zero_stage=0 --config.model.remat=none
+run mfu_llama1b_b8_pallas $py benchmarks/mfu.py --config configs/llama_1b.py --steps 15 \
+  --config.train.batch_size=8 --config.zero_stage=0 --config.model.remat=save_dots --config.attention.impl=pallas
+run mfu_llama1b_b8_xla $py benchmarks/mfu.py --config configs/llama_1b.py --steps 15 \
+  --config.train.batch_size=8 --config.zero_stage=0 --config.model.remat=save_dots --config.attention.impl=xla
 # 2. Trainer overhead against a hand-written jit + optax step, same model on the GPU.
 run overhead_gpt2_small $py benchmarks/trainer_overhead.py --config configs/gpt2_small.py --steps 20 \
   --config.train.batch_size=16 --config.data.source=synthetic
+
+# 3. Flash attention kernel against cuDNN and torch SDPA (checks correctness on the GPU first).
+run attention $py benchmarks/attention.py
 
 echo "=============== summary ==============="
 cat "$out/summary.txt"
