@@ -5,7 +5,8 @@ name and renamed when complete (so a crash leaves no half-listed step, and lefto
 are cleaned at the next start), arrays go to OCDBT in their canonical global form,
 saves run in a background thread, a new save first waits for the previous one (two
 never overlap) and re-raises its error, and every process of a multi-process run
-writes its own shards. On top of that this module adds `metadata.json` (metadata.py)
+writes its own shards. Retention moves an old step out of the listing by a rename
+before its files are deleted, so a kill mid-deletion never leaves a listed ruin. On top of that this module adds `metadata.json` (metadata.py)
 with a fingerprint per leaf (fingerprint.py), and a restore that verifies every leaf
 and, when the newest step is damaged, says so loudly and falls back to the previous
 step that verifies.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 STATE_ITEM = "state"
 METADATA_ITEM = "metadata"
 METADATA_FILE = "metadata.json"
+TRASH_DIR = "_deleted"
 
 
 class DamagedCheckpoint(CheckpointError):
@@ -80,6 +83,9 @@ class Checkpointer:
             keep_period=keep_every or None,
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
+            # Retention renames a step out of the listing first (atomic), then we delete
+            # it: deleting in place could leave a listed, half-deleted step on SIGKILL.
+            todelete_subdir=TRASH_DIR,
             create=True,
         )
         self._manager = ocp.CheckpointManager(
@@ -92,6 +98,13 @@ class Checkpointer:
                 METADATA_ITEM: ocp.JsonCheckpointHandler(filename=METADATA_FILE),
             },
         )
+        self._empty_trash()
+
+    def _empty_trash(self) -> None:
+        trash = os.path.join(self.directory, TRASH_DIR)
+        if jax.process_index() == 0 and os.path.isdir(trash):
+            for name in os.listdir(trash):
+                shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -102,6 +115,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, *, model: dict, mesh: dict, zero_stage: int, optimizer: dict,
              data: dict | None, seed: int) -> None:
         """Start saving `state` as step `step`; returns once the bytes are being written."""
+        self._empty_trash()
         leaves = {
             path: LeafRecord(tuple(leaf.shape), str(leaf.dtype), device_fingerprint(leaf))
             for path, leaf in leaf_paths(state)
