@@ -24,12 +24,13 @@ ZERO_STAGES = (0, 1, 2, 3)
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 SEQUENCE_PARALLEL_MODES = ("ulysses", "ring", "all_gather")
-IMPLEMENTED_SEQUENCE_PARALLEL_MODES = ("all_gather",)
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16")
 DATA_SOURCES = ("synthetic", "text", "tokens", "jsonl")
 TOKEN_DTYPES = ("uint16", "uint32")
-STATE_FORMATS = ("fp32",)
+STATE_FORMATS = ("fp32", "bf16", "int8", "fp8", "int4")
+BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # powers of two; the smallest is the last fallback
+OPTIMIZER_KERNELS = ("auto", "xla", "pallas")
 MESH_AXES = ("replica", "data", "sequence", "tensor")
 
 
@@ -80,8 +81,21 @@ def default_config() -> ml_collections.ConfigDict:
             log_every=10,
         )
     )
+    # state_format: fp32 (optax.adamw), bf16, int8, fp8, int4 (experimental); see
+    # efficient_train/optim. offload keeps the states in pinned host memory.
     c.optimizer = ml_collections.ConfigDict(
-        dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, state_format="fp32")
+        dict(
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            weight_decay=0.1,
+            state_format="fp32",
+            block_size=256,
+            min_quantized_size=4096,
+            quantize_embeddings=True,
+            offload=False,
+            kernel="auto",
+        )
     )
     c.data = ml_collections.ConfigDict(
         dict(
@@ -212,6 +226,37 @@ def resolve_mesh_shape(mesh: ml_collections.ConfigDict, num_devices: int) -> dic
     return sizes
 
 
+def _sequence_parallel_problem(config: ml_collections.ConfigDict, mode: str, size: int) -> str | None:
+    """Why `mode` cannot split this config's sequences over `size` devices; None if it can."""
+    seq_len, heads, kv_heads = config.data.seq_len, config.model.num_heads, config.model.num_kv_heads
+    if seq_len % size:
+        return f"data.seq_len: {seq_len} must be divisible by mesh.sequence={size}"
+    if mode == "ring" and seq_len % (2 * size):
+        return (f"data.seq_len: {seq_len} must be divisible by 2 x mesh.sequence = {2 * size} for the zigzag "
+                f"layout of sequence_parallel.mode 'ring'")
+    if mode == "ulysses" and heads % size:
+        return (f"sequence_parallel.mode: 'ulysses' splits heads over mesh.sequence={size}, which does not "
+                f"divide model.num_heads={heads}")
+    if mode == "ulysses" and kv_heads % size and size % kv_heads:
+        return (f"sequence_parallel.mode: 'ulysses' needs model.num_kv_heads={kv_heads} to divide or be a "
+                f"multiple of mesh.sequence={size}")
+    return None
+
+
+def _check_sequence_parallel(config: ml_collections.ConfigDict, size: int) -> None:
+    """The mode exists and fits the model and mesh; errors suggest the modes that would fit."""
+    mode = _get(config, "sequence_parallel.mode")
+    fitting = [m for m in SEQUENCE_PARALLEL_MODES if size == 1 or not _sequence_parallel_problem(config, m, size)]
+    suggestion = (f"sequence_parallel.mode {' or '.join(map(repr, fitting))} would fit" if fitting
+                  else f"no sequence_parallel.mode fits mesh.sequence={size}")
+    if mode not in SEQUENCE_PARALLEL_MODES:
+        raise ConfigError(f"sequence_parallel.mode: {mode!r} is not one of "
+                          f"{', '.join(map(repr, SEQUENCE_PARALLEL_MODES))}; {suggestion}")
+    problem = _sequence_parallel_problem(config, mode, size) if size > 1 else None
+    if problem:
+        raise ConfigError(f"{problem}; {suggestion}")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int, *, check_paths: bool = True) -> dict[str, int]:
     """Check the config against itself and the device count; returns the mesh shape."""
     _check_keys(config, default_config())
@@ -225,7 +270,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, *, check_paths
     ):
         _check_positive(config, field)
     for field in ("train.warmup_steps", "train.min_lr_ratio", "optimizer.weight_decay", "optimizer.eps",
-                  "checkpoint.every", "checkpoint.keep", "checkpoint.keep_every"):
+                  "optimizer.min_quantized_size", "checkpoint.every", "checkpoint.keep", "checkpoint.keep_every"):
         _check_positive(config, field, allow_zero=True)
     for field in ("optimizer.b1", "optimizer.b2"):
         if not 0.0 <= _get(config, field) < 1.0:
@@ -234,9 +279,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, *, check_paths
     _check_choice(config, "model.dtype", DTYPES)
     _check_choice(config, "model.param_dtype", DTYPES)
     _check_choice(config, "attention.impl", ATTENTION_IMPLS)
-    _check_choice(config, "sequence_parallel.mode", SEQUENCE_PARALLEL_MODES)
     _check_choice(config, "train.schedule", SCHEDULES)
     _check_choice(config, "optimizer.state_format", STATE_FORMATS)
+    _check_choice(config, "optimizer.block_size", BLOCK_SIZES)
+    _check_choice(config, "optimizer.kernel", OPTIMIZER_KERNELS)
     _check_choice(config, "data.source", DATA_SOURCES)
     _check_choice(config, "data.token_dtype", TOKEN_DTYPES)
 
@@ -269,14 +315,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, *, check_paths
             f"train.grad_accum: {config.train.grad_accum} must divide the per-replica batch "
             f"{batch // data_parallel} (train.batch_size / data-parallel size)"
         )
-    if mesh["sequence"] > 1:
-        if config.sequence_parallel.mode not in IMPLEMENTED_SEQUENCE_PARALLEL_MODES:
-            raise ConfigError(
-                f"sequence_parallel.mode: {config.sequence_parallel.mode!r} is not implemented yet; "
-                f"available: {', '.join(IMPLEMENTED_SEQUENCE_PARALLEL_MODES)}"
-            )
-        if config.data.seq_len % mesh["sequence"]:
-            raise ConfigError(f"data.seq_len: {config.data.seq_len} must be divisible by mesh.sequence={mesh['sequence']}")
+    _check_sequence_parallel(config, mesh["sequence"])
     if check_paths:
         from efficient_train.data import check_data_config
 

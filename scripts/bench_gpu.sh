@@ -46,5 +46,11 @@ run overhead_gpt2_small $py benchmarks/trainer_overhead.py --config configs/gpt2
 # 3. Flash attention kernel against cuDNN and torch SDPA (checks correctness on the GPU first).
 run attention $py benchmarks/attention.py
 
+# 4. Compressed optimizer states (issue 3): fused Pallas update vs XLA path vs optax.adamw fp32
+#    on a 1B-parameter tree; then llama_1b training with int8 states (compare with mfu_llama1b_b8_savedots).
+run optimizer_update_1b $py benchmarks/optimizer_update.py --params 1e9 --formats int8,fp8,int4 --steps 20 --rounds 3
+run mfu_llama1b_b8_savedots_int8 $py benchmarks/mfu.py --config configs/llama_1b.py --steps 15 \
+  --config.train.batch_size=8 --config.zero_stage=0 --config.model.remat=save_dots --config.optimizer.state_format=int8
+
 echo "=============== summary ==============="
 cat "$out/summary.txt"

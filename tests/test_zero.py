@@ -25,6 +25,13 @@ LAYOUTS = {
     "zero2_grad_accum2": {"mesh.data": 8, "zero_stage": 2, "train.grad_accum": 2},
     "data2_sequence4_zero3": {"mesh.data": 2, "mesh.sequence": 4, "zero_stage": 3},
     "pallas_attention_data2_sequence4": {"mesh.data": 2, "mesh.sequence": 4, "zero_stage": 1, "attention.impl": "pallas"},
+    # Sequence parallelism (tests/test_sequence_parallel.py): ring's batches arrive in the zigzag layout.
+    "ulysses_data2_sequence4_zero3": {"mesh.data": 2, "mesh.sequence": 4, "zero_stage": 3, "sequence_parallel.mode": "ulysses"},
+    "ring_data2_sequence4_zero3": {"mesh.data": 2, "mesh.sequence": 4, "zero_stage": 3, "sequence_parallel.mode": "ring"},
+    "ring_sequence4_tensor2_grad_accum2_remat": {
+        "mesh.data": 1, "mesh.sequence": 4, "mesh.tensor": 2, "sequence_parallel.mode": "ring",
+        "train.grad_accum": 2, "model.remat": "full",
+    },
 }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 import ml_collections
+import numpy as np
 
 from efficient_train.data.batch import Batch
 from efficient_train.data.loader import DataLoader, LoaderState
@@ -119,8 +120,12 @@ def build_loader(
     global_batch_size: int,
     process_index: int = 0,
     process_count: int = 1,
+    column_order: np.ndarray | None = None,
 ) -> DataLoader:
-    """The loader `data_cfg` describes, yielding this process's rows of each global batch."""
+    """The loader `data_cfg` describes, yielding this process's rows of each global batch.
+
+    column_order: the sequence-parallel layout's reorder of every row (see DataLoader).
+    """
     check_data_config(data_cfg, vocab_size)
     source: TokenSource
     if data_cfg.source == "synthetic":
@@ -145,4 +150,5 @@ def build_loader(
         process_index=process_index,
         process_count=process_count,
         shuffle=data_cfg.shuffle,
+        column_order=column_order,
     )

@@ -13,6 +13,11 @@ permutation of [0, W). Hence
 The permutation is a keyed Feistel network over the next power of four >= W with
 cycle walking, evaluated per index: O(batch) work and O(1) memory whatever W is, so a
 billion-window corpus costs no permutation table (the index-shuffle idea Grain also uses).
+`column_order` reorders every row's columns, the same way in every field, after packing:
+the sequence-parallel layout (ring attention's zigzag, `parallel.layout`) is applied
+here, once. It changes no data order and is not part of the loader's state, so a run
+may resume on another mesh or mode.
+
 Grain itself is not used: this random-access model plus one integer of state is all the
 trainer needs, and it keeps the package free of another dependency.
 """
@@ -100,6 +105,7 @@ class DataLoader:
         process_index: int = 0,
         process_count: int = 1,
         shuffle: bool = True,
+        column_order: np.ndarray | None = None,
     ) -> None:
         if global_batch_size < 1:
             raise ValueError(f"global_batch_size: {global_batch_size} must be >= 1")
@@ -113,12 +119,15 @@ class DataLoader:
             )
         if seed < 0:
             raise ValueError(f"seed: {seed} must be >= 0")
+        if column_order is not None and sorted(np.asarray(column_order).tolist()) != list(range(seq_len)):
+            raise ValueError(f"column_order: must be a permutation of the {seq_len} columns of a row")
         self._windows = PackedWindows(source, seq_len)
         self._fingerprint = source.fingerprint()
         self.seq_len = seq_len
         self.global_batch_size = global_batch_size
         self.seed = seed
         self.shuffle = shuffle
+        self.column_order = None if column_order is None else np.asarray(column_order)
         self.local_batch_size = global_batch_size // process_count
         self._first_row = process_index * self.local_batch_size
         self.step = 0
@@ -136,14 +145,18 @@ class DataLoader:
     def batch_at(self, step: int) -> Batch:
         """This process's rows of global batch `step` (does not move the iterator)."""
         samples = step * self.global_batch_size + self._first_row + np.arange(self.local_batch_size)
+        rows = self._windows.rows(self._windows_at(samples))
+        return rows if self.column_order is None else rows.take_columns(self.column_order)
+
+    def _windows_at(self, samples: np.ndarray) -> np.ndarray:
         epochs, offsets = np.divmod(samples, self.num_windows)
         if not self.shuffle:
-            return self._windows.rows(offsets)
+            return offsets
         windows = np.empty_like(offsets)
         for epoch in np.unique(epochs).tolist():
             where = epochs == epoch
             windows[where] = feistel_permute(offsets[where], self.num_windows, self.seed, epoch)
-        return self._windows.rows(windows)
+        return windows
 
     def __iter__(self) -> DataLoader:
         return self

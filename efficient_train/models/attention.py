@@ -2,16 +2,20 @@
 
 `attention(q, k, v, ...)` takes q [B, T, H, D] and k, v [B, S, KV, D] (grouped-query:
 H divisible by KV; query head h reads kv head h // (H // KV)). Keys and queries carry
-their own segment ids and positions, so sequence parallelism can plug in here later
-with all-gathered or ring-passed K/V whose tokens differ from the local queries.
+their own segment ids and positions, so all-gathered K/V whose tokens differ from the
+local queries need no reordering.
 
 Masking: query i may attend key j iff both lie in the same segment, the segment is not
 0 (padding), and, when causal, position[j] <= position[i]. Causality comes from the
 positions, never from array indices, so reordered layouts (zigzag ring shards) stay
 correct. A query with no visible key (padding) outputs zeros in every implementation.
 
-Under sequence parallelism (`efficient_train.parallel.sequence`), the keys of the
-other devices' sequence slices are brought in first, by the configured mode.
+Under sequence parallelism (`efficient_train.parallel.sequence`) the call goes to the
+configured mode: `all_gather` and `ulysses` bring the other devices' tokens in and run
+the local implementation below (all of them work there); `ring` computes block by
+block with the flash kernel's log-sum-exp: 'pallas' runs the Pallas kernel, any other
+impl its plain-JAX backend (jax's cuDNN call returns no log-sum-exp). Ring masks chunk
+pairs by their place in the zigzag layout, equal to the position mask for packed rows.
 
 Implementations:
 - 'xla': plain jnp; scores and softmax in fp32 (matmuls accumulate in fp32), no repeat
@@ -28,10 +32,13 @@ Implementations:
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from efficient_train.models.config import ATTENTION_IMPLS
+from efficient_train.parallel import all_gather, ring, ulysses
 from efficient_train.parallel import sequence as sequence_parallel
 
 
@@ -57,16 +64,46 @@ def attention(
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     sp = sequence_parallel.active()
+    if sp is None:
+        return _local_attention(q, k, v, segment_ids=segment_ids, positions=positions,
+                                kv_segment_ids=kv_segment_ids, kv_positions=kv_positions, q_offset=0,
+                                causal=causal, impl=impl, scale=scale)
+    if kv_segment_ids is not None or kv_positions is not None:
+        raise ValueError("under sequence parallelism the keys are the queries' own tokens")
+    if positions is None:
+        raise ValueError("positions are required under sequence parallelism (array indices are local)")
+    if sp.mode == "ring":
+        backend, interpret = _ring_block_backend(impl)
+        out = ring.attention(q, k, v, segment_ids, axis=sp.axis, causal=causal, scale=scale,
+                             backend=backend, interpret=interpret)
+        return jnp.where((segment_ids != 0)[:, :, None, None], out, jnp.zeros((), out.dtype))
+    local = functools.partial(_local_attention, causal=causal, impl=impl, scale=scale)
+    if sp.mode == "ulysses":
+        return ulysses.attention(sp, q, k, v, segment_ids, positions, local)
+    if sp.mode == "all_gather":
+        return all_gather.attention(sp, q, k, v, segment_ids, positions, local)
+    raise ValueError(f"sequence_parallel.mode: {sp.mode!r} is not one of 'ulysses', 'ring', 'all_gather'")
+
+
+def _ring_block_backend(impl: str) -> tuple[str, bool]:
+    """The flash_attention backend (and interpret flag) of ring attention's local blocks.
+
+    'pallas' runs the Pallas kernel; every other impl the kernel's plain-JAX backend
+    ('auto' never picks Pallas, which the compiler cannot split over mesh.tensor, and
+    jax's cuDNN call returns no log-sum-exp).
+    """
     if impl == "pallas":
-        return _pallas_attention(q, k, v, segment_ids, kv_segment_ids, sp, causal, scale)
-    if sp is not None:
-        if kv_segment_ids is not None or kv_positions is not None:
-            raise ValueError("under sequence parallelism the keys are the queries' own tokens")
-        if sp.mode != "all_gather":
-            raise NotImplementedError(f"sequence_parallel.mode {sp.mode!r} is not implemented; use 'all_gather'")
-        if positions is None:
-            raise ValueError("positions are required under sequence parallelism (array indices are local)")
-        k, v, kv_segment_ids, kv_positions = sequence_parallel.all_gather_keys(sp, k, v, segment_ids, positions)
+        return "auto", jax.default_backend() == "cpu"
+    return "xla", False
+
+
+def _local_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array,
+                     positions: jax.Array | None, kv_segment_ids: jax.Array | None,
+                     kv_positions: jax.Array | None, q_offset: int | jax.Array, causal: bool,
+                     impl: str, scale: float | None) -> jax.Array:
+    """Attention on one device (a `sequence_parallel.LocalAttention`)."""
+    if impl == "pallas":
+        return _pallas_attention(q, k, v, segment_ids, kv_segment_ids, q_offset, causal, scale)
     b, t, h, d = q.shape
     s, kv = k.shape[1], k.shape[2]
     if k.shape != (b, s, kv, d) or v.shape != k.shape:
@@ -100,24 +137,17 @@ def attention(
 
 
 def _pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
-                      kv_segment_ids: jax.Array | None, sp: sequence_parallel.SequenceParallel | None,
+                      kv_segment_ids: jax.Array | None, q_offset: int | jax.Array,
                       causal: bool, scale: float | None) -> jax.Array:
     """The Pallas flash kernel (pallas_kernels): never materializes a [T, S] mask.
 
     Its causal mask comes from token order plus offsets, which equals the position
     mask for packed rows (positions rise within a document). Under all-gather sequence
-    parallelism the local queries start at `axis_index x T` of the gathered keys.
-    On the CPU the kernel runs in the Pallas interpreter.
+    parallelism the local queries start at `q_offset` = axis_index x T of the gathered
+    keys. On the CPU the kernel runs in the Pallas interpreter.
     """
     from pallas_kernels import flash_attention
 
-    q_offset = 0
-    if sp is not None:
-        if sp.mode != "all_gather":
-            raise NotImplementedError(f"sequence_parallel.mode {sp.mode!r} is not implemented; use 'all_gather'")
-        gather = lambda x: jax.lax.all_gather(x, sp.axis, axis=1, tiled=True)
-        k, v, kv_segment_ids = gather(k), gather(v), gather(segment_ids)
-        q_offset = jax.lax.axis_index(sp.axis) * q.shape[1]
     out = flash_attention(
         q, k, v, causal=causal, q_segment_ids=segment_ids,
         kv_segment_ids=segment_ids if kv_segment_ids is None else kv_segment_ids,

@@ -1,21 +1,26 @@
-"""Sequence parallelism at the attention dispatch: which mode runs, and the all-gather mode.
+"""Sequence parallelism's context: which mode runs, over which axis, and what a mode needs.
 
 The train step runs the model inside a `jax.shard_map` that is manual over the
 `sequence` axis, so every op but attention is naturally local to a device's slice of
-the sequence. Attention is the one place that needs the other slices' keys and values.
-While the step traces the model it opens `sharding(axis, mode)`; the attention
-dispatch asks `active()` and, in `all_gather` mode, gathers K, V and the keys' segment
-ids and positions over the axis (device i holds contiguous chunk i), then runs any
-local kernel with the gathered keys. Masks use positions, never array indices, so
-the gathered layout needs no reordering. The gather's transpose (a reduce-scatter)
-returns the K/V gradients to their owners.
+the sequence. Attention is the one place that needs the other slices' tokens. While
+the step traces the model it opens `sharding(axis, mode)`; the model's attention
+dispatch (`models.attention`) asks `active()` and hands the work to the mode's module:
+`all_gather`, `ulysses` or `ring` (this package), each a function of local q, k, v
+[B, T/S, H|KV, D] and the local tokens' segment ids and positions.
+
+Modes that end in one ordinary attention call (all_gather, ulysses) take that call
+from the dispatch as a `LocalAttention`, so any local kernel (xla, cudnn, pallas) runs
+inside them; ring attention needs per-block log-sum-exps and calls the flash kernel
+(`pallas_kernels.flash_attention`, whose 'xla' backend is plain JAX) itself.
+The token layout each mode expects its batches in is `parallel.layout`'s business.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import threading
-from typing import Iterator
+from collections.abc import Iterator
+from typing import Protocol
 
 import jax
 
@@ -26,6 +31,19 @@ _context = threading.local()
 class SequenceParallel:
     axis: str
     mode: str
+
+
+class LocalAttention(Protocol):
+    """One device's attention of queries against keys (the dispatch's local kernels).
+
+    q [B, T, H, D], k and v [B, S, KV, D]; ids int [B, T] and [B, S] (kv ids None: the
+    keys are the queries' own tokens). `q_offset`: index of the first query among the
+    keys in token order, for kernels whose causal mask comes from token order (pallas).
+    """
+
+    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array,
+                 positions: jax.Array, kv_segment_ids: jax.Array | None,
+                 kv_positions: jax.Array | None, q_offset: int | jax.Array) -> jax.Array: ...
 
 
 @contextlib.contextmanager
@@ -41,11 +59,3 @@ def sharding(axis: str, mode: str) -> Iterator[None]:
 
 def active() -> SequenceParallel | None:
     return getattr(_context, "value", None)
-
-
-def all_gather_keys(
-    sp: SequenceParallel, k: jax.Array, v: jax.Array, segment_ids: jax.Array, positions: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """K, V [B, S/n, KV, D] and ids [B, S/n] -> the whole sequence's, gathered over the axis."""
-    gather = lambda x: jax.lax.all_gather(x, sp.axis, axis=1, tiled=True)
-    return gather(k), gather(v), gather(segment_ids), gather(positions)

@@ -15,13 +15,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from efficient_train.data import Batch
 from efficient_train.models import Llama, ModelConfig
-from efficient_train.optim import adamw, decay_mask, make_schedule
+from efficient_train.optim import adamw, decay_mask, make_schedule, quantize_mask
+from efficient_train.optim import state_shardings as optimizer_state_shardings
 from efficient_train.parallel.param_gather import ZERO_DIM
 from efficient_train.sharding import ShardingPlan, plan_sharding
 from efficient_train.train.loss import next_token_loss
@@ -98,21 +98,21 @@ def build_program(
     train = config.train
     schedule = make_schedule(train.schedule, train.learning_rate, train.warmup_steps, train.steps, train.min_lr_ratio)
     opt = config.optimizer
+    # The state lives where the ZeRO stage puts it; the fused kernel runs per device there.
+    opt_param_shardings = plan.named(plan.opt_param_specs())
     optimizer = adamw(
         schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-        state_format=opt.state_format, mask=decay_mask(abstract_params),
+        state_format=opt.state_format, block_size=opt.block_size, min_quantized_size=opt.min_quantized_size,
+        mask=decay_mask(abstract_params), quantize_mask=quantize_mask(abstract_params, embeddings=opt.quantize_embeddings),
+        kernel=opt.kernel, shardings=opt_param_shardings,
     )
     pure_params = nnx.to_pure_dict(abstract_params)
     abstract_opt_state = jax.eval_shape(optimizer.init, pure_params)
-    opt_specs = optax.tree_map_params(
-        optimizer, lambda _, spec: spec, abstract_opt_state, plan.opt_param_specs(),
-        transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P),
-    )
     scalar = NamedSharding(mesh, P())
     state_shardings = TrainState(
         step=scalar,
         params=plan.named(plan.param_specs()),
-        opt_state=plan.named(opt_specs),
+        opt_state=optimizer_state_shardings(abstract_opt_state, opt_param_shardings, offload=opt.offload),
         skipped_steps=scalar,
     )
     int_scalar = jax.ShapeDtypeStruct((), jnp.int32)

@@ -15,7 +15,9 @@ the CPU included, runs the collectives the stage promises):
    weight, clip by global norm, AdamW update with the optimizer state where the stage
    puts it; stage 1 and 2 parameters are all-gathered back to whole by the output
    sharding. A step whose loss or gradient norm is not finite leaves parameters and
-   optimizer state untouched and counts itself in `skipped_steps`.
+   optimizer state untouched and counts itself in `skipped_steps`. An optimizer state
+   placed in pinned host memory (offload) moves to the device for the update and back;
+   `optim.apply_updates` lets a compressed AdamW write the parameters in its own pass.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from efficient_train.optim import apply_updates, device_shardings, is_offloaded
 from efficient_train.parallel import param_gather
 from efficient_train.parallel import sequence as sequence_parallel
 from efficient_train.sharding import MANUAL_AXES, ShardingPlan, batch_spec
@@ -149,6 +152,8 @@ def build_train_step(spec: StepSpec, state_shardings: TrainState, example_batch:
             check_vma=False,
         )
     grad_shardings = plan.named(plan.grad_specs())
+    offload = is_offloaded(state_shardings.opt_state)
+    opt_on_device = device_shardings(state_shardings.opt_state)
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
         grads, total, weight = sharded_grads(state.params, batch)
@@ -162,11 +167,13 @@ def build_train_step(spec: StepSpec, state_shardings: TrainState, example_batch:
         grads = jax.tree.map(lambda g: g * scale, grads)
 
         def apply(params: Any, opt_state: Any) -> tuple[Any, Any]:
-            updates, opt_state = spec.optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
+            return apply_updates(spec.optimizer, grads, opt_state, params)
 
+        opt_state = jax.device_put(state.opt_state, opt_on_device) if offload else state.opt_state
         # A conditional, not a select: the skip costs nothing on the steps that apply.
-        new_params, new_opt_state = jax.lax.cond(finite, apply, lambda p, o: (p, o), state.params, state.opt_state)
+        new_params, new_opt_state = jax.lax.cond(finite, apply, lambda p, o: (p, o), state.params, opt_state)
+        if offload:
+            new_opt_state = jax.device_put(new_opt_state, state_shardings.opt_state)
         applied_steps = state.step - state.skipped_steps
         new_state = TrainState(
             step=state.step + 1,

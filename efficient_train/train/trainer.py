@@ -31,6 +31,7 @@ from efficient_train.checkpoint import Checkpointer
 from efficient_train.config import ConfigError, validate
 from efficient_train.data import Batch, LoaderState, build_loader
 from efficient_train.mesh import make_mesh
+from efficient_train.parallel import layout
 from efficient_train.sharding import per_device_bytes
 from efficient_train.train.metrics import MetricsWriter, peak_tflops, throughput
 from efficient_train.train.program import Program, build_program, init_state, lm_batch_shapes
@@ -82,6 +83,10 @@ class Trainer:
                     global_batch_size=config.train.batch_size,
                     process_index=jax.process_index(),
                     process_count=jax.process_count(),
+                    # Sequence parallelism's token layout (ring: zigzag), applied once, in the loader.
+                    column_order=layout.column_order(
+                        config.sequence_parallel.mode, config.data.seq_len, mesh_shape["sequence"]
+                    ),
                 )
             except ValueError as error:
                 raise ConfigError(str(error)) from None
