@@ -69,15 +69,37 @@ def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
     return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
+def _rule_table(rules: Rules) -> dict[str, MeshAxes]:
+    table: dict[str, MeshAxes] = {}
+    for logical, mesh_axes in rules:
+        table.setdefault(logical, mesh_axes)
+    return table
+
+
+def indivisible_dims(shape: Sequence[int], names: Sequence[str | None] | None, rules: Rules,
+                     mesh_shape: dict[str, int]) -> list[str]:
+    """Dimensions a rule wants split over a mesh axis whose size does not divide them.
+
+    `tensor_spec` quietly leaves such a dimension whole; a tool that lays a checkpoint
+    out for a mesh reports them instead ("dim 1 ('heads' = 12) by tensor = 5").
+    """
+    table = _rule_table(rules)
+    problems = []
+    for dim, (extent, name) in enumerate(zip(shape, names or ())):
+        for axis in _as_tuple(table.get(name)) if name else ():
+            size = mesh_shape.get(axis, 1)
+            if size > 1 and extent % size:
+                problems.append(f"dim {dim} ({name!r} = {extent}) by {axis} = {size}")
+    return problems
+
+
 def tensor_spec(shape: Sequence[int], names: Sequence[str | None] | None, rules: Rules, mesh_shape: dict[str, int]) -> P:
     """Map logical names to mesh axes by the rule table (see the module docstring)."""
     if names is None:
         return P(*([None] * len(shape)))
     if len(names) != len(shape):
         raise ValueError(f"logical axes {tuple(names)} do not match shape {tuple(shape)}")
-    table = {}
-    for logical, mesh_axes in rules:
-        table.setdefault(logical, mesh_axes)
+    table = _rule_table(rules)
     used: set[str] = set()
     entries: list[MeshAxes] = []
     for dim, name in zip(shape, names):

@@ -9,7 +9,7 @@ writes its own shards. Retention moves an old step out of the listing by a renam
 before its files are deleted, so a kill mid-deletion never leaves a listed ruin. On top of that this module adds `metadata.json` (metadata.py)
 with a fingerprint per leaf (fingerprint.py), and a restore that verifies every leaf
 and, when the newest step is damaged, says so loudly and falls back to the previous
-step that verifies.
+step that verifies. Steps written leaf by leaf by tools (writer.py) restore the same way.
 
 Restoring builds its targets from the *current* program's abstract state (shapes,
 dtypes and shardings of this mesh), so any mesh loads any checkpoint.
@@ -75,6 +75,11 @@ def read_metadata(step_dir: str) -> CheckpointMetadata:
     return CheckpointMetadata.from_json(raw)
 
 
+def without_optimizer(state: Any) -> dict:
+    """The leaves of a params-only checkpoint (`optimizer` None in its metadata)."""
+    return {"step": state.step, "params": state.params, "skipped_steps": state.skipped_steps}
+
+
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int, keep_every: int, async_save: bool) -> None:
         self.directory = os.path.abspath(directory)
@@ -137,10 +142,16 @@ class Checkpointer:
         self._manager.close()
 
     def restore_step(self, step: int, abstract_state: Any, *, model: dict) -> tuple[Any, CheckpointMetadata]:
-        """Restore one step onto `abstract_state`'s shardings and verify every leaf."""
+        """Restore one step onto `abstract_state`'s shardings and verify every leaf.
+
+        A params-only checkpoint (converted with --drop_optimizer, or imported from
+        Hugging Face) restores with `opt_state=None`; the caller starts a fresh one.
+        """
         metadata = read_metadata(self.step_dir(step))
         check_model_matches(metadata.model, model)
-        expected = {path: (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in leaf_paths(abstract_state)}
+        params_only = metadata.optimizer is None
+        target = without_optimizer(abstract_state) if params_only else abstract_state
+        expected = {path: (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in leaf_paths(target)}
         saved = {path: (record.shape, record.dtype) for path, record in metadata.leaves.items()}
         if expected != saved:
             differing = sorted(set(expected.items()) ^ set(saved.items()))[:5]
@@ -151,8 +162,7 @@ class Checkpointer:
                 args=ocp.args.Composite(
                     **{
                         STATE_ITEM: ocp.args.PyTreeRestore(
-                            item=abstract_state,
-                            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+                            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                         )
                     }
                 ),
@@ -166,6 +176,8 @@ class Checkpointer:
         ]
         if damaged:
             raise DamagedCheckpoint(f"step {step}: damaged leaves (fingerprint mismatch): {', '.join(damaged)}")
+        if params_only:
+            restored = abstract_state.replace(opt_state=None, **restored)
         return restored, metadata
 
     def restore_latest(self, abstract_state: Any, *, model: dict) -> tuple[Any, CheckpointMetadata] | None:

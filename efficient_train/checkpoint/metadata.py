@@ -32,7 +32,7 @@ class CheckpointMetadata:
     model: dict[str, Any]  # the model config fields (empty for a user's own module)
     mesh: dict[str, int]  # at save, reference only
     zero_stage: int  # at save, reference only
-    optimizer: dict[str, Any]  # state format and its parameters
+    optimizer: dict[str, Any] | None  # state format and its parameters; None: params only
     data: dict[str, Any] | None  # the loader's state, None for user-supplied data
     seed: int
     leaves: dict[str, LeafRecord]  # "params/blocks/attn/q/kernel" -> record
@@ -64,7 +64,7 @@ class CheckpointMetadata:
 
 def check_model_matches(saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Refuse a checkpoint of another architecture; only the attention kernel may differ."""
-    ignored = {"attention_impl", "remat", "dtype"}  # how to compute, not what is stored
+    ignored = {"attention_impl", "norm_impl", "remat", "dtype"}  # how to compute, not what is stored
     differing = sorted(
         key for key in set(saved) | set(current) if key not in ignored and saved.get(key) != current.get(key)
     )

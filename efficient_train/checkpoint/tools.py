@@ -38,7 +38,8 @@ def inspect_text(path: str) -> str:
         f"checkpoint {os.path.abspath(step_dir)}",
         f"step {metadata.step}, format version {metadata.format_version}, saved from mesh {mesh} "
         f"at ZeRO stage {metadata.zero_stage} (reference only: any mesh can load it)",
-        f"optimizer: {metadata.optimizer.get('state_format', 'fp32')} states"
+        (f"optimizer: {metadata.optimizer.get('state_format', 'fp32')} states" if metadata.optimizer is not None
+         else "optimizer: none (params only; training from it starts a fresh optimizer state)")
         + (f"; data loader at batch {metadata.data['step']}" if metadata.data else "; user-supplied data"),
         "",
         f"{'leaf':<48} {'shape':<22} {'dtype':<10} {'bytes':>14}",

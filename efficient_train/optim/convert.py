@@ -31,7 +31,7 @@ def _is_node(x: Any) -> bool:
     return isinstance(x, (optax.ScaleByAdamState, CompressedAdamState))
 
 
-def _adam_node(state: Any) -> Any:
+def adam_node(state: Any) -> Any:
     nodes = [x for x in jax.tree.leaves(state, is_leaf=_is_node) if _is_node(x)]
     if len(nodes) != 1:
         raise ValueError(f"expected one AdamW moment state in the optimizer state, found {len(nodes)}")
@@ -44,7 +44,7 @@ def _is_quantized(x: Any) -> bool:
 
 def to_fp32(state: Any) -> optax.ScaleByAdamState:
     """The AdamW moments of `state` as float32 (count, mu, nu = v)."""
-    node = _adam_node(state)
+    node = adam_node(state)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     if isinstance(node, optax.ScaleByAdamState):
         return optax.ScaleByAdamState(node.count, jax.tree.map(f32, node.mu), jax.tree.map(f32, node.nu))
@@ -88,7 +88,7 @@ def from_fp32(moments: optax.ScaleByAdamState, optimizer: optax.GradientTransfor
 
 def describe(state: Any) -> dict[str, Any]:
     """JSON-ready description of the stored format (see the module docstring)."""
-    node = _adam_node(state)
+    node = adam_node(state)
     if isinstance(node, optax.ScaleByAdamState):
         return {"format_version": FORMAT_VERSION, "v_domain": "v", "quantized": {}}
     paths = jax.tree_util.tree_flatten_with_path(node.mu, is_leaf=_is_quantized)[0]

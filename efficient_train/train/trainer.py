@@ -126,6 +126,11 @@ class Trainer:
         if restored is None:
             return init_state(self.program)
         state, metadata = restored
+        if state.opt_state is None:  # a params-only checkpoint: fine-tuning starts a fresh optimizer
+            init = jax.jit(self.program.spec.optimizer.init, out_shardings=self.program.state_shardings.opt_state)
+            state = state.replace(opt_state=init(state.params))
+            if self.is_main:
+                print("the checkpoint holds parameters only: starting a fresh optimizer state", flush=True)
         if self.loader is not None and metadata.data is not None:
             self.loader.restore(LoaderState.from_dict(metadata.data))
         if self.is_main:

@@ -1,0 +1,218 @@
+"""`checkpoint convert`: one checkpoint rewritten for another mesh, state format or dtype.
+
+Any checkpoint already loads on any mesh (arrays are stored in global form), so
+conversion is about the things a restore cannot change on the fly:
+- layout: arrays are re-chunked to the target mesh's shards (one zarr chunk per
+  shard), the layout that loads fastest there;
+- optimizer state format (`--state_format`): moments are decoded to fp32 and encoded
+  in the new format, one parameter at a time;
+- `--drop_optimizer`: a params-only checkpoint (training from it starts fresh moments);
+- `--dtype`: parameters cast (e.g. bf16 weights for fine-tuning or serving).
+
+Everything is checked first and every problem is reported together before anything is
+written: a target mesh must divide every dimension its rules split. Then the state is
+produced leaf by leaf from the source (storage.read_leaf) and written by writer.py, so
+host memory holds one tensor (one parameter's moments when re-encoding), never the
+model. The target's structure comes from the same `build_program` the trainer uses,
+abstractly, so the output is exactly what `train` on that mesh restores.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from efficient_train.checkpoint.manager import leaf_paths, read_metadata, without_optimizer
+from efficient_train.checkpoint.metadata import CheckpointError, CheckpointMetadata
+from efficient_train.checkpoint.storage import read_leaf
+from efficient_train.checkpoint.tools import resolve_step_dir
+from efficient_train.checkpoint.writer import write_checkpoint
+from efficient_train.config import DTYPES, MESH_AXES, STATE_FORMATS, ZERO_STAGES, default_config
+from efficient_train.optim.convert import adam_node
+from efficient_train.optim.quant import Quantized, dequantize, quantize_blocks
+from efficient_train.sharding import DEFAULT_RULES, indivisible_dims, logical_axes
+
+FORMAT_FIELDS = ("state_format", "block_size", "min_quantized_size", "quantize_embeddings")
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """"data=2,tensor=2" -> every mesh axis with its size (unnamed axes are 1)."""
+    mesh = dict.fromkeys(MESH_AXES, 1)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        axis, sep, size = item.partition("=")
+        if not sep or axis not in MESH_AXES or not size.isdigit() or int(size) < 1:
+            raise CheckpointError(
+                f"--mesh: {item!r} is not AXIS=SIZE with AXIS one of {', '.join(MESH_AXES)} and SIZE a positive integer")
+        mesh[axis] = int(size)
+    return mesh
+
+
+def _target_config(metadata: CheckpointMetadata, mesh: dict[str, int], zero_stage: int,
+                   optimizer: dict[str, Any] | None, dtype: str | None) -> ml_collections.ConfigDict:
+    config = default_config()
+    with config.unlocked():
+        for key, value in metadata.model.items():
+            if key in config.model:
+                config.model[key] = value
+        for key, value in (optimizer or {}).items():
+            if key in config.optimizer:
+                config.optimizer[key] = value
+    if dtype is not None:
+        config.model.param_dtype = dtype
+    config.attention.impl = "xla"
+    config.mesh.update(mesh)
+    config.zero_stage = zero_stage
+    config.seed = metadata.seed
+    return config
+
+
+def _problems(metadata: CheckpointMetadata, config: ml_collections.ConfigDict, *, state_format: str | None,
+              drop_optimizer: bool, dtype: str | None) -> list[str]:
+    """Every reason the target cannot be written, so all are reported at once."""
+    problems = []
+    if not metadata.model:
+        problems.append("SRC: the checkpoint was saved from a user's own module (no model config); "
+                        "convert needs a Llama-family checkpoint")
+        return problems
+    if config.zero_stage not in ZERO_STAGES:
+        problems.append(f"--zero_stage: {config.zero_stage} is not one of {', '.join(map(str, ZERO_STAGES))}")
+    if state_format is not None and state_format not in STATE_FORMATS:
+        problems.append(f"--state_format: {state_format!r} is not one of {', '.join(STATE_FORMATS)}")
+    if state_format is not None and (drop_optimizer or metadata.optimizer is None):
+        why = "--drop_optimizer is given" if drop_optimizer else "SRC holds no optimizer state"
+        problems.append(f"--state_format: there is no optimizer state to re-encode ({why})")
+    if dtype is not None and dtype not in DTYPES:
+        problems.append(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    needed, available = math.prod(config.mesh[axis] for axis in MESH_AXES), jax.device_count()
+    if needed > available:
+        problems.append(f"--mesh: {needed} devices needed, this process has {available}")
+    from efficient_train.models import Llama, ModelConfig
+
+    model_config = ModelConfig.from_config_dict(config.model, attention_impl="xla")
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: Llama(model_config, rngs=nnx.Rngs(0)))
+    mesh_shape = {axis: config.mesh[axis] for axis in MESH_AXES}
+    for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        shape = tuple(variable.get_value().shape)
+        for problem in indivisible_dims(shape, logical_axes(variable), DEFAULT_RULES, mesh_shape):
+            problems.append(f"params/{'/'.join(map(str, path))} {list(shape)}: {problem}")
+    return problems
+
+
+def _abstract_state(config: ml_collections.ConfigDict) -> Any:
+    from efficient_train.mesh import make_mesh
+    from efficient_train.train.program import build_program
+
+    size = math.prod(config.mesh[axis] for axis in MESH_AXES)
+    mesh = make_mesh({axis: config.mesh[axis] for axis in MESH_AXES}, devices=jax.devices()[:size])
+    return build_program(config, mesh).abstract_state
+
+
+def _names(tree: Any) -> Any:
+    """`tree` with each leaf replaced by its checkpoint name."""
+    return jax.tree.unflatten(jax.tree.structure(tree), [name for name, _ in leaf_paths(tree)])
+
+
+def _is_moment(x: Any) -> bool:
+    return isinstance(x, (Quantized, str, jax.ShapeDtypeStruct))
+
+
+def _read_moment(step_dir: str, names: Any, abstract: Any, second: bool) -> np.ndarray:
+    """One stored moment as fp32 (the second moment as v, squared back from sqrt(v))."""
+    if not isinstance(names, Quantized):
+        return read_leaf(step_dir, names).astype(np.float32)
+    exponents = None if names.exponents is None else jnp.asarray(read_leaf(step_dir, names.exponents))
+    stored = Quantized(jnp.asarray(read_leaf(step_dir, names.codes)), jnp.asarray(read_leaf(step_dir, names.scales)),
+                       exponents, abstract.code, abstract.block)
+    value = dequantize(stored)
+    return np.asarray(jnp.square(value) if second else value, np.float32)
+
+
+def _encode_moment(value: np.ndarray, names: Any, abstract: Any, second: bool) -> Iterator[tuple[str, np.ndarray]]:
+    if not isinstance(abstract, Quantized):
+        yield names, value.astype(abstract.dtype)
+        return
+    encoded = quantize_blocks(jnp.sqrt(value) if second else jnp.asarray(value), abstract.code, abstract.block)
+    yield names.codes, np.asarray(encoded.codes)
+    yield names.scales, np.asarray(encoded.scales)
+    if names.exponents is not None:
+        yield names.exponents, np.asarray(encoded.exponents)
+
+
+def _reencoded_moments(step_dir: str, source: Any, target: Any) -> Iterator[tuple[str, np.ndarray]]:
+    """Target moment leaves from the source's, one parameter at a time (via fp32)."""
+    src_names, tgt_names = adam_node(_names(source)), adam_node(_names(target))
+    src_abstract, tgt_abstract = adam_node(source), adam_node(target)
+    for second, field in ((False, "mu"), (True, "nu")):
+        for src_n, src_a, tgt_n, tgt_a in zip(*(
+            jax.tree.leaves(getattr(node, field), is_leaf=_is_moment)
+            for node in (src_names, src_abstract, tgt_names, tgt_abstract)
+        )):
+            yield from _encode_moment(_read_moment(step_dir, src_n, src_a, second), tgt_n, tgt_a, second)
+
+
+def _optimizer_leaves(step_dir: str, metadata: CheckpointMetadata, source: Any,
+                      target: Any, same_format: bool) -> Iterator[tuple[str, np.ndarray]]:
+    if same_format:
+        for name, _ in leaf_paths(target):
+            yield name, read_leaf(step_dir, name)
+        return
+    moments = dict(_reencoded_moments(step_dir, source, target))
+    count = read_leaf(step_dir, adam_node(_names(source)).count)
+    for name, leaf in leaf_paths(target):
+        if name in moments:
+            yield name, moments.pop(name)
+        elif name in metadata.leaves and tuple(metadata.leaves[name].shape) == tuple(leaf.shape):
+            yield name, read_leaf(step_dir, name)
+        else:  # a step counter of the target's optimizer chain that the source names differently
+            yield name, count.astype(leaf.dtype)
+
+
+def convert(src: str, dst: str, *, mesh: dict[str, int], zero_stage: int | None = None,
+            state_format: str | None = None, drop_optimizer: bool = False, dtype: str | None = None) -> str:
+    """Write SRC's newest (or named) step into checkpoint directory DST; returns the new step dir."""
+    step_dir = resolve_step_dir(src)
+    metadata = read_metadata(step_dir)
+    source_optimizer = metadata.optimizer
+    target_optimizer = None if drop_optimizer or source_optimizer is None else dict(source_optimizer)
+    if target_optimizer is not None and state_format is not None:
+        target_optimizer["state_format"] = state_format
+    stage = metadata.zero_stage if zero_stage is None else zero_stage
+    config = _target_config(metadata, mesh, stage, target_optimizer, dtype)
+    problems = _problems(metadata, config, state_format=state_format, drop_optimizer=drop_optimizer, dtype=dtype)
+    if problems:
+        raise CheckpointError(f"cannot convert {step_dir}: " + "; ".join(problems))
+
+    target = _abstract_state(config)
+    source = _abstract_state(_target_config(metadata, mesh, stage, source_optimizer, None))
+    expected = {name: (tuple(leaf.shape), str(leaf.dtype))
+                for name, leaf in leaf_paths(source if source_optimizer is not None else without_optimizer(source))}
+    saved = {name: (tuple(record.shape), record.dtype) for name, record in metadata.leaves.items()}
+    if expected != saved:
+        raise CheckpointError(f"SRC: {step_dir}'s leaves do not match its own model and optimizer config")
+    shardings = dict(leaf_paths(jax.tree.map(lambda leaf: leaf.sharding, target)))
+    same_format = target_optimizer is not None and all(
+        source_optimizer.get(key) == target_optimizer.get(key) for key in FORMAT_FIELDS)
+
+    def leaves() -> Iterator[tuple[str, jax.Array]]:
+        for name in ("step", "skipped_steps"):
+            yield name, jax.device_put(read_leaf(step_dir, name), shardings[name])
+        for name, leaf in leaf_paths({"params": target.params}):
+            yield name, jax.device_put(read_leaf(step_dir, name).astype(leaf.dtype), shardings[name])
+        if target_optimizer is not None:
+            optimizer_leaves = _optimizer_leaves(
+                step_dir, metadata, {"opt_state": source.opt_state}, {"opt_state": target.opt_state}, same_format)
+            for name, value in optimizer_leaves:
+                yield name, jax.device_put(value, shardings[name])
+
+    model = dict(metadata.model, **({"param_dtype": dtype} if dtype else {}))
+    return write_checkpoint(
+        dst, metadata.step, leaves(), model=model, optimizer=None if target_optimizer is None else config.optimizer.to_dict(),
+        mesh={axis: config.mesh[axis] for axis in MESH_AXES}, zero_stage=stage, seed=metadata.seed,
+        data=metadata.data, template=target if target_optimizer is not None else without_optimizer(target),
+    )

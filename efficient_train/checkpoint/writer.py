@@ -1,0 +1,152 @@
+"""Writing a checkpoint one leaf at a time, for tools that must not hold a whole model.
+
+`convert` and `import-hf` produce state leaves one by one (a 70B model does not fit in
+host memory at once). Orbax's partial saving writes each leaf into the step directory
+as it comes and commits the whole step at the end, so peak memory is one leaf plus
+Orbax's staging of it. The result is an ordinary step directory that `Checkpointer`
+(and so `train`) restores: the arrays under `state/` in the same OCDBT + zarr layout,
+`metadata/metadata.json` with a fingerprint per leaf.
+
+Two details make the output identical in form to a trainer's save:
+- Partial saves see one leaf at a time inside nested dicts, so Orbax records every key
+  as a dict key and never sees the state's empty nodes (an absent exponent, optax's EmptyState); the
+  tree metadata is rewritten afterwards from a template of the state's structure, or
+  Orbax would refuse to restore it into that structure.
+- The step is assembled under `.writing-<step>/` and renamed into place only when the
+  arrays and the metadata are both complete, so a crash never leaves a listed step;
+  leftovers of an earlier crash are removed at the next write.
+
+A leaf given as a sharded `jax.Array` is written shard by shard (one zarr chunk per
+shard), which is the layout that loads fastest on that mesh.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Iterable
+
+import jax
+import numpy as np
+from orbax.checkpoint import v1 as ocp
+from orbax.checkpoint.experimental.v1 import partial
+
+from efficient_train.checkpoint.fingerprint import device_fingerprint, host_fingerprint
+from efficient_train.checkpoint.manager import METADATA_FILE, METADATA_ITEM, STATE_ITEM
+from efficient_train.checkpoint.metadata import FORMAT_VERSION, CheckpointError, CheckpointMetadata, LeafRecord
+
+PYTREE_METADATA_FILE = "_METADATA"
+WRITING_PREFIX = ".writing-"
+SEQUENCE_KEY_TYPE, DICT_KEY_TYPE = 1, 2  # how Orbax's tree metadata tells keys apart
+
+Leaf = np.ndarray | jax.Array
+
+
+def _nested(name: str, value: Leaf) -> dict:
+    for key in reversed(name.split("/")):
+        value = {key: value}
+    return value
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    raise TypeError(f"unsupported pytree key {key!r}")
+
+
+def _is_empty(node: Any) -> bool:
+    """None, or a container without leaves (optax's EmptyState): Orbax records these as None."""
+    return node is None or (isinstance(node, (tuple, list, dict)) and len(node) == 0)
+
+
+def _rewrite_tree_metadata(state_dir: str, template: Any) -> None:
+    """Make Orbax's tree metadata describe `template`: its key kinds and its empty nodes."""
+    path = os.path.join(state_dir, PYTREE_METADATA_FILE)
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    written = raw["tree_metadata"]
+    entries = {}
+    for keys, leaf in jax.tree_util.tree_flatten_with_path(template, is_leaf=_is_empty)[0]:
+        names = tuple(_key_name(key) for key in keys)
+        key_metadata = [
+            {"key": name, "key_type": SEQUENCE_KEY_TYPE if isinstance(key, jax.tree_util.SequenceKey) else DICT_KEY_TYPE}
+            for name, key in zip(names, keys)
+        ]
+        if _is_empty(leaf):
+            value_metadata = {"value_type": "None", "skip_deserialize": True}
+        else:
+            value_metadata = written[repr(names)]["value_metadata"]
+        entries[repr(names)] = {"key_metadata": key_metadata, "value_metadata": value_metadata}
+    raw["tree_metadata"] = entries
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(raw, f)
+
+
+def _fingerprint(value: Leaf) -> str:
+    return device_fingerprint(value) if isinstance(value, jax.Array) else host_fingerprint(np.asarray(value))
+
+
+def clean_unfinished(directory: str) -> None:
+    """Remove what an interrupted write left behind (never a committed step)."""
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if name.startswith(WRITING_PREFIX):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def write_checkpoint(
+    directory: str,
+    step: int,
+    leaves: Iterable[tuple[str, Leaf]],
+    *,
+    model: dict,
+    optimizer: dict | None,
+    mesh: dict | None = None,
+    zero_stage: int = 0,
+    seed: int = 0,
+    data: dict | None = None,
+    template: Any = None,
+) -> str:
+    """Write step `step` into checkpoint directory `directory` from (name, array) pairs.
+
+    Names are the state's leaf names ("params/blocks/attn/q/kernel"); "step" and
+    "skipped_steps" are added when absent. `optimizer=None` marks a params-only
+    checkpoint (training from it starts a fresh optimizer state). `template`, a pytree
+    with the state's structure (e.g. its abstract state), makes the tree metadata
+    match that structure (see the module docstring); without it every key is a dict key.
+    Returns the committed step directory.
+    """
+    directory = os.path.abspath(directory)
+    final = os.path.join(directory, str(step))
+    if os.path.exists(final):
+        raise CheckpointError(f"DST: {final} already exists; choose an empty checkpoint directory")
+    os.makedirs(directory, exist_ok=True)
+    clean_unfinished(directory)
+    staging = os.path.join(directory, f"{WRITING_PREFIX}{step}", str(step))
+    context = ocp.Context()
+    context.array.saving.use_zarr3 = False  # the zarr v2 layout the trainer's saves use
+    context.array.saving.use_compression = False
+
+    records: dict[str, LeafRecord] = {}
+    with context:
+        for name, value in leaves:
+            records[name] = LeafRecord(tuple(value.shape), str(value.dtype), _fingerprint(value))
+            partial.save(staging, _nested(name, value))
+        for name in ("step", "skipped_steps"):
+            if name not in records:
+                value = np.asarray(step if name == "step" else 0, np.int32)
+                records[name] = LeafRecord((), "int32", _fingerprint(value))
+                partial.save(staging, {name: value})
+        partial.finalize(staging)
+    if template is not None:
+        _rewrite_tree_metadata(os.path.join(staging, STATE_ITEM), template)
+
+    metadata = CheckpointMetadata(FORMAT_VERSION, step, model, mesh or {}, zero_stage, optimizer, data, seed, records)
+    os.makedirs(os.path.join(staging, METADATA_ITEM))
+    with open(os.path.join(staging, METADATA_ITEM, METADATA_FILE), "w", encoding="utf-8") as f:
+        json.dump(metadata.to_json(), f)
+    os.rename(staging, final)
+    shutil.rmtree(os.path.dirname(staging), ignore_errors=True)
+    return final
