@@ -3,7 +3,8 @@
 Runs the Trainer's compiled step on one fixed batch (so the data pipeline is not
 measured), times `--steps` steps after warm-up with the device synchronized each step,
 and reports the median step time, tokens/s, model TFLOP/s per device and MFU (model
-FLOPs per token from the model config, against the device's dense bf16 peak).
+FLOPs per token from the model config, against the device's dense bf16 peak), and the
+custom calls in the compiled step (so a backend choice is seen to take effect).
 
     python benchmarks/mfu.py --config configs/llama_1b.py --config.train.batch_size=8 [--steps 20]
 
@@ -12,7 +13,9 @@ On a CPU MFU is reported as null (no peak in the table).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import re
 import statistics
 import sys
 import time
@@ -65,6 +68,9 @@ def main() -> None:
         "zero_stage": config.zero_stage,
         "remat": config.model.remat,
         "attention": config.attention.impl,
+        "norm": config.norm.impl,
+        # Which kernels the compiled step really calls (cuDNN fused attention, Triton from Pallas, ...):
+        "custom_calls": dict(collections.Counter(re.findall(r'custom_call_target="([^"]+)"', trainer.compiled.as_text()))),
         "per_device_gib": {k: round(v / 2**30, 3) for k, v in startup["per_device_bytes"].items()},
         "step_time_s_min_median_max": [min(times), step_time, max(times)],
         **result,

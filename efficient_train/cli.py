@@ -5,6 +5,10 @@
                           [--devices N]
     efficient-train estimate [--config FILE] [--config.FIELD=VALUE ...] [--devices N] [--json]
     efficient-train checkpoint inspect|verify CKPT
+    efficient-train checkpoint import-hf HF_DIR OUT [--param_dtype float32|bfloat16] [--no_scan_layers]
+    efficient-train checkpoint export-hf CKPT OUT_DIR [--dtype float32|bfloat16]
+    efficient-train checkpoint convert SRC DST --mesh data=2,tensor=2 [--zero_stage N]
+                          [--state_format fp32|bf16|int8|fp8|int4] [--drop_optimizer] [--dtype bfloat16]
 
 A bad config or flag prints one line naming the field and what is allowed, and exits
 with status 2. jax is imported only after the flags are read, because the simulated
@@ -21,7 +25,7 @@ import sys
 from typing import Sequence
 
 from efficient_train.checkpoint.metadata import CheckpointError
-from efficient_train.config import MESH_AXES, ConfigError, apply_overrides, get_config
+from efficient_train.config import MESH_AXES, ConfigError, apply_overrides, get_config, parse_mesh_flag
 
 
 class UsageError(Exception):
@@ -59,17 +63,64 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--coordinator", default="", help="host:port of process 0 for multi-process runs")
             sub.add_argument("--num_processes", type=int, default=1)
             sub.add_argument("--process_id", type=int, default=0)
-    checkpoint = commands.add_parser("checkpoint", help="inspect or verify a saved checkpoint")
+    checkpoint = commands.add_parser("checkpoint", help="inspect, verify or convert a saved checkpoint")
     tools = checkpoint.add_subparsers(dest="tool", required=True)
-    for name, help_text in (("inspect", "table of leaves, shapes, dtypes, bytes; step, mesh at save, formats"),
-                            ("verify", "recompute every leaf's fingerprint; exit 1 naming damaged leaves")):
-        tools.add_parser(name, help=help_text).add_argument("ckpt", help="a checkpoint directory or one step in it")
+    ckpt = ("ckpt", "a checkpoint directory or one step in it")
+    for name, help_text, positionals in (
+        ("inspect", "table of leaves, shapes, dtypes, bytes; step, mesh at save, formats", (ckpt,)),
+        ("verify", "recompute every leaf's fingerprint; exit 1 naming damaged leaves", (ckpt,)),
+        ("import-hf", "Hugging Face Llama directory (safetensors) -> params-only checkpoint at step 0",
+         (("hf_dir", "a directory with config.json and model*.safetensors"),
+          ("out", "checkpoint directory to create the step in"))),
+        ("export-hf", "checkpoint -> Hugging Face Llama directory (safetensors shards + config.json)",
+         (ckpt, ("out_dir", "a new or empty directory"))),
+        ("convert", "rewrite a checkpoint for another mesh, optimizer state format or dtype, tensor by tensor",
+         (("src", "a checkpoint directory or one step in it"), ("dst", "checkpoint directory to write the step into"))),
+    ):
+        sub = tools.add_parser(name, help=help_text)
+        for arg, arg_help in positionals:
+            sub.add_argument(arg, help=arg_help)
+        if name == "import-hf":
+            sub.add_argument("--param_dtype", default="float32", help="float32 (default) or bfloat16 master weights")
+            sub.add_argument("--no_scan_layers", dest="scan_layers", action="store_false",
+                             help="store layers as blocks/0/... (for model.scan_layers=False)")
+        if name == "convert":
+            sub.add_argument("--mesh", required=True, help="target mesh, e.g. data=2,tensor=2 (unnamed axes are 1)")
+            sub.add_argument("--zero_stage", type=int, default=None, help="target ZeRO stage (default: as saved)")
+            sub.add_argument("--state_format", default=None, help="re-encode optimizer moments: fp32|bf16|int8|fp8|int4")
+            sub.add_argument("--drop_optimizer", action="store_true", help="write parameters only")
+            sub.add_argument("--dtype", default=None, help="cast parameters: float32|bfloat16")
+        if name == "export-hf":
+            sub.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
     return parser
 
 
 def _checkpoint(args: argparse.Namespace) -> int:
     from efficient_train.checkpoint.tools import inspect_text, verify_text
 
+    if args.tool == "import-hf":
+        from efficient_train import hf
+
+        step_dir = hf.import_hf(args.hf_dir, args.out, param_dtype=args.param_dtype, scan_layers=args.scan_layers)
+        print(f"wrote {step_dir}: parameters only, step 0")
+        print("fine-tune from it with: efficient-train train "
+              f"--config.checkpoint.dir={os.path.dirname(step_dir)} {' '.join(hf.train_overrides(step_dir))}")
+        return 0
+    if args.tool == "export-hf":
+        from efficient_train import hf
+
+        files = hf.export_hf(args.ckpt, args.out_dir, dtype=args.dtype)
+        print(f"wrote {os.path.abspath(args.out_dir)}: config.json and {len(files)} safetensors file(s)")
+        return 0
+    if args.tool == "convert":
+        mesh = parse_mesh_flag(args.mesh)
+        _simulate_devices(math.prod(mesh.values()))
+        from efficient_train.checkpoint.convert import convert
+
+        step_dir = convert(args.src, args.dst, mesh=mesh, zero_stage=args.zero_stage, state_format=args.state_format,
+                           drop_optimizer=args.drop_optimizer, dtype=args.dtype)
+        print(f"wrote {step_dir}")
+        return 0
     if args.tool == "inspect":
         print(inspect_text(args.ckpt))
         return 0

@@ -23,6 +23,7 @@ import ml_collections
 ZERO_STAGES = (0, 1, 2, 3)
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
+NORM_IMPLS = ("auto", "xla", "pallas")
 SEQUENCE_PARALLEL_MODES = ("ulysses", "ring", "all_gather")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16")
@@ -66,6 +67,8 @@ def default_config() -> ml_collections.ConfigDict:
         )
     )
     c.attention = ml_collections.ConfigDict(dict(impl="auto"))
+    # norm.impl: auto (= xla for now), xla, pallas (the fused pallas_kernels.rms_norm).
+    c.norm = ml_collections.ConfigDict(dict(impl="auto"))
     c.sequence_parallel = ml_collections.ConfigDict(dict(mode="all_gather"))
 
     c.train = ml_collections.ConfigDict(
@@ -257,6 +260,18 @@ def _check_sequence_parallel(config: ml_collections.ConfigDict, size: int) -> No
         raise ConfigError(f"{problem}; {suggestion}")
 
 
+def parse_mesh_flag(text: str) -> dict[str, int]:
+    """"data=2,tensor=2" -> every mesh axis with its size (axes not named are 1)."""
+    mesh = dict.fromkeys(MESH_AXES, 1)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        axis, sep, size = item.partition("=")
+        if not sep or axis not in MESH_AXES or not size.isdigit() or int(size) < 1:
+            raise ConfigError(
+                f"--mesh: {item!r} is not AXIS=SIZE with AXIS one of {', '.join(MESH_AXES)} and SIZE a positive integer")
+        mesh[axis] = int(size)
+    return mesh
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int, *, check_paths: bool = True) -> dict[str, int]:
     """Check the config against itself and the device count; returns the mesh shape."""
     _check_keys(config, default_config())
@@ -279,6 +294,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, *, check_paths
     _check_choice(config, "model.dtype", DTYPES)
     _check_choice(config, "model.param_dtype", DTYPES)
     _check_choice(config, "attention.impl", ATTENTION_IMPLS)
+    _check_choice(config, "norm.impl", NORM_IMPLS)
     _check_choice(config, "train.schedule", SCHEDULES)
     _check_choice(config, "optimizer.state_format", STATE_FORMATS)
     _check_choice(config, "optimizer.block_size", BLOCK_SIZES)

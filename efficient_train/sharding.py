@@ -77,20 +77,20 @@ def _rule_table(rules: Rules) -> dict[str, MeshAxes]:
 
 
 def indivisible_dims(shape: Sequence[int], names: Sequence[str | None] | None, rules: Rules,
-                     mesh_shape: dict[str, int]) -> list[str]:
-    """Dimensions a rule wants split over a mesh axis whose size does not divide them.
+                     mesh_shape: dict[str, int]) -> list[tuple[int, str, str, int]]:
+    """(dim, logical name, mesh axis, axis size) where a rule's axis does not divide the dim.
 
-    `tensor_spec` quietly leaves such a dimension whole; a tool that lays a checkpoint
-    out for a mesh reports them instead ("dim 1 ('heads' = 12) by tensor = 5").
+    `tensor_spec` quietly leaves such a dimension whole (replicated over that axis); a
+    tool that lays a checkpoint out for a mesh reports the ones the model cannot run with.
     """
     table = _rule_table(rules)
-    problems = []
+    found = []
     for dim, (extent, name) in enumerate(zip(shape, names or ())):
         for axis in _as_tuple(table.get(name)) if name else ():
             size = mesh_shape.get(axis, 1)
             if size > 1 and extent % size:
-                problems.append(f"dim {dim} ({name!r} = {extent}) by {axis} = {size}")
-    return problems
+                found.append((dim, name, axis, size))
+    return found
 
 
 def tensor_spec(shape: Sequence[int], names: Sequence[str | None] | None, rules: Rules, mesh_shape: dict[str, int]) -> P:

@@ -37,6 +37,9 @@ run mfu_llama1b_b8_savedots $py benchmarks/mfu.py --config configs/llama_1b.py -
   --config.train.batch_size=8 --config.zero_stage=0 --config.model.remat=save_dots
 run mfu_llama1b_b8_pallas $py benchmarks/mfu.py --config configs/llama_1b.py --steps 15 \
   --config.train.batch_size=8 --config.zero_stage=0 --config.model.remat=save_dots --config.attention.impl=pallas
+run mfu_llama1b_b8_pallas_norm $py benchmarks/mfu.py --config configs/llama_1b.py --steps 15 \
+  --config.train.batch_size=8 --config.zero_stage=0 --config.model.remat=save_dots --config.attention.impl=pallas \
+  --config.norm.impl=pallas
 run mfu_llama1b_b8_xla $py benchmarks/mfu.py --config configs/llama_1b.py --steps 15 \
   --config.train.batch_size=8 --config.zero_stage=0 --config.model.remat=save_dots --config.attention.impl=xla
 # 2. Trainer overhead against a hand-written jit + optax step, same model on the GPU.
@@ -45,12 +48,18 @@ run overhead_gpt2_small $py benchmarks/trainer_overhead.py --config configs/gpt2
 
 # 3. Flash attention kernel against cuDNN and torch SDPA (checks correctness on the GPU first).
 run attention $py benchmarks/attention.py
+run rms_norm $py benchmarks/rms_norm.py
 
 # 4. Compressed optimizer states (issue 3): fused Pallas update vs XLA path vs optax.adamw fp32
 #    on a 1B-parameter tree; then llama_1b training with int8 states (compare with mfu_llama1b_b8_savedots).
 run optimizer_update_1b $py benchmarks/optimizer_update.py --params 1e9 --formats int8,fp8,int4 --steps 20 --rounds 3
 run mfu_llama1b_b8_savedots_int8 $py benchmarks/mfu.py --config configs/llama_1b.py --steps 15 \
   --config.train.batch_size=8 --config.zero_stage=0 --config.model.remat=save_dots --config.optimizer.state_format=int8
+
+# 5. Checkpoint I/O on the host (CPU devices; the GPU machine's many idle cores make a quiet
+#    place to time it): save vs plain write, async blocking, cross-mesh restore; convert's peak memory.
+run checkpoint_io env JAX_PLATFORMS=cpu $py benchmarks/checkpoint_io.py --devices 8 --megabytes 1024
+run convert_memory env JAX_PLATFORMS=cpu $py benchmarks/convert_memory.py
 
 echo "=============== summary ==============="
 cat "$out/summary.txt"

@@ -10,7 +10,8 @@ conversion is about the things a restore cannot change on the fly:
 - `--dtype`: parameters cast (e.g. bf16 weights for fine-tuning or serving).
 
 Everything is checked first and every problem is reported together before anything is
-written: a target mesh must divide every dimension its rules split. Then the state is
+written: naming each parameter whose heads or MLP dimension the target's tensor axis
+cannot split evenly, besides bad formats, dtypes and device counts. Then the state is
 produced leaf by leaf from the source (storage.read_leaf) and written by writer.py, so
 host memory holds one tensor (one parameter's moments when re-encoding), never the
 model. The target's structure comes from the same `build_program` the trainer uses,
@@ -19,6 +20,7 @@ abstractly, so the output is exactly what `train` on that mesh restores.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Iterator
 
 import jax
@@ -38,18 +40,9 @@ from efficient_train.optim.quant import Quantized, dequantize, quantize_blocks
 from efficient_train.sharding import DEFAULT_RULES, indivisible_dims, logical_axes
 
 FORMAT_FIELDS = ("state_format", "block_size", "min_quantized_size", "quantize_embeddings")
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-    """"data=2,tensor=2" -> every mesh axis with its size (unnamed axes are 1)."""
-    mesh = dict.fromkeys(MESH_AXES, 1)
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        axis, sep, size = item.partition("=")
-        if not sep or axis not in MESH_AXES or not size.isdigit() or int(size) < 1:
-            raise CheckpointError(
-                f"--mesh: {item!r} is not AXIS=SIZE with AXIS one of {', '.join(MESH_AXES)} and SIZE a positive integer")
-        mesh[axis] = int(size)
-    return mesh
+# Logical axes the model needs split evenly under tensor parallelism (config.validate's rule);
+# others (kv heads, vocabulary) stay whole when the axis does not divide them, as in training.
+MUST_SPLIT = ("heads", "mlp")
 
 
 def _target_config(metadata: CheckpointMetadata, mesh: dict[str, int], zero_stage: int,
@@ -93,14 +86,17 @@ def _problems(metadata: CheckpointMetadata, config: ml_collections.ConfigDict, *
         problems.append(f"--mesh: {needed} devices needed, this process has {available}")
     from efficient_train.models import Llama, ModelConfig
 
-    model_config = ModelConfig.from_config_dict(config.model, attention_impl="xla")
+    shapes_only = dict(config.model.to_dict(), param_dtype="float32")  # shapes do not depend on --dtype
+    model_config = ModelConfig.from_config_dict(shapes_only, attention_impl="xla")
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(lambda: Llama(model_config, rngs=nnx.Rngs(0)))
     mesh_shape = {axis: config.mesh[axis] for axis in MESH_AXES}
     for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         shape = tuple(variable.get_value().shape)
-        for problem in indivisible_dims(shape, logical_axes(variable), DEFAULT_RULES, mesh_shape):
-            problems.append(f"params/{'/'.join(map(str, path))} {list(shape)}: {problem}")
+        for dim, name, axis, size in indivisible_dims(shape, logical_axes(variable), DEFAULT_RULES, mesh_shape):
+            if name in MUST_SPLIT:
+                problems.append(f"params/{'/'.join(map(str, path))} {list(shape)}: dim {dim} ({name!r} = {shape[dim]}) "
+                                f"is not divisible by {axis} = {size}")
     return problems
 
 
@@ -185,6 +181,9 @@ def convert(src: str, dst: str, *, mesh: dict[str, int], zero_stage: int | None 
     stage = metadata.zero_stage if zero_stage is None else zero_stage
     config = _target_config(metadata, mesh, stage, target_optimizer, dtype)
     problems = _problems(metadata, config, state_format=state_format, drop_optimizer=drop_optimizer, dtype=dtype)
+    existing = os.path.join(os.path.abspath(dst), str(metadata.step))
+    if os.path.exists(existing):
+        problems.insert(0, f"DST: {existing} already exists; choose an empty checkpoint directory")
     if problems:
         raise CheckpointError(f"cannot convert {step_dir}: " + "; ".join(problems))
 

@@ -16,10 +16,12 @@ from typing import Any, Literal
 
 RematPolicy = Literal["none", "full", "save_dots"]
 AttentionImpl = Literal["auto", "xla", "cudnn", "pallas"]
+NormImpl = Literal["auto", "xla", "pallas"]
 DTypeName = Literal["float32", "bfloat16"]
 
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
+NORM_IMPLS = ("auto", "xla", "pallas")
 DTYPE_NAMES = ("float32", "bfloat16")
 
 
@@ -46,6 +48,7 @@ class ModelConfig:
     dtype: DTypeName = "bfloat16"
     param_dtype: DTypeName = "float32"
     attention_impl: AttentionImpl = "auto"
+    norm_impl: NormImpl = "auto"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -66,17 +69,21 @@ class ModelConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(
                 f"model.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.norm_impl not in NORM_IMPLS:
+            raise ValueError(f"model.norm_impl must be one of {NORM_IMPLS}, got {self.norm_impl!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPE_NAMES:
                 raise ValueError(f"model.{name} must be one of {DTYPE_NAMES}, got {getattr(self, name)!r}")
 
     @classmethod
-    def from_config_dict(cls, cfg: Any, attention_impl: str | None = None) -> ModelConfig:
+    def from_config_dict(cls, cfg: Any, attention_impl: str | None = None,
+                         norm_impl: str | None = None) -> ModelConfig:
         """Builds from a ConfigDict (or mapping) whose keys are this class's field names.
 
         Missing optional fields take their defaults; unknown keys are an error, so a typo
-        in a config file cannot silently fall back to a default. `attention_impl`, when
-        given, overrides the one in `cfg` (it may live elsewhere in the config).
+        in a config file cannot silently fall back to a default. `attention_impl` and
+        `norm_impl`, when given, override the ones in `cfg` (they live elsewhere in the
+        config: attention.impl, norm.impl).
         """
         values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
         names = {f.name for f in dataclasses.fields(cls)}
@@ -85,6 +92,8 @@ class ModelConfig:
             raise ValueError(f"unknown model config keys: {unknown}")
         if attention_impl is not None:
             values["attention_impl"] = attention_impl
+        if norm_impl is not None:
+            values["norm_impl"] = norm_impl
         missing = sorted(
             f.name for f in dataclasses.fields(cls)
             if f.name not in values and f.default is dataclasses.MISSING)

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efficient_train.models.config import NORM_IMPLS
+
 Axes = tuple[str, ...]
 
 
@@ -80,14 +82,28 @@ class Embed(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """y = x / sqrt(mean(x^2) + eps) * scale, computed in fp32, returned in `dtype`."""
+    """y = x / sqrt(mean(x^2) + eps) * scale, computed in fp32, returned in `dtype`.
 
-    def __init__(self, size: int, *, eps: float, dtype: jnp.dtype, param_dtype: jnp.dtype):
+    impl: 'xla' (the code below, which XLA fuses), 'pallas' (the fused kernel
+    `pallas_kernels.rms_norm`, same arithmetic, run in the Pallas interpreter on the
+    CPU), 'auto' (xla, until GPU benchmarks say otherwise).
+    """
+
+    def __init__(self, size: int, *, eps: float, dtype: jnp.dtype, param_dtype: jnp.dtype,
+                 impl: str = "auto"):
+        if impl not in NORM_IMPLS:
+            raise ValueError(f"norm impl must be one of {NORM_IMPLS}, got {impl!r}")
         self.scale = nnx.Param(jnp.ones((size,), param_dtype), out_sharding=("norm",))
         self.eps = eps
         self.dtype = dtype
+        self.impl = impl
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.impl == "pallas":
+            from pallas_kernels import rms_norm
+
+            return rms_norm(x, self.scale.get_value(), eps=self.eps, out_dtype=self.dtype,
+                            backend="auto", interpret=jax.default_backend() == "cpu")
         x32 = x.astype(jnp.float32)
         inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         return (x32 * inv_rms * self.scale.get_value().astype(jnp.float32)).astype(self.dtype)

@@ -84,9 +84,9 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         dt = _dtypes(cfg)
-        self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **dt)
+        self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, impl=cfg.norm_impl, **dt)
         self.attn = Attention(cfg, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **dt)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, impl=cfg.norm_impl, **dt)
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
@@ -131,6 +131,7 @@ class Llama(nnx.Module):
 
     inputs: int token ids [B, S]; positions: int position of each token inside its
     document [B, S]; segment_ids: int document id per token [B, S], 0 = padding.
+    Without positions and segment ids each row is one unpadded document.
 
     Parameters (logical axes; scanned layers prepend 'layers'):
       embed.embedding                   ('vocab', 'embed')
@@ -156,12 +157,17 @@ class Llama(nnx.Module):
             self.blocks = _stacked_block(cfg, rngs)
         else:
             self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **dt)
+        self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, impl=cfg.norm_impl, **dt)
         self.lm_head = None if cfg.tie_embeddings else Linear(
             (cfg.hidden_size,), (cfg.vocab_size,), ("embed", "vocab"), **dt, rngs=rngs)
 
-    def __call__(self, inputs: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    def __call__(self, inputs: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
         cfg = self.cfg
+        if positions is None:  # one document per row
+            positions = jnp.broadcast_to(jnp.arange(inputs.shape[-1], dtype=jnp.int32), inputs.shape)
+        if segment_ids is None:  # no padding
+            segment_ids = jnp.ones(inputs.shape, jnp.int32)
         x = param_gather.gather(self.embed)(inputs)
         cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
         if cfg.scan_layers:

@@ -79,7 +79,8 @@ def build_program(
 ) -> Program:
     model_config = None
     if model is None:
-        model_config = ModelConfig.from_config_dict(config.model, attention_impl=config.attention.impl)
+        model_config = ModelConfig.from_config_dict(config.model, attention_impl=config.attention.impl,
+                                                    norm_impl=config.norm.impl)
         create_model = lambda: Llama(model_config, rngs=nnx.Rngs(config.seed))
     else:
         create_model = lambda: model

@@ -164,7 +164,7 @@ def build_train_step(spec: StepSpec, state_shardings: TrainState, example_batch:
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # Normalization by the global weight and clipping, in one pass over the gradients.
         scale = jnp.minimum(1.0, spec.max_grad_norm / (grad_norm + 1e-6)) / weight
-        grads = jax.tree.map(lambda g: g * scale, grads)
+        grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)  # bf16 params keep bf16 grads
 
         def apply(params: Any, opt_state: Any) -> tuple[Any, Any]:
             return apply_updates(spec.optimizer, grads, opt_state, params)
