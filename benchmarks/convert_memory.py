@@ -72,7 +72,7 @@ def measure(source: str, destination: str, options: dict) -> int:
     script = f"""
 import json, math, os, sys
 sys.path.insert(0, {ROOT!r})
-options = {json.dumps(options)}
+options = {options!r}
 from efficient_train.config import parse_mesh_flag
 mesh = parse_mesh_flag(options.pop("mesh"))
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={{math.prod(mesh.values())}}"
