@@ -17,9 +17,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.backends import resolve_backend
 from pallas_kernels.flash_attention import gpu, reference, tpu
 
-BACKENDS = ("auto", "triton", "mosaic_tpu", "xla")
 _MIN_BLOCK = 16  # Triton's smallest dot tile
 
 
@@ -120,26 +120,6 @@ def flash_attention(
         out, lse = _pallas(q, k, v, q_segment_ids, kv_segment_ids, offsets, causal=causal,
                            scale=scale, blocks=blocks, backend=backend, interpret=interpret)
     return (out, lse) if return_lse else out
-
-
-def resolve_backend(backend: str, interpret: bool = False) -> str:
-    """The concrete backend: 'auto' per platform, and the Pallas kernel interpret runs.
-
-    An explicit 'triton' or 'mosaic_tpu' is taken as asked, whatever the platform, so
-    that it can be lowered for another one (`.lower(lowering_platforms=('cuda',))`).
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if interpret:
-        if backend == "xla":
-            raise ValueError("interpret=True runs a Pallas kernel; backend 'xla' has none")
-        return "mosaic_tpu" if backend == "mosaic_tpu" else "triton"
-    if backend != "auto":
-        return backend
-    platform = jax.default_backend()
-    if platform == "gpu" and "nvidia" in jax.devices()[0].device_kind.lower():
-        return "triton"
-    return "mosaic_tpu" if platform == "tpu" else "xla"
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale"))

@@ -19,9 +19,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.backends import resolve_backend
 from pallas_kernels.rms_norm import gpu, reference, tpu
-
-BACKENDS = ("auto", "triton", "mosaic_tpu", "xla")
 
 
 def rms_norm(
@@ -62,26 +61,6 @@ def rms_norm(
         return _reference(x, scale, eps=float(eps), out_dtype=out_dtype)
     static = _Static(backend, float(eps), out_dtype, block_rows, interpret)
     return _pallas(x, scale, static=static)
-
-
-def resolve_backend(backend: str, interpret: bool = False) -> str:
-    """The concrete backend: 'auto' per platform, and the Pallas kernel interpret runs.
-
-    An explicit 'triton' or 'mosaic_tpu' is taken as asked, whatever the platform, so
-    that it can be lowered for another one (`.lower(lowering_platforms=('cuda',))`).
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if interpret:
-        if backend == "xla":
-            raise ValueError("interpret=True runs a Pallas kernel; backend 'xla' has none")
-        return "mosaic_tpu" if backend == "mosaic_tpu" else "triton"
-    if backend != "auto":
-        return backend
-    platform = jax.default_backend()
-    if platform == "gpu" and "nvidia" in jax.devices()[0].device_kind.lower():
-        return "triton"
-    return "mosaic_tpu" if platform == "tpu" else "xla"
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "out_dtype"))
