@@ -158,12 +158,15 @@ def _optimizer_leaves(step_dir: str, metadata: CheckpointMetadata, source: Any,
         for name, _ in leaf_paths(target):
             yield name, read_leaf(step_dir, name)
         return
-    moments = dict(_reencoded_moments(step_dir, source, target))
+    written = set()
+    for name, value in _reencoded_moments(step_dir, source, target):  # one parameter's moments at a time
+        written.add(name)
+        yield name, value
     count = read_leaf(step_dir, adam_node(_names(source)).count)
     for name, leaf in leaf_paths(target):
-        if name in moments:
-            yield name, moments.pop(name)
-        elif name in metadata.leaves and tuple(metadata.leaves[name].shape) == tuple(leaf.shape):
+        if name in written:
+            continue
+        if name in metadata.leaves and tuple(metadata.leaves[name].shape) == tuple(leaf.shape):
             yield name, read_leaf(step_dir, name)
         else:  # a step counter of the target's optimizer chain that the source names differently
             yield name, count.astype(leaf.dtype)
@@ -202,7 +205,7 @@ def convert(src: str, dst: str, *, mesh: dict[str, int], zero_stage: int | None 
         for name in ("step", "skipped_steps"):
             yield name, jax.device_put(read_leaf(step_dir, name), shardings[name])
         for name, leaf in leaf_paths({"params": target.params}):
-            yield name, jax.device_put(read_leaf(step_dir, name).astype(leaf.dtype), shardings[name])
+            yield name, jax.device_put(read_leaf(step_dir, name).astype(leaf.dtype, copy=False), shardings[name])
         if target_optimizer is not None:
             optimizer_leaves = _optimizer_leaves(
                 step_dir, metadata, {"opt_state": source.opt_state}, {"opt_state": target.opt_state}, same_format)

@@ -16,11 +16,15 @@ Two details make the output identical in form to a trainer's save:
   arrays and the metadata are both complete, so a crash never leaves a listed step;
   leftovers of an earlier crash are removed at the next write.
 
+After each leaf the freed heap is handed back to the OS (glibc's malloc_trim), so peak
+memory stays a few leaves, not a growing pile of fragments.
+
 A leaf given as a sharded `jax.Array` is written shard by shard (one zarr chunk per
 shard), which is the layout that loads fastest on that mesh.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -83,6 +87,15 @@ def _rewrite_tree_metadata(state_dir: str, template: Any) -> None:
         json.dump(raw, f)
 
 
+def _return_freed_memory() -> None:
+    """Hand freed heap back to the OS (glibc keeps it otherwise, and peak memory grows by
+    several leaves' worth of fragments: measured 1.6x the state instead of a few leaves)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def _fingerprint(value: Leaf) -> str:
     return device_fingerprint(value) if isinstance(value, jax.Array) else host_fingerprint(np.asarray(value))
 
@@ -134,6 +147,8 @@ def write_checkpoint(
         for name, value in leaves:
             records[name] = LeafRecord(tuple(value.shape), str(value.dtype), _fingerprint(value))
             partial.save(staging, _nested(name, value))
+            del value
+            _return_freed_memory()
         for name in ("step", "skipped_steps"):
             if name not in records:
                 value = np.asarray(step if name == "step" else 0, np.int32)
