@@ -85,19 +85,27 @@ def test_int8_to_fp32_decodes_the_moments_exactly_and_training_continues(tmp_pat
     for moment in ("mu", "nu"):
         for (name, a), (_, b) in zip(leaf_paths(getattr(decoded, moment)), leaf_paths(getattr(restored, moment))):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{moment}/{name}")
-    continued = resumed.fit()
-    straight = Trainer(_config(tmp_path / "straight", **{"train.steps": 5})).fit()  # int8 all the way
-    assert abs(continued["loss"] - straight["loss"]) < 0.01 * straight["loss"]
+    first = float(resumed.step()["loss"])
+    assert float(resumed.step()["loss"]) < first  # the decoded moments keep the descent going
+
+
+def _restore(directory, **overrides):
+    """Restore a converted step onto a program of `overrides` (abstract: nothing is compiled)."""
+    config = _config(directory, directory, **overrides)
+    program = build_program(config, make_mesh(dict(config.mesh)))
+    checkpointer = Checkpointer(str(directory), keep=1, keep_every=0, async_save=False)
+    state, _ = checkpointer.restore_step(3, program.abstract_state, model=dataclasses.asdict(program.model_config))
+    return state, program
 
 
 def test_fp32_to_int8_equals_encoding_in_memory(tmp_path, trained):
     source, _ = trained
     convert(source, str(tmp_path / "fp32"), mesh=parse_mesh_flag("data=8"), state_format="fp32")
     convert(str(tmp_path / "fp32"), str(tmp_path / "int8"), mesh=parse_mesh_flag("data=2,tensor=4"), state_format="int8")
-    fp32 = Trainer(_config(tmp_path, tmp_path / "fp32", **{"optimizer.state_format": "fp32"}))
-    int8 = Trainer(_config(tmp_path, tmp_path / "int8", **{"mesh.data": 2, "mesh.tensor": 4}))
-    expected = from_fp32(to_fp32(fp32.state.opt_state), int8.program.spec.optimizer, fp32.state.params)
-    for (name, a), (_, b) in zip(leaf_paths(expected), leaf_paths(int8.state.opt_state)):
+    fp32, _ = _restore(tmp_path / "fp32", **{"optimizer.state_format": "fp32"})
+    int8, program = _restore(tmp_path / "int8", **{"mesh.data": 2, "mesh.tensor": 4})
+    expected = from_fp32(to_fp32(fp32.opt_state), program.spec.optimizer, fp32.params)
+    for (name, a), (_, b) in zip(leaf_paths(expected), leaf_paths(int8.opt_state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
 
 
@@ -119,10 +127,7 @@ def test_bf16_params_restore_as_the_cast_of_the_source(tmp_path, trained):
     step_dir = convert(source, str(tmp_path / "dst"), mesh=parse_mesh_flag("data=8"), drop_optimizer=True,
                        dtype="bfloat16")
     assert read_metadata(step_dir).model["param_dtype"] == "bfloat16"
-    config = _config(tmp_path, **{"model.param_dtype": "bfloat16"})
-    program = build_program(config, make_mesh(dict(config.mesh)))
-    restored, _ = Checkpointer(str(tmp_path / "dst"), keep=1, keep_every=0, async_save=False).restore_step(
-        3, program.abstract_state, model=dataclasses.asdict(program.model_config))
+    restored, _ = _restore(tmp_path / "dst", **{"model.param_dtype": "bfloat16"})
     reference = _host(trainer.state.params)
     for name, value in _host(restored.params).items():
         assert value.dtype == jnp.bfloat16
