@@ -28,7 +28,7 @@ import ctypes
 import json
 import os
 import shutil
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -41,15 +41,42 @@ from efficient_train.checkpoint.metadata import FORMAT_VERSION, CheckpointError,
 
 PYTREE_METADATA_FILE = "_METADATA"
 WRITING_PREFIX = ".writing-"
+BATCH_BYTES = 128 << 20  # leaves written per partial save, at most (unless one leaf is larger)
 SEQUENCE_KEY_TYPE, DICT_KEY_TYPE = 1, 2  # how Orbax's tree metadata tells keys apart
 
 Leaf = np.ndarray | jax.Array
 
 
-def _nested(name: str, value: Leaf) -> dict:
-    for key in reversed(name.split("/")):
-        value = {key: value}
-    return value
+def _nested(batch: list[tuple[str, Leaf]]) -> dict:
+    """{"params": {"embed": {"embedding": x}}, ...} from [("params/embed/embedding", x), ...]."""
+    tree: dict = {}
+    for name, value in batch:
+        *parents, last = name.split("/")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return tree
+
+
+def _batches(leaves: Iterable[tuple[str, Leaf]]) -> Iterator[list[tuple[str, Leaf]]]:
+    """Consecutive leaves grouped up to BATCH_BYTES (a larger leaf goes alone).
+
+    Each partial save reads the metadata of the ones before it, so one save per leaf
+    costs time quadratic in the number of leaves; batching small leaves keeps the number
+    of saves small while a batch stays within about one large tensor of memory.
+    """
+    batch: list[tuple[str, Leaf]] = []
+    size = 0
+    for name, value in leaves:
+        nbytes = int(np.prod(value.shape, dtype=np.int64)) * np.dtype(value.dtype).itemsize
+        if batch and size + nbytes > BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+        batch.append((name, value))
+        size += nbytes
+    if batch:
+        yield batch
 
 
 def _key_name(key: Any) -> str:
@@ -144,16 +171,17 @@ def write_checkpoint(
 
     records: dict[str, LeafRecord] = {}
     with context:
-        for name, value in leaves:
-            records[name] = LeafRecord(tuple(value.shape), str(value.dtype), _fingerprint(value))
-            partial.save(staging, _nested(name, value))
-            del value
+        for batch in _batches(leaves):
+            for name, value in batch:
+                records[name] = LeafRecord(tuple(value.shape), str(value.dtype), _fingerprint(value))
+            partial.save(staging, _nested(batch))
+            del batch
             _return_freed_memory()
         for name in ("step", "skipped_steps"):
             if name not in records:
                 value = np.asarray(step if name == "step" else 0, np.int32)
                 records[name] = LeafRecord((), "int32", _fingerprint(value))
-                partial.save(staging, {name: value})
+                partial.save(staging, _nested([(name, value)]))
         partial.finalize(staging)
     if template is not None:
         _rewrite_tree_metadata(os.path.join(staging, STATE_ITEM), template)
