@@ -6,26 +6,31 @@ are cleaned at the next start), arrays go to OCDBT in their canonical global for
 saves run in a background thread, a new save first waits for the previous one (two
 never overlap) and re-raises its error, and every process of a multi-process run
 writes its own shards. Retention moves an old step out of the listing by a rename
-before its files are deleted, so a kill mid-deletion never leaves a listed ruin. On top of that this module adds `metadata.json` (metadata.py)
-with a fingerprint per leaf (fingerprint.py), and a restore that verifies every leaf
-and, when the newest step is damaged, says so loudly and falls back to the previous
-step that verifies. Steps written leaf by leaf by tools (writer.py) restore the same way.
+before its files are deleted, so a kill mid-deletion never leaves a listed ruin.
+
+On top of that this module adds `metadata.json` (metadata.py) with a fingerprint per
+leaf (fingerprint.py), written as one more item of the same Orbax step so it commits
+with the arrays. Its fingerprints are dispatched to the devices when a save starts and
+fetched in Orbax's background commit: `save()` holds training only for Orbax's copy
+of the arrays. Restore verifies every leaf and, when the newest step is damaged, says
+so loudly and falls back to the previous step that verifies. Steps written leaf by leaf by tools (writer.py) restore the same way.
 
 Restoring builds its targets from the *current* program's abstract state (shapes,
 dtypes and shardings of this mesh), so any mesh loads any checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 
-from efficient_train.checkpoint.fingerprint import device_fingerprint
+from efficient_train.checkpoint.fingerprint import start_fingerprints
 from efficient_train.checkpoint.verify import describe, verify_step
 from efficient_train.checkpoint.metadata import (
     FORMAT_VERSION,
@@ -45,6 +50,31 @@ TRASH_DIR = "_deleted"
 
 class DamagedCheckpoint(CheckpointError):
     """A step whose bytes do not match its fingerprints, or that cannot be read."""
+
+
+class _DeferredJsonHandler(ocp.JsonCheckpointHandler):
+    """`metadata.json` produced inside the background commit, not when the save starts.
+
+    The fingerprints in it are device reductions: they are dispatched when the save
+    starts and fetched here, while Orbax writes the arrays, so training is not held
+    for them. The step is committed only after this file is written.
+    """
+
+    async def async_save(self, directory: Any, item: Any = None, args: Any = None) -> list:
+        async def write() -> None:
+            content = json.dumps(args.produce())
+            if jax.process_index() == 0:
+                (directory / METADATA_FILE).write_text(content)
+
+        return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="efficient_train_metadata")]
+
+
+# Orbax builds a handler's registry entry only for handlers with restore args too;
+# restoring reads metadata.json directly (read_metadata), never through these args.
+@ocp.args.register_with_handler(_DeferredJsonHandler, for_save=True, for_restore=True)
+@dataclasses.dataclass
+class _DeferredJsonSave(ocp.args.CheckpointArgs):
+    produce: Callable[[], dict]
 
 
 def leaf_paths(tree: Any) -> list[tuple[str, Any]]:
@@ -100,7 +130,7 @@ class Checkpointer:
                 # Uncompressed: optimizer states and weights barely compress, and zstd
                 # would cost more time than the bytes it saves.
                 STATE_ITEM: ocp.PyTreeCheckpointHandler(use_compression=False),
-                METADATA_ITEM: ocp.JsonCheckpointHandler(filename=METADATA_FILE),
+                METADATA_ITEM: _DeferredJsonHandler(filename=METADATA_FILE),
             },
         )
         self._empty_trash()
@@ -121,15 +151,20 @@ class Checkpointer:
              data: dict | None, seed: int) -> None:
         """Start saving `state` as step `step`; returns once the bytes are being written."""
         self._empty_trash()
-        leaves = {
-            path: LeafRecord(tuple(leaf.shape), str(leaf.dtype), device_fingerprint(leaf))
-            for path, leaf in leaf_paths(state)
-        }
-        metadata = CheckpointMetadata(FORMAT_VERSION, step, model, mesh, zero_stage, optimizer, data, seed, leaves)
+        paths, arrays = zip(*leaf_paths(state))
+        fetch_fingerprints = start_fingerprints(arrays)
+
+        def metadata_json() -> dict:
+            leaves = {
+                path: LeafRecord(tuple(leaf.shape), str(leaf.dtype), fingerprint)
+                for path, leaf, fingerprint in zip(paths, arrays, fetch_fingerprints())
+            }
+            return CheckpointMetadata(FORMAT_VERSION, step, model, mesh, zero_stage, optimizer, data, seed, leaves).to_json()
+
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                **{STATE_ITEM: ocp.args.PyTreeSave(state), METADATA_ITEM: ocp.args.JsonSave(metadata.to_json())}
+                **{STATE_ITEM: ocp.args.PyTreeSave(state), METADATA_ITEM: _DeferredJsonSave(metadata_json)}
             ),
             force=True,
         )
@@ -171,8 +206,10 @@ class Checkpointer:
             problems = verify_step(self.step_dir(step))
             detail = describe(problems) if problems else "orbax could not restore it, though every leaf reads back"
             raise DamagedCheckpoint(f"step {step}: damaged leaves: {detail}") from None
+        paths, arrays = zip(*leaf_paths(restored))
         damaged = [
-            path for path, leaf in leaf_paths(restored) if device_fingerprint(leaf) != metadata.leaves[path].fingerprint
+            path for path, fingerprint in zip(paths, start_fingerprints(arrays)())
+            if fingerprint != metadata.leaves[path].fingerprint
         ]
         if damaged:
             raise DamagedCheckpoint(f"step {step}: damaged leaves (fingerprint mismatch): {', '.join(damaged)}")

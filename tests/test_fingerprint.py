@@ -1,0 +1,72 @@
+"""Leaf fingerprints: the device's per-shard computation equals numpy's over the saved
+bytes on every layout, and any flipped bit or moved element changes them."""
+from __future__ import annotations
+
+import threading
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+
+from efficient_train.checkpoint.fingerprint import device_fingerprint, host_fingerprint, start_fingerprints
+
+LAYOUTS = [
+    ((), P()),
+    ((7,), P()),
+    ((8,), P("data")),
+    ((16,), P(("data", "tensor"))),
+    ((4, 6, 8), P(None, "data", "tensor")),
+    ((8, 12), P("tensor", "data")),
+    ((8, 12), P(("tensor", "data"))),
+    ((6, 2051), P("data")),  # an odd last axis: halving peels a slice
+    ((3001,), P()),
+    ((2, 9, 5, 40), P(None, None, None, "tensor")),
+]
+DTYPES = [np.float32, jax.numpy.bfloat16, np.float16, np.int8, np.uint8, np.int32]
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return jax.make_mesh((2, 4), ("data", "tensor"))
+
+
+def _random(shape, dtype, seed=0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(shape) * 100).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_device_fingerprint_equals_the_host_one_on_every_layout(mesh, dtype):
+    for shape, spec in LAYOUTS:
+        host = _random(shape, dtype)
+        expected = host_fingerprint(host)
+        assert device_fingerprint(jax.device_put(host, NamedSharding(mesh, spec))) == expected, (shape, spec)
+    single = jax.device_put(host, SingleDeviceSharding(jax.devices()[5]))
+    assert device_fingerprint(single) == expected
+
+
+def test_a_flipped_bit_or_swapped_elements_change_both_sums(mesh):
+    host = _random((8, 12), np.float32)
+    sharding = NamedSharding(mesh, P("tensor", "data"))
+    original = device_fingerprint(jax.device_put(host, sharding))
+    words = host.view(np.uint32)
+    for flat_index, bit in [(0, 0), (37, 31), (95, 13)]:
+        damaged = words.copy().reshape(-1)
+        damaged[flat_index] ^= np.uint32(1 << bit)
+        changed = device_fingerprint(jax.device_put(damaged.reshape(host.shape).view(np.float32), sharding))
+        assert changed[:8] != original[:8] and changed[8:] != original[8:]
+    swapped = host.copy()
+    swapped[[2, 5]] = swapped[[5, 2]]  # rows that live on different devices
+    assert device_fingerprint(jax.device_put(swapped, sharding)) != original
+
+
+def test_fingerprints_dispatched_now_are_fetched_from_another_thread(mesh):
+    arrays = [jax.device_put(_random((8, 64), np.float32, seed), NamedSharding(mesh, P("data", "tensor")))
+              for seed in range(3)] + [jax.device_put(np.zeros((0, 4), np.float32), NamedSharding(mesh, P()))]
+    fetch = start_fingerprints(arrays)
+    fetched = []
+    worker = threading.Thread(target=lambda: fetched.extend(fetch()))
+    worker.start()
+    worker.join()
+    assert fetched == [host_fingerprint(np.asarray(a)) for a in arrays]
+    assert len(set(fetched)) == 4
