@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
+from efficient_train.checkpoint import fingerprint
 from efficient_train.checkpoint.fingerprint import device_fingerprint, host_fingerprint, start_fingerprints
 
 LAYOUTS = [
@@ -43,6 +44,13 @@ def test_device_fingerprint_equals_the_host_one_on_every_layout(mesh, dtype):
         assert device_fingerprint(jax.device_put(host, NamedSharding(mesh, spec))) == expected, (shape, spec)
     single = jax.device_put(host, SingleDeviceSharding(jax.devices()[5]))
     assert device_fingerprint(single) == expected
+
+
+def test_large_shards_summed_in_pieces_give_the_same_fingerprint(mesh, monkeypatch):
+    monkeypatch.setattr(fingerprint, "_PIECE_WORDS", 64)  # shapes below are new to the jit caches
+    for shape, spec in [((6, 8, 33), P("data")), ((1, 1, 1001), P()), ((10, 36), P(None, "tensor"))]:
+        host = _random(shape, np.float32, seed=3)
+        assert device_fingerprint(jax.device_put(host, NamedSharding(mesh, spec))) == host_fingerprint(host), shape
 
 
 def test_a_flipped_bit_or_swapped_elements_change_both_sums(mesh):

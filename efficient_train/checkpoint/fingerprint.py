@@ -32,6 +32,7 @@ _MULTIPLIERS = (0x9E3779B1, 0x85EBCA77)
 _OFFSETS = (0x27D4EB2F, 0x165667B1)
 _HOST_CHUNK_BYTES = 1 << 24
 _HALVING_STOP = 8  # halve each axis of a shard down to this length, then reduce the rest
+_PIECE_WORDS = 1 << 23  # a shard is halved in pieces of at most 32 MiB of words
 
 
 _WORD = {1: (jnp.uint8, np.uint8), 2: (jnp.uint16, np.uint16), 4: (jnp.uint32, np.uint32)}
@@ -55,22 +56,37 @@ def _weighted_words(block: jax.Array, starts: tuple, global_shape: tuple[int, ..
     return [words * ((index * np.uint32(m) + np.uint32(o)) | np.uint32(1)) for m, o in zip(_MULTIPLIERS, _OFFSETS)]
 
 
+def _pieces(values: jax.Array) -> list[jax.Array]:
+    """Static slices of at most _PIECE_WORDS words, split along the outermost axes."""
+    if values.size <= _PIECE_WORDS:
+        return [values]
+    axis = next(a for a, length in enumerate(values.shape) if length > 1)
+    length = values.shape[axis]
+    step = -(-length // min(length, -(-values.size // _PIECE_WORDS)))
+    return [piece for start in range(0, length, step)
+            for piece in _pieces(jax.lax.slice_in_dim(values, start, min(start + step, length), axis=axis))]
+
+
 def _halving_sum(values: jax.Array) -> jax.Array:
     """Wrapping sum of a local array: halve every axis with vector adds, then reduce the rest.
 
     Halving keeps the array's shape (no flattening), which is what lets XLA fuse the
-    whole tree into one vectorized pass; an odd length first peels its last slice.
+    tree into a few vectorized passes; an odd length first peels its last slice. A
+    large array is summed piece by piece: on one piece of hundreds of MiB XLA's CPU
+    backend picks a fusion that writes half the array back and runs 4x slower.
     """
-    rest = jnp.zeros((), jnp.uint32)
-    for axis in reversed(range(values.ndim)):
-        while values.shape[axis] > _HALVING_STOP:
-            length = values.shape[axis]
-            if length % 2:
-                rest = rest + jnp.sum(jax.lax.index_in_dim(values, length - 1, axis, keepdims=False), dtype=jnp.uint32)
-                length -= 1
-            half = length // 2
-            values = jax.lax.slice_in_dim(values, 0, half, axis=axis) + jax.lax.slice_in_dim(values, half, length, axis=axis)
-    return rest + jnp.sum(values, dtype=jnp.uint32)
+    total = jnp.zeros((), jnp.uint32)
+    for piece in _pieces(values):
+        for axis in reversed(range(piece.ndim)):
+            while piece.shape[axis] > _HALVING_STOP:
+                length = piece.shape[axis]
+                if length % 2:
+                    total = total + jnp.sum(jax.lax.index_in_dim(piece, length - 1, axis, keepdims=False), dtype=jnp.uint32)
+                    length -= 1
+                half = length // 2
+                piece = jax.lax.slice_in_dim(piece, 0, half, axis=axis) + jax.lax.slice_in_dim(piece, half, length, axis=axis)
+        total = total + jnp.sum(piece, dtype=jnp.uint32)
+    return total
 
 
 def _mesh_axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -79,7 +95,6 @@ def _mesh_axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-@functools.partial(jax.jit, static_argnums=1)
 def _per_device_sums(x: jax.Array, sharding: NamedSharding) -> jax.Array:
     """[devices, 2]: each device's sums over its own block; replicas other than the first give 0."""
     mesh = sharding.mesh
@@ -105,18 +120,31 @@ def _per_device_sums(x: jax.Array, sharding: NamedSharding) -> jax.Array:
                          check_vma=False)(x)
 
 
-@jax.jit
 def _whole_sums(x: jax.Array) -> jax.Array:
     return jnp.stack([_halving_sum(p) for p in _weighted_words(x, (np.uint32(0),) * x.ndim, x.shape)])[None]
 
 
-def _dispatch(x: jax.Array) -> jax.Array:
-    if isinstance(x.sharding, NamedSharding):
-        return _per_device_sums(x, x.sharding)
-    if not x.sharding.is_fully_replicated:
-        raise ValueError(f"fingerprint: arrays sharded by {type(x.sharding).__name__} are not supported; "
-                         "use a NamedSharding")
-    return _whole_sums(x)
+@functools.partial(jax.jit, static_argnums=1)
+def _sums_program(arrays: tuple[jax.Array, ...], shardings: tuple[NamedSharding | None, ...]) -> tuple[jax.Array, ...]:
+    """One program for many arrays: a save dispatches once, not once per leaf."""
+    return tuple(_whole_sums(x) if s is None else _per_device_sums(x, s) for x, s in zip(arrays, shardings))
+
+
+def _dispatch(arrays: Sequence[jax.Array]) -> list[jax.Array | None]:
+    """Per array: its sums' rows ([devices, 2] or [1, 2]), or None for an empty array."""
+    groups: dict[frozenset, list[int]] = {}
+    for i, x in enumerate(arrays):
+        if not isinstance(x.sharding, NamedSharding) and not x.sharding.is_fully_replicated:
+            raise ValueError(f"fingerprint: arrays sharded by {type(x.sharding).__name__} are not supported; "
+                             "use a NamedSharding")
+        if x.size:
+            groups.setdefault(frozenset(x.sharding.device_set), []).append(i)
+    pending: list[jax.Array | None] = [None] * len(arrays)
+    for members in groups.values():  # one program per set of devices
+        shardings = tuple(arrays[i].sharding if isinstance(arrays[i].sharding, NamedSharding) else None for i in members)
+        for i, rows in zip(members, _sums_program(tuple(arrays[i] for i in members), shardings)):
+            pending[i] = rows
+    return pending
 
 
 def _local_sums(partials: jax.Array) -> np.ndarray:
@@ -143,7 +171,7 @@ def start_fingerprints(arrays: Sequence[jax.Array]) -> Callable[[], list[str]]:
     are needed too: they are gathered here, before returning, because that gather is
     a collective that every process must issue from its main thread in the same order.
     """
-    pending = [_dispatch(x) if x.size else None for x in arrays]
+    pending = _dispatch(arrays)
 
     def local() -> np.ndarray:
         return np.stack([np.zeros(2, np.uint32) if p is None else _local_sums(p) for p in pending])

@@ -10,9 +10,9 @@ before its files are deleted, so a kill mid-deletion never leaves a listed ruin.
 
 On top of that this module adds `metadata.json` (metadata.py) with a fingerprint per
 leaf (fingerprint.py), written as one more item of the same Orbax step so it commits
-with the arrays. Its fingerprints are dispatched to the devices when a save starts and
-fetched in Orbax's background commit: `save()` holds training only for Orbax's copy
-of the arrays. Restore verifies every leaf and, when the newest step is damaged, says
+with the arrays. Its fingerprints are dispatched to the devices right after Orbax has
+taken its copy of the arrays and are fetched in Orbax's background commit, so `save()`
+holds training only for that copy and a few dispatches. Restore verifies every leaf and, when the newest step is damaged, says
 so loudly and falls back to the previous step that verifies. Steps written leaf by leaf by tools (writer.py) restore the same way.
 
 Restoring builds its targets from the *current* program's abstract state (shapes,
@@ -20,6 +20,7 @@ dtypes and shardings of this mesh), so any mesh loads any checkpoint.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -55,9 +56,8 @@ class DamagedCheckpoint(CheckpointError):
 class _DeferredJsonHandler(ocp.JsonCheckpointHandler):
     """`metadata.json` produced inside the background commit, not when the save starts.
 
-    The fingerprints in it are device reductions: they are dispatched when the save
-    starts and fetched here, while Orbax writes the arrays, so training is not held
-    for them. The step is committed only after this file is written.
+    The fingerprints in it are device reductions, fetched here while Orbax writes the
+    arrays, so training is not held for them. The step is committed only after this file is written.
     """
 
     async def async_save(self, directory: Any, item: Any = None, args: Any = None) -> list:
@@ -113,6 +113,7 @@ def without_optimizer(state: Any) -> dict:
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int, keep_every: int, async_save: bool) -> None:
         self.directory = os.path.abspath(directory)
+        self._async = async_save
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep or None,
             keep_period=keep_every or None,
@@ -152,22 +153,34 @@ class Checkpointer:
         """Start saving `state` as step `step`; returns once the bytes are being written."""
         self._empty_trash()
         paths, arrays = zip(*leaf_paths(state))
-        fetch_fingerprints = start_fingerprints(arrays)
+        # The fingerprints are dispatched once Orbax has taken its copy of the arrays, so
+        # that copy does not compete with them; the background commit waits for them.
+        # A synchronous save runs its commit inside `_manager.save`: dispatch first.
+        fetch_fingerprints: concurrent.futures.Future = concurrent.futures.Future()
+        if not self._async:
+            fetch_fingerprints.set_result(start_fingerprints(arrays))
 
         def metadata_json() -> dict:
             leaves = {
                 path: LeafRecord(tuple(leaf.shape), str(leaf.dtype), fingerprint)
-                for path, leaf, fingerprint in zip(paths, arrays, fetch_fingerprints())
+                for path, leaf, fingerprint in zip(paths, arrays, fetch_fingerprints.result()())
             }
             return CheckpointMetadata(FORMAT_VERSION, step, model, mesh, zero_stage, optimizer, data, seed, leaves).to_json()
 
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{STATE_ITEM: ocp.args.PyTreeSave(state), METADATA_ITEM: _DeferredJsonSave(metadata_json)}
-            ),
-            force=True,
-        )
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    **{STATE_ITEM: ocp.args.PyTreeSave(state), METADATA_ITEM: _DeferredJsonSave(metadata_json)}
+                ),
+                force=True,
+            )
+            if not fetch_fingerprints.done():
+                fetch_fingerprints.set_result(start_fingerprints(arrays))
+        except BaseException as error:  # never leave a background commit waiting
+            if not fetch_fingerprints.done():
+                fetch_fingerprints.set_exception(error)
+            raise
 
     def wait(self) -> None:
         """Block until the background save is committed; raises its error if it failed."""
