@@ -193,6 +193,8 @@ def test_trainer_fine_tunes_from_an_import(hf_dirs, tmp_path, capsys):
     assert cli.main(["checkpoint", "import-hf", path, str(out)]) == 0
     printed = capsys.readouterr().out
     flags = printed.split("efficient-train train ")[1].split()
+    assert cli.main(["checkpoint", "inspect", str(out)]) == 0
+    assert "written without a mesh (imported" in capsys.readouterr().out
     config = get_config()
     apply_overrides(config, dict(flag[len("--config."):].split("=", 1) for flag in flags))
     config.data.update(source="synthetic", seq_len=16)

@@ -126,21 +126,22 @@ def _whole_sums(x: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=1)
 def _sums_program(arrays: tuple[jax.Array, ...], shardings: tuple[NamedSharding | None, ...]) -> tuple[jax.Array, ...]:
-    """One program for many arrays: a save dispatches once, not once per leaf."""
+    """One program for many arrays: a save dispatches once for all its small leaves."""
     return tuple(_whole_sums(x) if s is None else _per_device_sums(x, s) for x, s in zip(arrays, shardings))
 
 
 def _dispatch(arrays: Sequence[jax.Array]) -> list[jax.Array | None]:
     """Per array: its sums' rows ([devices, 2] or [1, 2]), or None for an empty array."""
-    groups: dict[frozenset, list[int]] = {}
+    groups: dict[tuple[frozenset, int | None], list[int]] = {}
     for i, x in enumerate(arrays):
         if not isinstance(x.sharding, NamedSharding) and not x.sharding.is_fully_replicated:
             raise ValueError(f"fingerprint: arrays sharded by {type(x.sharding).__name__} are not supported; "
                              "use a NamedSharding")
-        if x.size:
-            groups.setdefault(frozenset(x.sharding.device_set), []).append(i)
+        if x.size:  # a large array gets a program of its own: XLA runs it faster alone
+            alone = i if x.size >= _PIECE_WORDS else None
+            groups.setdefault((frozenset(x.sharding.device_set), alone), []).append(i)
     pending: list[jax.Array | None] = [None] * len(arrays)
-    for members in groups.values():  # one program per set of devices
+    for members in groups.values():  # one program per set of devices for all small arrays
         shardings = tuple(arrays[i].sharding if isinstance(arrays[i].sharding, NamedSharding) else None for i in members)
         for i, rows in zip(members, _sums_program(tuple(arrays[i] for i in members), shardings)):
             pending[i] = rows

@@ -153,9 +153,9 @@ class Checkpointer:
         """Start saving `state` as step `step`; returns once the bytes are being written."""
         self._empty_trash()
         paths, arrays = zip(*leaf_paths(state))
-        # The fingerprints are dispatched once Orbax has taken its copy of the arrays, so
-        # that copy does not compete with them; the background commit waits for them.
-        # A synchronous save runs its commit inside `_manager.save`: dispatch first.
+        # An async save dispatches the fingerprints once Orbax has taken its copy of the
+        # arrays, so that copy does not compete with them, and its background commit
+        # fetches them. A sync save commits inside `_manager.save`: dispatch first.
         fetch_fingerprints: concurrent.futures.Future = concurrent.futures.Future()
         if not self._async:
             fetch_fingerprints.set_result(start_fingerprints(arrays))

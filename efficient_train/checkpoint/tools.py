@@ -34,10 +34,11 @@ def inspect_text(path: str) -> str:
     step_dir = resolve_step_dir(path)
     metadata = read_metadata(step_dir)
     mesh = " x ".join(f"{axis}={size}" for axis, size in metadata.mesh.items())
+    origin = (f"saved from mesh {mesh} at ZeRO stage {metadata.zero_stage} (reference only: any mesh can load it)"
+              if mesh else "written without a mesh (imported; any mesh can load it)")
     lines = [
         f"checkpoint {os.path.abspath(step_dir)}",
-        f"step {metadata.step}, format version {metadata.format_version}, saved from mesh {mesh} "
-        f"at ZeRO stage {metadata.zero_stage} (reference only: any mesh can load it)",
+        f"step {metadata.step}, format version {metadata.format_version}, {origin}",
         (f"optimizer: {metadata.optimizer.get('state_format', 'fp32')} states" if metadata.optimizer is not None
          else "optimizer: none (params only; training from it starts a fresh optimizer state)")
         + (f"; data loader at batch {metadata.data['step']}" if metadata.data else "; user-supplied data"),
