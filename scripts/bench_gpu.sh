@@ -59,6 +59,8 @@ run mfu_llama1b_b8_savedots_int8 $py benchmarks/mfu.py --config configs/llama_1b
 # 5. Checkpoint I/O on the host (CPU devices; the GPU machine's many idle cores make a quiet
 #    place to time it): save vs plain write, async blocking, cross-mesh restore; convert's peak memory.
 run checkpoint_io env JAX_PLATFORMS=cpu $py benchmarks/checkpoint_io.py --devices 8 --megabytes 1024
+#    The same save from the GPU's memory (fingerprints as device reductions, Orbax's copy over PCIe).
+run checkpoint_io_gpu env JAX_PLATFORMS=cuda $py benchmarks/checkpoint_io.py --devices 1 --megabytes 4096
 run convert_memory env JAX_PLATFORMS=cpu $py benchmarks/convert_memory.py
 
 echo "=============== summary ==============="
