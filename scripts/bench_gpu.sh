@@ -3,6 +3,7 @@
 #
 #   bash scripts/bench_gpu.sh
 #   BENCH_ONLY="mfu_llama1b_b8_pallas attention" bash scripts/bench_gpu.sh   # a subset
+#   BENCH_ONLY=attention_sweep bash scripts/bench_gpu.sh   # opt-in runs must be named
 #
 # Runs from the source tree (PYTHONPATH), so it works on an image whose jax is already
 # installed (jax 0.10 or 0.11). Wheels of pure-Python dependencies the image lacks may be
@@ -21,9 +22,11 @@ fi
   $py -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, jax.devices())'
 } 2>&1 | tee "$out/env.txt"
 
+OPT_IN=" attention_sweep "  # run only when BENCH_ONLY names them
 run() {  # name, then the command; BENCH_ONLY="name1 name2" runs a subset
   local name=$1; shift
   if [[ -n "${BENCH_ONLY:-}" && " $BENCH_ONLY " != *" $name "* ]]; then return; fi
+  if [[ "$OPT_IN" == *" $name "* && " ${BENCH_ONLY:-} " != *" $name "* ]]; then return; fi
   echo "== $name: $*" | tee -a "$out/summary.txt"
   if "$@" >"$out/$name.log" 2>&1; then
     grep -v "it/s" "$out/$name.log" | tail -4 | tee -a "$out/summary.txt"
@@ -48,6 +51,9 @@ run overhead_gpt2_small $py benchmarks/trainer_overhead.py --config configs/gpt2
 
 # 3. Flash attention kernel against cuDNN and torch SDPA (checks correctness on the GPU first).
 run attention $py benchmarks/attention.py
+#    Block-size sweep of our kernel (causal, bf16; SWEEP_FWD/SWEEP_BWD in the script), opt-in:
+#    BENCH_ONLY=attention_sweep. The backward tiles are where the gap to cuDNN is.
+run attention_sweep bash -c "$py benchmarks/attention.py --sweep 4096 && $py benchmarks/attention.py --sweep 8192"
 run rms_norm $py benchmarks/rms_norm.py
 
 # 4. Compressed optimizer states (issue 3): fused Pallas update vs XLA path vs optax.adamw fp32
