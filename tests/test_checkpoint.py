@@ -19,6 +19,7 @@ import pytest
 from efficient_train import Hook, Trainer
 from efficient_train.checkpoint import CheckpointError, Checkpointer, leaf_paths, read_metadata
 from efficient_train.checkpoint.manager import metadata_path
+from efficient_train.checkpoint.verify import verify_step
 from tests.zero_setup import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,6 +99,18 @@ def test_one_device_restore(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     restored = json.loads(out.stdout.strip().splitlines()[-1])
     assert restored["step"] == 3 and restored["fp"] == fingerprints
+
+
+def test_offloaded_optimizer_state_saves_verifies_and_resumes_bit_exactly(tmp_path):
+    """Optimizer states in pinned host memory are fingerprinted where they lie."""
+    offload = {"optimizer.offload": True, "optimizer.state_format": "int8"}
+    straight, _ = _fit_losses(_config(tmp_path / "a", **{"train.steps": 4, "checkpoint.every": 0}, **offload))
+    _fit_losses(_config(tmp_path / "b", **{"train.steps": 2, "checkpoint.every": 2}, **offload))
+    step_dir = os.path.join(tmp_path, "b", "checkpoints", "2")
+    assert verify_step(step_dir) == []
+    resumed, trainer = _fit_losses(_config(tmp_path / "b", **{"train.steps": 4}, **offload))
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(trainer.state.opt_state)} == {"pinned_host"}
+    assert [resumed[s] for s in (3, 4)] == [straight[s] for s in (3, 4)]  # bitwise
 
 
 def test_retention_keeps_newest_and_every_kth(tmp_path):

@@ -1,5 +1,6 @@
-"""Leaf fingerprints: the device's per-shard computation equals numpy's over the saved
-bytes on every layout, and any flipped bit or moved element changes them."""
+"""Leaf fingerprints: the device's per-shard computation (and numpy's, for arrays in host
+memory) equals numpy's over the saved bytes on every layout, and any flipped bit or
+moved element changes them."""
 from __future__ import annotations
 
 import threading
@@ -44,6 +45,13 @@ def test_device_fingerprint_equals_the_host_one_on_every_layout(mesh, dtype):
         assert device_fingerprint(jax.device_put(host, NamedSharding(mesh, spec))) == expected, (shape, spec)
     single = jax.device_put(host, SingleDeviceSharding(jax.devices()[5]))
     assert device_fingerprint(single) == expected
+
+
+def test_arrays_in_host_memory_give_the_same_fingerprint(mesh):
+    for shape, spec in LAYOUTS:
+        host = _random(shape, np.float32, seed=4)
+        offloaded = jax.device_put(host, NamedSharding(mesh, spec, memory_kind="pinned_host"))
+        assert device_fingerprint(offloaded) == host_fingerprint(host), (shape, spec)
 
 
 def test_large_shards_summed_in_pieces_give_the_same_fingerprint(mesh, monkeypatch):

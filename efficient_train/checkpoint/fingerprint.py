@@ -15,7 +15,8 @@ rows; there is no collective, for the reason `start_fingerprints` gives. Each bl
 reduced by halving it with elementwise adds along each axis, for speed: XLA's CPU
 backend runs a plain integer `reduce` about five times slower than a float one, while
 the halving adds vectorize. Arrays without a mesh sharding must be whole on every
-device (one device, or replicated).
+device (one device, or replicated). Arrays in host memory (optimizer offload) are
+summed shard by shard with numpy, the same code that `verify` runs on the saved bytes.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ _MULTIPLIERS = (0x9E3779B1, 0x85EBCA77)
 _OFFSETS = (0x27D4EB2F, 0x165667B1)
 _HOST_CHUNK_BYTES = 1 << 24
 _HALVING_STOP = 8  # halve each axis of a shard down to this length, then reduce the rest
+_HOST_MEMORY_KINDS = ("pinned_host", "unpinned_host")
 _PIECE_WORDS = 1 << 23  # a shard is halved in pieces of at most 32 MiB of words
 
 
@@ -130,17 +132,20 @@ def _sums_program(arrays: tuple[jax.Array, ...], shardings: tuple[NamedSharding 
     return tuple(_whole_sums(x) if s is None else _per_device_sums(x, s) for x, s in zip(arrays, shardings))
 
 
-def _dispatch(arrays: Sequence[jax.Array]) -> list[jax.Array | None]:
-    """Per array: its sums' rows ([devices, 2] or [1, 2]), or None for an empty array."""
+def _dispatch(arrays: Sequence[jax.Array]) -> list[jax.Array | np.ndarray | None]:
+    """Per array: its sums' rows on device ([devices, 2] or [1, 2]), this process's sums
+    already on the host (host-memory arrays), or None for an empty array."""
     groups: dict[tuple[frozenset, int | None], list[int]] = {}
+    pending: list[jax.Array | np.ndarray | None] = [None] * len(arrays)
     for i, x in enumerate(arrays):
         if not isinstance(x.sharding, NamedSharding) and not x.sharding.is_fully_replicated:
             raise ValueError(f"fingerprint: arrays sharded by {type(x.sharding).__name__} are not supported; "
                              "use a NamedSharding")
-        if x.size:  # a large array gets a program of its own: XLA runs it faster alone
+        if x.size and x.sharding.memory_kind in _HOST_MEMORY_KINDS:
+            pending[i] = _host_memory_sums(x)
+        elif x.size:  # a large array gets a program of its own: XLA runs it faster alone
             alone = i if x.size >= _PIECE_WORDS else None
             groups.setdefault((frozenset(x.sharding.device_set), alone), []).append(i)
-    pending: list[jax.Array | None] = [None] * len(arrays)
     for members in groups.values():  # one program per set of devices for all small arrays
         shardings = tuple(arrays[i].sharding if isinstance(arrays[i].sharding, NamedSharding) else None for i in members)
         for i, rows in zip(members, _sums_program(tuple(arrays[i] for i in members), shardings)):
@@ -148,8 +153,10 @@ def _dispatch(arrays: Sequence[jax.Array]) -> list[jax.Array | None]:
     return pending
 
 
-def _local_sums(partials: jax.Array) -> np.ndarray:
+def _local_sums(partials: jax.Array | np.ndarray) -> np.ndarray:
     """This process's share of the sums: its devices' rows, or the replicated row on process 0."""
+    if isinstance(partials, np.ndarray):
+        return partials
     if partials.shape[0] == 1:  # one row, replicated: counted once in all
         if jax.process_index() != 0:
             return np.zeros(2, np.uint32)
@@ -189,15 +196,47 @@ def device_fingerprint(x: jax.Array) -> str:
     return start_fingerprints([x])()[0]
 
 
+def _block_sums(block: np.ndarray, starts: Sequence[int], global_shape: Sequence[int]) -> np.ndarray:
+    """The two sums over a block at `starts` of a global array, with numpy, 16 MiB at a time."""
+    if block.ndim == 0:  # a scalar is word 0 of a one-word array
+        block, starts, global_shape = block.reshape(1), (0,), (1,)
+    words = np.ascontiguousarray(block).view(_WORD[_word_type(block.dtype)][1])
+    strides = [int(np.prod(global_shape[axis + 1:], dtype=object)) for axis in range(len(global_shape))]
+    row_starts = np.full(words.shape[:-1], starts[-1], np.uint64)  # global index of each row's first word
+    for axis in range(words.ndim - 1):
+        positions = np.arange(words.shape[axis], dtype=np.uint64) + np.uint64(starts[axis])
+        row_starts = row_starts + (positions * np.uint64(strides[axis] % 2**64)).reshape(
+            [-1 if a == axis else 1 for a in range(words.ndim - 1)])
+    row_starts = row_starts.reshape(-1)
+    rows = words.reshape(-1, words.shape[-1])
+    width = min(rows.shape[1], _HOST_CHUNK_BYTES // 4)
+    height = max(1, _HOST_CHUNK_BYTES // 4 // width)
+    sums = np.zeros(2, np.uint32)
+    for top in range(0, rows.shape[0], height):
+        for left in range(0, rows.shape[1], width):
+            chunk = rows[top:top + height, left:left + width].astype(np.uint32)
+            columns = np.arange(left, left + chunk.shape[1], dtype=np.uint64)
+            index = (row_starts[top:top + height, None] + columns[None, :]).astype(np.uint32)
+            sums += np.array([np.sum(chunk * ((index * np.uint32(m) + np.uint32(o)) | np.uint32(1)), dtype=np.uint32)
+                              for m, o in zip(_MULTIPLIERS, _OFFSETS)])  # array adds wrap without a warning
+    return sums
+
+
+def _host_memory_sums(x: jax.Array) -> np.ndarray:
+    """This process's share of the sums of an array kept in host memory (optimizer offload).
+
+    Device programs cannot take such arrays beside device-memory values, and copying
+    them to the device would spend the memory offload saves, so numpy sums each first
+    replica's shard where it lies.
+    """
+    sums = np.zeros(2, np.uint32)
+    for shard in x.addressable_shards:
+        if shard.replica_id == 0:
+            starts = [index.start or 0 for index in shard.index]
+            sums += _block_sums(np.asarray(shard.data), starts, x.shape)
+    return sums
+
+
 def host_fingerprint(array: np.ndarray) -> str:
     """The same fingerprint from host memory, in chunks of 16 MiB."""
-    words = np.ascontiguousarray(array).reshape(-1).view(_WORD[_word_type(array.dtype)][1])
-    chunk_words = _HOST_CHUNK_BYTES // words.itemsize
-    sums = np.zeros(2, np.uint32)
-    for start in range(0, words.size, chunk_words):
-        chunk = words[start : start + chunk_words].astype(np.uint32)
-        index = np.arange(start, start + chunk.size, dtype=np.uint64).astype(np.uint32)
-        for i, (m, o) in enumerate(zip(_MULTIPLIERS, _OFFSETS)):
-            weights = (index * np.uint32(m) + np.uint32(o)) | np.uint32(1)
-            sums[i] += np.sum(chunk * weights, dtype=np.uint32)
-    return _format(sums)
+    return _format(_block_sums(array, (0,) * array.ndim, array.shape))
