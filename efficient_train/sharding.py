@@ -63,7 +63,8 @@ def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:
     return None
 
 
-def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
+def mesh_axes(axes: MeshAxes) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
     if axes is None:
         return ()
     return (axes,) if isinstance(axes, str) else tuple(axes)
@@ -71,8 +72,8 @@ def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
 
 def _rule_table(rules: Rules) -> dict[str, MeshAxes]:
     table: dict[str, MeshAxes] = {}
-    for logical, mesh_axes in rules:
-        table.setdefault(logical, mesh_axes)
+    for logical, axes in rules:
+        table.setdefault(logical, axes)
     return table
 
 
@@ -86,7 +87,7 @@ def indivisible_dims(shape: Sequence[int], names: Sequence[str | None] | None, r
     table = _rule_table(rules)
     found = []
     for dim, (extent, name) in enumerate(zip(shape, names or ())):
-        for axis in _as_tuple(table.get(name)) if name else ():
+        for axis in mesh_axes(table.get(name)) if name else ():
             size = mesh_shape.get(axis, 1)
             if size > 1 and extent % size:
                 found.append((dim, name, axis, size))
@@ -105,7 +106,7 @@ def tensor_spec(shape: Sequence[int], names: Sequence[str | None] | None, rules:
     for dim, name in zip(shape, names):
         chosen: list[str] = []
         extent = dim
-        for axis in _as_tuple(table.get(name)) if name else ():
+        for axis in mesh_axes(table.get(name)) if name else ():
             size = mesh_shape.get(axis, 1)
             if size == 1 or axis in used or extent % size:
                 continue
@@ -151,7 +152,7 @@ class LeafPlan:
 
 
 def _filter_entry(entry: MeshAxes, keep: tuple[str, ...]) -> MeshAxes:
-    kept = tuple(axis for axis in _as_tuple(entry) if axis in keep)
+    kept = tuple(axis for axis in mesh_axes(entry) if axis in keep)
     return None if not kept else kept[0] if len(kept) == 1 else kept
 
 

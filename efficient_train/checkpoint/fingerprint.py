@@ -29,6 +29,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from efficient_train.sharding import mesh_axes
+
 _MULTIPLIERS = (0x9E3779B1, 0x85EBCA77)
 _OFFSETS = (0x27D4EB2F, 0x165667B1)
 _HOST_CHUNK_BYTES = 1 << 24
@@ -91,16 +93,15 @@ def _halving_sum(values: jax.Array) -> jax.Array:
     return total
 
 
-def _mesh_axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
+def _block_sums_on_device(block: jax.Array, starts: tuple, global_shape: tuple[int, ...]) -> jax.Array:
+    """[2]: the two sums over a block at `starts` of a global array."""
+    return jnp.stack([_halving_sum(p) for p in _weighted_words(block, starts, global_shape)])
 
 
 def _per_device_sums(x: jax.Array, sharding: NamedSharding) -> jax.Array:
     """[devices, 2]: each device's sums over its own block; replicas other than the first give 0."""
     mesh = sharding.mesh
-    dims = [_mesh_axes(e) for e in sharding.spec] + [()] * (x.ndim - len(sharding.spec))
+    dims = [mesh_axes(e) for e in sharding.spec] + [()] * (x.ndim - len(sharding.spec))
     used = {name for axes in dims for name in axes}
 
     def on_shard(block: jax.Array) -> jax.Array:
@@ -110,7 +111,7 @@ def _per_device_sums(x: jax.Array, sharding: NamedSharding) -> jax.Array:
             for name in axes:  # the first named axis is the most significant
                 shard = shard * np.uint32(mesh.shape[name]) + jax.lax.axis_index(name).astype(jnp.uint32)
             starts.append(shard * np.uint32(size))
-        sums = jnp.stack([_halving_sum(p) for p in _weighted_words(block, tuple(starts), x.shape)])
+        sums = _block_sums_on_device(block, tuple(starts), x.shape)
         first_replica = jnp.ones((), jnp.bool_)
         for name in mesh.axis_names:
             if name not in used:
@@ -123,7 +124,7 @@ def _per_device_sums(x: jax.Array, sharding: NamedSharding) -> jax.Array:
 
 
 def _whole_sums(x: jax.Array) -> jax.Array:
-    return jnp.stack([_halving_sum(p) for p in _weighted_words(x, (np.uint32(0),) * x.ndim, x.shape)])[None]
+    return _block_sums_on_device(x, (np.uint32(0),) * x.ndim, x.shape)[None]
 
 
 @functools.partial(jax.jit, static_argnums=1)

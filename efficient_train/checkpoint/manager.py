@@ -12,8 +12,9 @@ On top of that this module adds `metadata.json` (metadata.py) with a fingerprint
 leaf (fingerprint.py), written as one more item of the same Orbax step so it commits
 with the arrays. Its fingerprints are dispatched to the devices right after Orbax has
 taken its copy of the arrays and are fetched in Orbax's background commit, so `save()`
-holds training only for that copy and a few dispatches. Restore verifies every leaf and, when the newest step is damaged, says
-so loudly and falls back to the previous step that verifies. Steps written leaf by leaf by tools (writer.py) restore the same way.
+holds training only for that copy and a few dispatches. Restore verifies every leaf
+and, when the newest step is damaged, says so loudly and falls back to the previous
+step that verifies. Steps written leaf by leaf by tools (writer.py) restore the same way.
 
 Restoring builds its targets from the *current* program's abstract state (shapes,
 dtypes and shardings of this mesh), so any mesh loads any checkpoint.
@@ -57,7 +58,8 @@ class _DeferredJsonHandler(ocp.JsonCheckpointHandler):
     """`metadata.json` produced inside the background commit, not when the save starts.
 
     The fingerprints in it are device reductions, fetched here while Orbax writes the
-    arrays, so training is not held for them. The step is committed only after this file is written.
+    arrays, so training is not held for them. The step is committed only after this
+    file is written.
     """
 
     async def async_save(self, directory: Any, item: Any = None, args: Any = None) -> list:

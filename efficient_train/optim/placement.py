@@ -33,6 +33,7 @@ from efficient_train.optim.compressed import (
     local_extent_is_aligned,
 )
 from efficient_train.optim.quant import Quantized
+from efficient_train.sharding import mesh_axes
 
 HOST = "pinned_host"
 DEVICE = "device"
@@ -64,9 +65,7 @@ def state_shardings(abstract_state: Any, param_shardings: Any, *, offload: bool 
     def fitted(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
         """The parameter's spec, the last axis left whole where its mesh axes do not divide it."""
         entries = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
-        last = entries[-1]
-        axes = () if last is None else (last,) if isinstance(last, str) else tuple(last)
-        if shape[-1] % math.prod(sharding.mesh.shape[axis] for axis in axes):
+        if shape[-1] % math.prod(sharding.mesh.shape[axis] for axis in mesh_axes(entries[-1])):
             entries[-1] = None
         return place(NamedSharding(sharding.mesh, P(*entries)))
 
