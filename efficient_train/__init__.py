@@ -18,7 +18,7 @@ _HOME = {
     "Hook": "efficient_train.train", "Trainer": "efficient_train.train", "TrainState": "efficient_train.train",
     "next_token_loss": "efficient_train.train",
 }
-__all__ = sorted(_HOME)
+__all__ = ["ConfigError", "Hook", "TrainState", "Trainer", "get_config", "next_token_loss", "validate"]
 
 if TYPE_CHECKING:
     from efficient_train.config import ConfigError, get_config, validate
