@@ -13,8 +13,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # training loops): with `--dist loadfile` the suite ends when its last file does, so a
 # long file started last leaves the other worker idle.
 SLOW_FILES_FIRST = (
-    "test_checkpoint_processes.py", "test_zero.py", "test_checkpoint.py", "test_optim_training.py",
-    "test_sequence_parallel.py", "test_multihost.py", "test_trainer.py", "test_checkpoint_convert.py",
+    "test_checkpoint.py", "test_checkpoint_processes.py", "test_zero.py", "test_optim_sharding.py",
+    "test_checkpoint_convert.py", "test_sequence_parallel.py", "test_optim_training.py", "test_flash_attention.py",
+    "test_rms_norm.py", "test_multihost.py", "test_model.py", "test_trainer.py",
 )
 
 
