@@ -198,7 +198,16 @@ def device_fingerprint(x: jax.Array) -> str:
 
 
 def _block_sums(block: np.ndarray, starts: Sequence[int], global_shape: Sequence[int]) -> np.ndarray:
-    """The two sums over a block at `starts` of a global array, with numpy, 16 MiB at a time."""
+    """The two sums over a block at `starts` of a global array, with numpy, 16 MiB at a time.
+
+    No weight per element: with m and o odd, (i * m + o) | 1 equals i * m + o + (i & 1)
+    (for even i the value is already odd; for odd i `| 1` adds one), so each sum is
+    m * S1 + o * S0 + S_odd over S0 = sum(word), S1 = sum(word * i) and S_odd = the sum
+    of the words at odd flat indices i. With the block seen as rows of its last axis,
+    i = (the row's first index) + column, so all three follow from the row sums and the
+    column sums (column sums split by the parity of the row's first index): two
+    reductions per chunk, all modulo 2**32.
+    """
     if block.ndim == 0:  # a scalar is word 0 of a one-word array
         block, starts, global_shape = block.reshape(1), (0,), (1,)
     words = np.ascontiguousarray(block).view(_WORD[_word_type(block.dtype)][1])
@@ -212,15 +221,27 @@ def _block_sums(block: np.ndarray, starts: Sequence[int], global_shape: Sequence
     rows = words.reshape(-1, words.shape[-1])
     width = min(rows.shape[1], _HOST_CHUNK_BYTES // 4)
     height = max(1, _HOST_CHUNK_BYTES // 4 // width)
-    sums = np.zeros(2, np.uint32)
+    s0 = s1 = odd = 0
     for top in range(0, rows.shape[0], height):
         for left in range(0, rows.shape[1], width):
-            chunk = rows[top:top + height, left:left + width].astype(np.uint32)
-            columns = np.arange(left, left + chunk.shape[1], dtype=np.uint64)
-            index = (row_starts[top:top + height, None] + columns[None, :]).astype(np.uint32)
-            sums += np.array([np.sum(chunk * ((index * np.uint32(m) + np.uint32(o)) | np.uint32(1)), dtype=np.uint32)
-                              for m, o in zip(_MULTIPLIERS, _OFFSETS)])  # array adds wrap without a warning
-    return sums
+            chunk = rows[top:top + height, left:left + width]
+            firsts = row_starts[top:top + height] + np.uint64(left)  # array arithmetic wraps without a warning
+            row_sums = np.sum(chunk, axis=1, dtype=np.uint32)
+            column_sums = np.sum(chunk, axis=0, dtype=np.uint32).astype(np.uint64)
+            odd_rows = (firsts & np.uint64(1)).astype(bool)  # rows whose first word sits at an odd index
+            if odd_rows.all():
+                from_odd_rows = column_sums
+            elif odd_rows.any():
+                from_odd_rows = np.sum(chunk[odd_rows], axis=0, dtype=np.uint32).astype(np.uint64)
+            else:
+                from_odd_rows = np.zeros_like(column_sums)
+            columns = np.arange(chunk.shape[1], dtype=np.uint64)
+            s0 += int(np.sum(row_sums, dtype=np.uint64))
+            s1 += int(np.sum(firsts * row_sums, dtype=np.uint64)) + int(np.sum(columns * column_sums, dtype=np.uint64))
+            # Odd index: an odd column of a row that starts even, an even column of one that starts odd.
+            odd += int(np.sum((column_sums - from_odd_rows)[1::2], dtype=np.uint64))
+            odd += int(np.sum(from_odd_rows[0::2], dtype=np.uint64))
+    return np.array([(s1 * m + s0 * o + odd) % 2**32 for m, o in zip(_MULTIPLIERS, _OFFSETS)], np.uint32)
 
 
 def _host_memory_sums(x: jax.Array) -> np.ndarray:
