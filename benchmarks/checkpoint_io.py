@@ -10,7 +10,9 @@ Checkpointer (Orbax + fingerprints + metadata). Baselines measured in the same r
 - async blocking: how long `save()` holds the caller with async on, against the whole
   synchronous save (target <= 10%);
 - restore onto a different mesh (data=2 x tensor=4, other dims sharded) against
-  restore onto the mesh it was saved from (target <= 1.5x).
+  restore onto the mesh it was saved from (target <= 1.5x);
+- `checkpoint verify` (every leaf read back and fingerprinted with numpy) against
+  reading the plain write's files back with numpy.
 
 Every timing starts after `os.sync()`, one untimed round compiles first, and each
 ratio is the median over rounds of that round's own ratio.
@@ -49,6 +51,7 @@ def main() -> None:
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from efficient_train.checkpoint import Checkpointer, leaf_paths
+    from efficient_train.checkpoint.verify import verify_step
 
     hidden = 1024
     layer_bytes = 12 * hidden * hidden * 4
@@ -68,8 +71,9 @@ def main() -> None:
     total_bytes = sum(x.nbytes for x in state.values())
     root = tempfile.mkdtemp(prefix="ckpt_bench_", dir=args.dir)
 
-    def plain_write() -> float:
-        directory = tempfile.mkdtemp(dir=root)
+    def plain_write(keep: bool = False) -> float:
+        directory = os.path.join(root, "plain") if keep else tempfile.mkdtemp(dir=root)
+        os.makedirs(directory, exist_ok=True)
         os.sync()  # every timing starts with no earlier run's dirty pages in flight
         start = time.perf_counter()
         for path, leaf in leaf_paths(state):
@@ -78,7 +82,21 @@ def main() -> None:
                 f.flush()
                 os.fsync(f.fileno())
         elapsed = time.perf_counter() - start
-        shutil.rmtree(directory)
+        if not keep:
+            shutil.rmtree(directory)
+        return elapsed
+
+    def plain_read() -> float:
+        start = time.perf_counter()
+        for name in sorted(os.listdir(os.path.join(root, "plain"))):
+            np.load(os.path.join(root, "plain", name))
+        return time.perf_counter() - start
+
+    def verify() -> float:
+        start = time.perf_counter()
+        problems = verify_step(reader.step_dir(1))
+        elapsed = time.perf_counter() - start
+        assert not problems, problems
         return elapsed
 
     def our_save(async_save: bool) -> tuple[float, float]:
@@ -117,11 +135,15 @@ def main() -> None:
     restore(saved_mesh, saved_specs)  # warm-up
     if cross_mesh:
         restore(other_mesh, other_specs)
-    same, other = [], []
+    plain_write(keep=True)
+    plain_read(), verify()  # warm-up
+    same, other, reads, verifies = [], [], [], []
     for _ in range(args.repeats):
         same.append(restore(saved_mesh, saved_specs))
         if cross_mesh:
             other.append(restore(other_mesh, other_specs))
+        reads.append(plain_read())
+        verifies.append(verify())
     shutil.rmtree(root)
 
     # Ratios are taken within each round (its measurements ran back to back) and then
@@ -132,6 +154,7 @@ def main() -> None:
     async_throughput = median(p / w for p, w in zip(plain, async_whole))
     blocking_rounds = [b / s for b, s in zip(async_blocked, sync_whole)]
     cross_mesh_rounds = [o / s for o, s in zip(other, same)]
+    verify_rounds = [v / r for v, r in zip(verifies, reads)]
     throughput, blocking = median(throughput_rounds), median(blocking_rounds)
     print(f"state: {total_bytes / 2**20:.0f} MiB in {len(shapes)} leaves, {args.devices} {jax.devices()[0].platform} devices; "
           f"medians of {args.repeats} rounds")
@@ -144,7 +167,10 @@ def main() -> None:
     print(f"restore, same mesh     {median(same):7.3f} s")
     if cross_mesh:
         print(f"restore, other mesh    {median(other):7.3f} s  ratio {median(cross_mesh_rounds):.2f} (target <= 1.5)")
-    for name, rounds in (("throughput", throughput_rounds), ("blocking", blocking_rounds), ("cross-mesh", cross_mesh_rounds)):
+    print(f"checkpoint verify      {median(verifies):7.3f} s  {gb / median(verifies):6.2f} GB/s  "
+          f"against a numpy read of the plain files {median(verify_rounds):.2f}x ({median(reads):.3f} s)")
+    for name, rounds in (("throughput", throughput_rounds), ("blocking", blocking_rounds), ("cross-mesh", cross_mesh_rounds),
+                         ("verify", verify_rounds)):
         if rounds:
             print(f"{name:<11} per round: {' '.join(f'{r:.3f}' for r in rounds)}")
 
