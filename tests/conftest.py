@@ -1,13 +1,24 @@
-"""Test set-up: 8 simulated CPU devices, set before jax is first imported.
+"""Test set-up: 8 simulated CPU devices, set before jax is first imported, and one XLA
+compilation cache for the whole run.
 
 A test that needs another device count (or several processes) runs in a subprocess.
+The suite builds the same small trainer dozens of times, in both pytest workers and in
+the processes tests start; they all inherit this environment, so after the first
+build a compile is a cache read. The cache lives in a fresh directory per run (made by
+the first process to load this file, pytest's controller), removed at the end.
 """
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="efficient_train_xla_cache_")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 # The slowest files first (multi-process runs, single-device reference subprocesses,
 # training loops): with `--dist loadfile` the suite ends when its last file does, so a
@@ -22,3 +33,8 @@ SLOW_FILES_FIRST = (
 def pytest_collection_modifyitems(config, items):
     rank = {name: position for position, name in enumerate(SLOW_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
