@@ -98,3 +98,14 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, field):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and field in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_help_and_config_errors_answer_without_importing_jax():
+    """`--help` and a refused flag need neither jax nor Orbax (a second of imports)."""
+    probe = ("import sys; from efficient_train.cli import main\n"
+             "for argv in (['--help'], ['train', '--config.nope=1'], ['checkpoint', '--help']):\n"
+             "    try: main(argv)\n"
+             "    except SystemExit: pass\n"
+             "print(sorted(m for m in ('jax', 'orbax', 'flax') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
