@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -40,6 +41,18 @@ def _steps(workdir: str) -> list[int]:
 KILLS = 24
 
 
+def _line(process: subprocess.Popen, timeout: float = 120) -> str:
+    """The process's next line of output; "" if it gave none within `timeout` s (then it is killed).
+
+    Its stdout must be unbuffered (bufsize=0): a buffered reader could hold the next line
+    already while `select` waits on the pipe for more.
+    """
+    if not select.select([process.stdout], [], [], timeout)[0]:
+        process.kill()
+        return ""
+    return process.stdout.readline().decode()
+
+
 def _orbax_leftovers(directory: str) -> list[str]:
     return [name for name in os.listdir(directory) if ".orbax-checkpoint-tmp" in name]
 
@@ -57,9 +70,8 @@ def test_sigkill_during_async_saves_never_lists_a_broken_step(tmp_path):
     for kill in range(KILLS):
         with open(tmp_path / "stderr.txt", "w") as stderr:
             process = subprocess.Popen([sys.executable, "-m", "tests.async_save_worker", directory], cwd=ROOT, env=env,
-                                       stdout=subprocess.PIPE, stderr=stderr, text=True)
-            resumed = process.stdout.readline()
-            first_save = process.stdout.readline()
+                                       stdout=subprocess.PIPE, stderr=stderr, bufsize=0)
+            resumed, first_save = _line(process), _line(process)
             assert resumed == f"resumed {newest}\n" and first_save.startswith("saving"), (
                 kill, resumed, first_save, (tmp_path / "stderr.txt").read_text()[-2000:])
             time.sleep(rng.uniform(0.0, 0.8))
@@ -95,6 +107,7 @@ def test_training_killed_with_sigkill_resumes_bit_exactly(tmp_path):
         deadline = time.time() + 120
         while time.time() < deadline and max(_losses(killed), default=0) < after_step:
             time.sleep(0.02)
+        assert process.poll() is None, "the run ended before it was killed"
         process.send_signal(signal.SIGKILL)
         process.wait()
         assert max(_losses(killed)) < steps, "the run finished before it could be killed"
