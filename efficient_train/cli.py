@@ -24,7 +24,7 @@ import os
 import sys
 from typing import Sequence
 
-from efficient_train.checkpoint.metadata import CheckpointError
+from efficient_train.checkpoint.metadata import CheckpointError, CheckpointWriteError
 from efficient_train.config import MESH_AXES, ConfigError, apply_overrides, get_config, parse_mesh_flag
 
 
@@ -179,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(f"--devices: {devices} must be a positive integer")
             _simulate_devices(devices)
         return _train(args, config) if args.command == "train" else _estimate(config, args.json)
+    except CheckpointWriteError as error:  # not bad input: the disk or the filesystem failed
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except (ConfigError, UsageError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

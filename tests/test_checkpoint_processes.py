@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import select
 import signal
 import subprocess
@@ -53,8 +54,9 @@ def _line(process: subprocess.Popen, timeout: float = 120) -> str:
     return process.stdout.readline().decode()
 
 
-def _orbax_leftovers(directory: str) -> list[str]:
-    return [name for name in os.listdir(directory) if ".orbax-checkpoint-tmp" in name]
+def _unfinished_steps(directory: str) -> list[int]:
+    """Steps whose write was cut short: Orbax's temporary directories ("7.orbax-checkpoint-tmp")."""
+    return [int(name.split(".")[0]) for name in os.listdir(directory) if ".orbax-checkpoint-tmp" in name]
 
 
 @pytest.mark.slow
@@ -77,7 +79,7 @@ def test_sigkill_during_async_saves_never_lists_a_broken_step(tmp_path):
             time.sleep(rng.uniform(0.0, 0.8))
             process.send_signal(signal.SIGKILL)
             process.wait()
-        interrupted_writes += bool(_orbax_leftovers(directory))
+        interrupted_writes += any(step > newest for step in _unfinished_steps(directory))  # this process's
         listed = _steps_in(directory)
         for step in listed:
             problems = verify_step(os.path.join(directory, str(step)))
@@ -165,3 +167,67 @@ def test_saved_by_two_processes_restores_on_one_and_on_two(tmp_path):
                               "--config.zero_stage=2"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout and _steps(workdir)[-1] == 5
+
+
+_FAILING_WRITE = """
+import resource, signal, sys
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from efficient_train.checkpoint import Checkpointer, CheckpointWriteError
+mesh = jax.make_mesh((8,), ("data",))
+state = {"w": jax.device_put(jnp.arange(1 << 20, dtype=jnp.float32), NamedSharding(mesh, P("data")))}
+saving = dict(model={}, mesh={"data": 8}, zero_stage=3, optimizer={}, data=None, seed=0)
+checkpointer = Checkpointer(sys.argv[1], keep=0, keep_every=0, async_save=True)
+checkpointer.save(1, state, **saving)
+checkpointer.wait()
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails (EFBIG) instead of killing us
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 18, hard))  # no file may grow past 256 KiB: the 4 MiB leaf's may not
+checkpointer.save(2, state, **saving)
+print("save 2 returned", flush=True)
+try:
+    checkpointer.save(3, state, **saving)
+    print("save 3 returned")
+except CheckpointWriteError as error:
+    print("save 3 raised:", error)
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+print("steps", checkpointer.steps())
+checkpointer.save(4, state, **saving)
+checkpointer.wait()
+print("steps", checkpointer.steps())
+"""
+
+
+def _limit_file_size() -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 18, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def test_a_failed_background_write_surfaces_at_the_next_save(tmp_path):
+    """A real write failure (files may not grow past 256 KiB: EFBIG from the kernel) in an
+    async save: save() returns, the next save() raises naming the step, that step is never
+    listed, the earlier step still verifies, and saving works again once the disk does."""
+    directory = str(tmp_path / "checkpoints")
+    env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # its writes would meet the limit too
+    run = subprocess.run([sys.executable, "-c", _FAILING_WRITE, directory], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert lines[0] == "save 2 returned"
+    assert lines[1].startswith("save 3 raised: step 2 was not saved, writing it failed (newest saved step: 1)"), lines
+    assert "File too large" in lines[1]
+    assert lines[2:] == ["steps [1]", "steps [1, 4]"]
+    for step in (1, 4):
+        assert verify_step(os.path.join(directory, str(step))) == []
+    assert _steps_in(directory) == [1, 4]
+
+    # The command line: the run stops with one error line naming the step, exit code 1.
+    workdir = str(tmp_path / "train")
+    train = subprocess.run([sys.executable, "-m", "efficient_train.cli", "train", "--devices", "8", "--workdir", workdir,
+                            *SMALL, "--config.train.steps=4", "--config.checkpoint.every=2", "--config.mesh.data=8"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size)
+    assert train.returncode == 1, train.stderr[-3000:]
+    last = train.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: step 2 was not saved, writing it failed") and "File too large" in last, last
+    assert _steps(workdir) == []

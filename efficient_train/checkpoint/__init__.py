@@ -11,15 +11,18 @@ from typing import TYPE_CHECKING
 from efficient_train.lazy import lazy_attributes
 
 __all__ = [
-    "FORMAT_VERSION", "CheckpointError", "CheckpointMetadata", "Checkpointer", "DamagedCheckpoint",
+    "FORMAT_VERSION", "CheckpointError", "CheckpointMetadata", "CheckpointWriteError", "Checkpointer", "DamagedCheckpoint",
     "leaf_paths", "read_metadata",
 ]
 __getattr__, __dir__ = lazy_attributes(__name__, {
     **dict.fromkeys(["Checkpointer", "DamagedCheckpoint", "leaf_paths", "read_metadata"],
                     "efficient_train.checkpoint.manager"),
-    **dict.fromkeys(["FORMAT_VERSION", "CheckpointError", "CheckpointMetadata"], "efficient_train.checkpoint.metadata"),
+    **dict.fromkeys(["FORMAT_VERSION", "CheckpointError", "CheckpointMetadata", "CheckpointWriteError"],
+                    "efficient_train.checkpoint.metadata"),
 })
 
 if TYPE_CHECKING:
     from efficient_train.checkpoint.manager import Checkpointer, DamagedCheckpoint, leaf_paths, read_metadata
-    from efficient_train.checkpoint.metadata import FORMAT_VERSION, CheckpointError, CheckpointMetadata
+    from efficient_train.checkpoint.metadata import (
+        FORMAT_VERSION, CheckpointError, CheckpointMetadata, CheckpointWriteError,
+    )

@@ -38,6 +38,7 @@ from efficient_train.checkpoint.metadata import (
     FORMAT_VERSION,
     CheckpointError,
     CheckpointMetadata,
+    CheckpointWriteError,
     LeafRecord,
     check_model_matches,
 )
@@ -136,6 +137,7 @@ class Checkpointer:
                 METADATA_ITEM: _DeferredJsonHandler(filename=METADATA_FILE),
             },
         )
+        self._writing: int | None = None  # the step of the save in flight
         self._empty_trash()
 
     def _empty_trash(self) -> None:
@@ -152,7 +154,12 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, *, model: dict, mesh: dict, zero_stage: int, optimizer: dict,
              data: dict | None, seed: int) -> None:
-        """Start saving `state` as step `step`; returns once the bytes are being written."""
+        """Start saving `state` as step `step`; returns once the bytes are being written.
+
+        Waits for the previous save first, and raises CheckpointWriteError if that one
+        failed (this step is then not started).
+        """
+        self.wait()
         self._empty_trash()
         paths, arrays = zip(*leaf_paths(state))
         # An async save dispatches the fingerprints once Orbax has taken its copy of the
@@ -177,16 +184,28 @@ class Checkpointer:
                 ),
                 force=True,
             )
+            self._writing = step
             if not fetch_fingerprints.done():
                 fetch_fingerprints.set_result(start_fingerprints(arrays))
         except BaseException as error:  # never leave a background commit waiting
             if not fetch_fingerprints.done():
                 fetch_fingerprints.set_exception(error)
+            if not self._async and isinstance(error, Exception):  # a sync save writes inside save()
+                raise self._write_error(step, error) from error
             raise
 
     def wait(self) -> None:
-        """Block until the background save is committed; raises its error if it failed."""
-        self._manager.wait_until_finished()
+        """Block until the background save is committed; raises CheckpointWriteError if it failed."""
+        step, self._writing = self._writing, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:
+            raise self._write_error(step, error) from error
+
+    def _write_error(self, step: int | None, error: Exception) -> CheckpointWriteError:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return CheckpointWriteError(f"step {step} was not saved, writing it failed "
+                                    f"(newest saved step: {max(self.steps(), default=None)}): {detail}")
 
     def close(self) -> None:
         self._manager.close()

@@ -18,6 +18,11 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used as asked, phrased as one line."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A save whose background write failed (disk full, I/O error): that step was never
+    committed, and the steps before it are untouched."""
+
+
 @dataclasses.dataclass(frozen=True)
 class LeafRecord:
     shape: tuple[int, ...]

@@ -214,44 +214,46 @@ class Trainer:
         peak = peak_tflops(jax.devices()[0])
         seq_len = self.config.data.seq_len
         progress = tqdm(total=train.steps, initial=int(self.state.step), disable=not self.is_main, dynamic_ncols=True)
-        record: dict[str, Any] = {"step": int(self.state.step)}
-        interval_start, interval_steps = time.perf_counter(), 0
-        while int(self.state.step) < train.steps:
-            metrics = self.step()
-            step = int(self.state.step)
-            interval_steps += 1
-            progress.update(1)
-            preempted = self._preemption_requested()
-            if preempted or step == train.steps or (every and step % every == 0):
-                self.save()
-            due_hooks = [hook for hook in self.hooks if step % hook.every == 0]
-            if step % train.log_every and step != train.steps and not due_hooks and not preempted:
-                continue
-            fetched = {name: float(value) for name, value in jax.device_get(metrics).items()}
-            elapsed = time.perf_counter() - interval_start
-            record = {"step": step, **fetched}
-            record.update(
-                throughput(
-                    tokens_per_step=self.tokens_per_step,
-                    step_time_s=elapsed / interval_steps,
-                    flops_per_token=self.program.flops_per_token(seq_len),
-                    num_devices=jax.device_count(),
-                    peak=peak,
-                )
-            )
-            self.writer.write(record)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-            if self.is_main:
-                progress.write(
-                    f"step {step:>6} | loss {record['loss']:.4f} | grad_norm {record['grad_norm']:.3f} | "
-                    f"lr {record['lr']:.2e} | {record['tokens_per_sec']:.0f} tok/s"
-                )
-            for hook in due_hooks:
-                hook.fn(self, step, record)
+        try:  # an error (a failed save included) leaves a closed bar and file, so it is the last thing printed
+            record: dict[str, Any] = {"step": int(self.state.step)}
             interval_start, interval_steps = time.perf_counter(), 0
-            if preempted:
-                self.writer.write({"event": "preempted", "step": step})
-                break
-        progress.close()
-        self.writer.close()
+            while int(self.state.step) < train.steps:
+                metrics = self.step()
+                step = int(self.state.step)
+                interval_steps += 1
+                progress.update(1)
+                preempted = self._preemption_requested()
+                if preempted or step == train.steps or (every and step % every == 0):
+                    self.save()
+                due_hooks = [hook for hook in self.hooks if step % hook.every == 0]
+                if step % train.log_every and step != train.steps and not due_hooks and not preempted:
+                    continue
+                fetched = {name: float(value) for name, value in jax.device_get(metrics).items()}
+                elapsed = time.perf_counter() - interval_start
+                record = {"step": step, **fetched}
+                record.update(
+                    throughput(
+                        tokens_per_step=self.tokens_per_step,
+                        step_time_s=elapsed / interval_steps,
+                        flops_per_token=self.program.flops_per_token(seq_len),
+                        num_devices=jax.device_count(),
+                        peak=peak,
+                    )
+                )
+                self.writer.write(record)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+                if self.is_main:
+                    progress.write(
+                        f"step {step:>6} | loss {record['loss']:.4f} | grad_norm {record['grad_norm']:.3f} | "
+                        f"lr {record['lr']:.2e} | {record['tokens_per_sec']:.0f} tok/s"
+                    )
+                for hook in due_hooks:
+                    hook.fn(self, step, record)
+                interval_start, interval_steps = time.perf_counter(), 0
+                if preempted:
+                    self.writer.write({"event": "preempted", "step": step})
+                    break
+        finally:
+            progress.close()
+            self.writer.close()
         return record
