@@ -147,7 +147,12 @@ class Checkpointer:
                 shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
 
     def steps(self) -> list[int]:
-        return sorted(self._manager.all_steps())
+        """The committed steps, read from the directory: a step's directory gets its final
+        name only when it is complete. (Orbax's own list also holds a save still in flight.)"""
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(int(name) for name in os.listdir(self.directory)
+                      if name.isdigit() and os.path.isdir(os.path.join(self.directory, name)))
 
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
