@@ -73,9 +73,13 @@ def test_sigkill_during_async_saves_never_lists_a_broken_step(tmp_path):
         with open(tmp_path / "stderr.txt", "w") as stderr:
             process = subprocess.Popen([sys.executable, "-m", "tests.async_save_worker", directory], cwd=ROOT, env=env,
                                        stdout=subprocess.PIPE, stderr=stderr, bufsize=0)
-            resumed, first_save = _line(process), _line(process)
-            assert resumed == f"resumed {newest}\n" and first_save.startswith("saving"), (
-                kill, resumed, first_save, (tmp_path / "stderr.txt").read_text()[-2000:])
+            line = _line(process)
+            assert line == f"resumed {newest}\n", (kill, line, (tmp_path / "stderr.txt").read_text()[-2000:])
+            # "saving N+3" comes once save(N+2) has returned, which waited for N+1 to commit: every
+            # process gets a step in before its kill, however slow its first save (compiles) is.
+            while line != f"saving {newest + 3}\n":
+                line = _line(process)
+                assert line.startswith("saving"), (kill, line, (tmp_path / "stderr.txt").read_text()[-2000:])
             time.sleep(rng.uniform(0.0, 0.8))
             process.send_signal(signal.SIGKILL)
             process.wait()
@@ -86,7 +90,7 @@ def test_sigkill_during_async_saves_never_lists_a_broken_step(tmp_path):
             assert not problems, (kill, step, problems)
         assert max(listed, default=0) >= newest  # a kill never loses the newest committed step
         newest = max(listed, default=0)
-    assert newest >= KILLS // 2  # the processes moved on, each from where the last one was killed
+    assert newest >= KILLS  # the processes moved on, each from where the last one was killed
     # The kills hit writes in progress, not only the quiet moments between them.
     print(f"{interrupted_writes} of {KILLS} kills interrupted a write; newest step {newest}")
     assert interrupted_writes >= KILLS // 3, interrupted_writes
