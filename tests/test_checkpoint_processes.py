@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import resource
 import select
 import signal
 import subprocess
@@ -202,9 +201,10 @@ print("steps", checkpointer.steps())
 """
 
 
-def _limit_file_size() -> None:
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 18, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+# Runs a command with files limited to 64 KiB, less than what the test model's save writes
+# to one data file, and SIGXFSZ ignored (so a write past the limit fails with EFBIG); a
+# shell sets both, where a preexec_fn would fork a threaded process.
+_LIMITED = ["bash", "-c", "trap '' XFSZ; ulimit -f 64; exec \"$@\"", "limited"]
 
 
 def test_a_failed_background_write_surfaces_at_the_next_save(tmp_path):
@@ -229,9 +229,9 @@ def test_a_failed_background_write_surfaces_at_the_next_save(tmp_path):
     # The command line: the run stops with one error line naming the step, exit code 1 (Orbax's
     # own log of the failure, from its threads, may come before or after it).
     workdir = str(tmp_path / "train")
-    train = subprocess.run([sys.executable, "-m", "efficient_train.cli", "train", "--devices", "8", "--workdir", workdir,
-                            *SMALL, "--config.train.steps=4", "--config.checkpoint.every=2", "--config.mesh.data=8"],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size)
+    train = subprocess.run([*_LIMITED, sys.executable, "-m", "efficient_train.cli", "train", "--devices", "8", "--workdir",
+                            workdir, *SMALL, "--config.train.steps=4", "--config.checkpoint.every=2", "--config.mesh.data=8"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert train.returncode == 1, train.stderr[-3000:]
     errors = [line for line in train.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith("error: step 2 was not saved, writing it failed"), train.stderr[-3000:]
