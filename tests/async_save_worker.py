@@ -31,7 +31,6 @@ def initial_state(mesh: jax.sharding.Mesh) -> dict:
     return state
 
 
-@jax.jit
 def _next(state: dict) -> dict:
     step = state["step"] + 1
     noise = jax.random.normal(jax.random.fold_in(jax.random.key(0), step), SHAPES["params"])
@@ -43,13 +42,14 @@ def _next(state: dict) -> dict:
     }
 
 
-update = jax.jit(_next, donate_argnums=0)
+update = jax.jit(_next, donate_argnums=0)  # as a training step: the old state's buffers are reused
+replay = jax.jit(_next)
 
 
 def state_at(mesh: jax.sharding.Mesh, step: int) -> dict:
     state = initial_state(mesh)
     for _ in range(step):
-        state = _next(state)
+        state = replay(state)
     return state
 
 

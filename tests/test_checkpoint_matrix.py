@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from efficient_train.checkpoint import Checkpointer, read_metadata
+from efficient_train.checkpoint import Checkpointer, leaf_paths, read_metadata
+from efficient_train.checkpoint.writer import _nested
 
 MESHES = {  # name: (data, tensor)
     "1": (1, 1),
@@ -46,22 +47,7 @@ def _spec(shape: tuple, mesh: jax.sharding.Mesh) -> P:
 
 
 def _tree(leaves: dict) -> dict:
-    tree: dict = {}
-    for name, value in leaves.items():
-        *parents, last = name.split("/")
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = value
-    return tree
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        out.update(_flat(value, name + "/") if isinstance(value, dict) else {name: value})
-    return out
+    return _nested(list(leaves.items()))
 
 
 def _shardings(mesh: jax.sharding.Mesh) -> dict:
@@ -103,7 +89,7 @@ def test_restores_byte_identically_onto_every_other_mesh(source, saved, host_val
                           for leaf, (shape, dtype) in LEAVES.items()})
         restored, metadata = saved[source].restore_step(1, abstract, model={})
         assert metadata.mesh == dict(_mesh(source).shape)
-        for leaf, array in _flat(restored).items():
+        for leaf, array in leaf_paths(restored):
             assert array.sharding == shardings[leaf], (source, target, leaf)
             np.testing.assert_array_equal(np.asarray(array), host_values[leaf], err_msg=f"{source} -> {target}: {leaf}")
         # Save A, restore on B, save A': the same fingerprints, so the same bytes.
