@@ -17,9 +17,15 @@ import numpy as np
 import pytest
 
 from efficient_train import Hook, Trainer
-from efficient_train.checkpoint import CheckpointError, Checkpointer, leaf_paths, read_metadata
+from efficient_train.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    leaf_paths,
+    read_metadata,
+)
 from efficient_train.checkpoint.manager import metadata_path
 from efficient_train.checkpoint.verify import verify_step
+from tests.subprocess_env import subprocess_env
 from tests.zero_setup import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,7 +101,7 @@ def test_one_device_restore(tmp_path):
         f"c = small_config(**{{'mesh.data': 1, 'zero_stage': 0, 'train.steps': 4}}); c.workdir = {str(tmp_path)!r};"
         "t = Trainer(c); print(json.dumps({'step': int(t.state.step), 'fp': {p: device_fingerprint(x) for p, x in leaf_paths(t.state)}}))"
     )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = subprocess_env(devices=1)
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     restored = json.loads(out.stdout.strip().splitlines()[-1])
     assert restored["step"] == 3 and restored["fp"] == fingerprints
@@ -196,8 +202,7 @@ def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path):
             "--config.model.hidden_size=64", "--config.model.intermediate_size=128", "--config.model.num_layers=2",
             "--config.model.head_dim=16", "--config.train.steps=100000", "--config.train.log_every=1",
             "--config.checkpoint.every=0", "--config.mesh.data=8", "--config.zero_stage=3"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = subprocess_env()
     process = subprocess.Popen([sys.executable, "-m", "efficient_train.cli", "train", *args], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = os.path.join(workdir, "metrics.jsonl")

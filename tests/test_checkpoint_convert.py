@@ -14,13 +14,19 @@ import pytest
 import tensorstore as ts
 
 from efficient_train import Trainer
-from efficient_train.checkpoint import CheckpointError, Checkpointer, leaf_paths, read_metadata
+from efficient_train.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    leaf_paths,
+    read_metadata,
+)
 from efficient_train.checkpoint.convert import convert
 from efficient_train.checkpoint.storage import _spec, read_leaf
 from efficient_train.config import parse_mesh_flag
 from efficient_train.mesh import make_mesh
 from efficient_train.optim.convert import from_fp32, to_fp32
 from efficient_train.train.program import build_program
+from tests.subprocess_env import subprocess_env
 from tests.zero_setup import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,8 +150,7 @@ def test_every_problem_is_reported_before_anything_is_written(tmp_path, trained)
 
 def test_cli_convert_and_its_errors(tmp_path, trained):
     source, _ = trained
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # the command simulates the target mesh's devices itself
+    env = subprocess_env()  # the command simulates the target mesh's devices itself
 
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "efficient_train.cli", "checkpoint", "convert", *args],

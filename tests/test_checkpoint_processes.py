@@ -17,17 +17,13 @@ import pytest
 
 from efficient_train.checkpoint import Checkpointer, read_metadata
 from efficient_train.checkpoint.verify import verify_step
+from tests.subprocess_env import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config.data.source=synthetic", "--config.data.seq_len=32", "--config.model.hidden_size=64",
          "--config.model.intermediate_size=128", "--config.model.num_layers=2", "--config.model.head_dim=16",
          "--config.train.batch_size=16", "--config.train.log_every=1"]
 
-
-def _env() -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    env.pop("XLA_FLAGS", None)
-    return env
 
 
 def _steps_in(directory: str) -> list[int]:
@@ -65,7 +61,7 @@ def test_sigkill_during_async_saves_never_lists_a_broken_step(tmp_path):
     next process resumes from the newest one and finds it bit for bit the state that step
     saved, and training moves on."""
     directory = str(tmp_path / "checkpoints")
-    env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = subprocess_env(devices=8)
     rng = random.Random(0)
     interrupted_writes, newest = 0, 0
     for kill in range(KILLS):
@@ -104,10 +100,10 @@ def test_training_killed_with_sigkill_resumes_bit_exactly(tmp_path):
             f"--config.train.steps={steps}", "--config.checkpoint.every=1", "--config.mesh.data=8",
             "--config.zero_stage=3"]
     straight = str(tmp_path / "straight")
-    subprocess.run([*args, "--workdir", straight], cwd=ROOT, env=_env(), check=True, capture_output=True)
+    subprocess.run([*args, "--workdir", straight], cwd=ROOT, env=subprocess_env(), check=True, capture_output=True)
     killed = str(tmp_path / "killed")
     for after_step in (2, 5):
-        process = subprocess.Popen([*args, "--workdir", killed], cwd=ROOT, env=_env(),
+        process = subprocess.Popen([*args, "--workdir", killed], cwd=ROOT, env=subprocess_env(),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while time.time() < deadline and max(_losses(killed), default=0) < after_step:
@@ -116,7 +112,7 @@ def test_training_killed_with_sigkill_resumes_bit_exactly(tmp_path):
         process.send_signal(signal.SIGKILL)
         process.wait()
         assert max(_losses(killed)) < steps, "the run finished before it could be killed"
-    subprocess.run([*args, "--workdir", killed], cwd=ROOT, env=_env(), check=True, capture_output=True)
+    subprocess.run([*args, "--workdir", killed], cwd=ROOT, env=subprocess_env(), check=True, capture_output=True)
     assert _losses(killed) == _losses(straight)  # bitwise, every step, from whichever process ran it
     last = [read_metadata(os.path.join(w, "checkpoints", str(steps))) for w in (straight, killed)]
     assert {p: r.fingerprint for p, r in last[0].leaves.items()} == {p: r.fingerprint for p, r in last[1].leaves.items()}
@@ -145,7 +141,7 @@ def test_saved_by_two_processes_restores_on_one_and_on_two(tmp_path):
     common = [*SMALL, "--config.train.steps=3", "--config.checkpoint.every=0"]
     saved = subprocess.run(["bash", "scripts/launch_local.sh", "2", "--devices_per_process", "4", "--workdir", workdir,
                             *common, "--config.mesh.data=8", "--config.zero_stage=3"],
-                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+                           cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert saved.returncode == 0, saved.stdout[-2000:] + saved.stderr[-2000:]
     assert _steps(workdir) == [3]
     fingerprints = {leaf: r.fingerprint for leaf, r in read_metadata(os.path.join(workdir, "checkpoints", "3")).leaves.items()}
@@ -157,7 +153,7 @@ def test_saved_by_two_processes_restores_on_one_and_on_two(tmp_path):
         "c = get_config(); apply_overrides(c, _split_overrides(sys.argv[2:])); c.workdir = sys.argv[1];"
         "t = Trainer(c); print(json.dumps({'step': int(t.state.step), 'fp': {p: device_fingerprint(x) for p, x in leaf_paths(t.state)}}))"
     )
-    env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = subprocess_env(devices=2)
     one = subprocess.run([sys.executable, "-c", script, workdir, *common, "--config.mesh.data=2", "--config.zero_stage=1"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
@@ -167,7 +163,7 @@ def test_saved_by_two_processes_restores_on_one_and_on_two(tmp_path):
     # Two processes again, continuing to step 5 from the restored state.
     resumed = subprocess.run(["bash", "scripts/launch_local.sh", "2", "--devices_per_process", "4", "--workdir", workdir,
                               *SMALL, "--config.train.steps=5", "--config.mesh.data=4", "--config.mesh.tensor=2",
-                              "--config.zero_stage=2"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+                              "--config.zero_stage=2"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout and _steps(workdir)[-1] == 5
 
@@ -212,7 +208,7 @@ def test_a_failed_background_write_surfaces_at_the_next_save(tmp_path):
     async save: save() returns, the next save() raises naming the step, that step is never
     listed, the earlier step still verifies, and saving works again once the disk does."""
     directory = str(tmp_path / "checkpoints")
-    env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = subprocess_env(devices=8)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # its writes would meet the limit too
     run = subprocess.run([sys.executable, "-c", _FAILING_WRITE, directory], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)

@@ -7,12 +7,13 @@ import os
 import subprocess
 import sys
 
+from tests.subprocess_env import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _estimate(*args: str) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # the command sizes the simulated devices from the mesh
+    env = subprocess_env()  # the command sizes the simulated devices from the mesh
     out = subprocess.run([sys.executable, "-m", "efficient_train.cli", "estimate", "--json", *args],
                          capture_output=True, text=True, env=env, cwd=ROOT, check=True, timeout=600)
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,7 +1,7 @@
 """Leaf fingerprints: numpy's equals the format's definition computed element by element,
-the device's per-shard computation (and numpy's, for arrays in host memory) equals
-numpy's over the saved bytes on every layout, and any flipped bit or moved element
-changes them."""
+the devices' per-shard programs and numpy's sums of the blocks in place (CPU devices,
+host memory) equal numpy's over the saved bytes on every layout, and any flipped bit or
+moved element changes them."""
 from __future__ import annotations
 
 import threading
@@ -56,14 +56,26 @@ def test_host_fingerprint_is_the_defined_one(dtype, monkeypatch):
         assert host_fingerprint(host) == _by_definition(host), shape
 
 
+WHERE = ["device", "host"]  # "auto" picks "host" on these CPU devices
+
+
+@pytest.mark.parametrize("where", WHERE)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-def test_device_fingerprint_equals_the_host_one_on_every_layout(mesh, dtype):
+def test_device_fingerprint_equals_the_host_one_on_every_layout(mesh, dtype, where):
     for shape, spec in LAYOUTS:
         host = _random(shape, dtype)
         expected = host_fingerprint(host)
-        assert device_fingerprint(jax.device_put(host, NamedSharding(mesh, spec))) == expected, (shape, spec)
+        assert device_fingerprint(jax.device_put(host, NamedSharding(mesh, spec)), where=where) == expected, (shape, spec)
     single = jax.device_put(host, SingleDeviceSharding(jax.devices()[5]))
-    assert device_fingerprint(single) == expected
+    assert device_fingerprint(single, where=where) == expected
+
+
+def test_auto_sums_cpu_arrays_on_the_host_in_place():
+    """On CPU devices "auto" takes numpy views of the blocks (no device program, no copy)."""
+    array = jax.device_put(_random((8, 64), np.float32), NamedSharding(jax.make_mesh((8,), ("data",)), P("data")))
+    (pending,) = fingerprint._dispatch([array], "auto")
+    assert isinstance(pending, fingerprint._HostBlocks)
+    assert [view.ctypes.data for view, _ in pending.blocks] == [s.data.unsafe_buffer_pointer() for s in array.addressable_shards]
 
 
 def test_arrays_in_host_memory_give_the_same_fingerprint(mesh):
@@ -77,28 +89,30 @@ def test_large_shards_summed_in_pieces_give_the_same_fingerprint(mesh, monkeypat
     monkeypatch.setattr(fingerprint, "_PIECE_WORDS", 64)  # shapes below are new to the jit caches
     for shape, spec in [((6, 8, 33), P("data")), ((1, 1, 1001), P()), ((10, 36), P(None, "tensor"))]:
         host = _random(shape, np.float32, seed=3)
-        assert device_fingerprint(jax.device_put(host, NamedSharding(mesh, spec))) == host_fingerprint(host), shape
+        assert device_fingerprint(jax.device_put(host, NamedSharding(mesh, spec)), where="device") == host_fingerprint(host), shape
 
 
-def test_a_flipped_bit_or_swapped_elements_change_both_sums(mesh):
+@pytest.mark.parametrize("where", WHERE)
+def test_a_flipped_bit_or_swapped_elements_change_both_sums(mesh, where):
     host = _random((8, 12), np.float32)
     sharding = NamedSharding(mesh, P("tensor", "data"))
-    original = device_fingerprint(jax.device_put(host, sharding))
+    original = device_fingerprint(jax.device_put(host, sharding), where=where)
     words = host.view(np.uint32)
     for flat_index, bit in [(0, 0), (37, 31), (95, 13)]:
         damaged = words.copy().reshape(-1)
         damaged[flat_index] ^= np.uint32(1 << bit)
-        changed = device_fingerprint(jax.device_put(damaged.reshape(host.shape).view(np.float32), sharding))
+        changed = device_fingerprint(jax.device_put(damaged.reshape(host.shape).view(np.float32), sharding), where=where)
         assert changed[:8] != original[:8] and changed[8:] != original[8:]
     swapped = host.copy()
     swapped[[2, 5]] = swapped[[5, 2]]  # rows that live on different devices
-    assert device_fingerprint(jax.device_put(swapped, sharding)) != original
+    assert device_fingerprint(jax.device_put(swapped, sharding), where=where) != original
 
 
-def test_fingerprints_dispatched_now_are_fetched_from_another_thread(mesh):
+@pytest.mark.parametrize("where", WHERE)
+def test_fingerprints_dispatched_now_are_fetched_from_another_thread(mesh, where):
     arrays = [jax.device_put(_random((8, 64), np.float32, seed), NamedSharding(mesh, P("data", "tensor")))
               for seed in range(3)] + [jax.device_put(np.zeros((0, 4), np.float32), NamedSharding(mesh, P()))]
-    fetch = start_fingerprints(arrays)
+    fetch = start_fingerprints(arrays, where=where)
     fetched = []
     worker = threading.Thread(target=lambda: fetched.extend(fetch()))
     worker.start()

@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests.subprocess_env import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = [
     "--config.data.source=synthetic", "--config.data.seq_len=32", "--config.model.hidden_size=64",
@@ -26,8 +28,7 @@ def _losses(workdir: str) -> list[float]:
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    env.pop("XLA_FLAGS", None)
+    env = subprocess_env()
     single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
     subprocess.run([sys.executable, "-m", "efficient_train.cli", "train", "--devices", "8", "--workdir", single, *ARGS],
                    check=True, env=env, cwd=ROOT, capture_output=True, timeout=600)

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import tempfile
 
+from tests.subprocess_env import subprocess_env
+
 STEPS = 5
 
 
@@ -41,7 +43,7 @@ def run_losses(overrides: dict, steps: int = STEPS) -> tuple[list[float], object
 
 
 def losses_in_subprocess(num_devices: int, overrides: dict) -> list[float]:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}", JAX_PLATFORMS="cpu")
+    env = subprocess_env(num_devices)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(
         [sys.executable, "-m", "tests.zero_setup", json.dumps(overrides)],

@@ -3,25 +3,31 @@
 A fingerprint is two position-weighted sums of the array's words (its elements'
 bits read as unsigned integers of the same width) in wrapping uint32 arithmetic.
 Integer addition modulo 2**32 is associative and commutative, so the result does not
-depend on how the array is sharded or in which order devices reduce: the device
-computes it on the sharded global array at save time, and `verify` recomputes it from
+depend on how the array is sharded or in which order devices reduce: a save computes
+it from the sharded global array where it lies, and `verify` recomputes it from
 the bytes on disk with numpy, chunk by chunk (bounded host memory). Every weight is
 odd and a flipped bit changes its word by a power of two below 2**32, so flipping any
 single bit changes both sums.
 
-On device every shard is summed where it lives (`shard_map`: each device weights its
-own block by the global flat index of its elements) and the host adds the devices'
-rows; there is no collective, for the reason `start_fingerprints` gives. Each block is
-reduced by halving it with elementwise adds along each axis, for speed: XLA's CPU
-backend runs a plain integer `reduce` about five times slower than a float one, while
-the halving adds vectorize. Arrays without a mesh sharding must be whole on every
-device (one device, or replicated). Arrays in host memory (optimizer offload) are
-summed shard by shard with numpy, the same code that `verify` runs on the saved bytes.
+Who sums: on accelerators, the devices. Every shard is summed where it lives
+(`shard_map`: each device weights its own block by the global flat index of its
+elements) and the host adds the devices' rows; there is no collective, for the reason
+`start_fingerprints` gives. Each block is reduced by halving it with elementwise adds
+along each axis, for speed: XLA's CPU backend runs a plain integer `reduce` about five
+times slower than a float one, while the halving adds vectorize. Arrays without a mesh
+sharding must be whole on every device (one device, or replicated). On CPU devices and
+for arrays in host memory (optimizer offload), numpy sums each block in place, with the
+code `verify` runs on the saved bytes: there the device is the host, numpy's algebra
+reads each word once, and the work can wait for a save's background commit, while a
+device program would run one device's share in the calling thread.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import functools
-from typing import Callable, Sequence
+import os
+from typing import Callable, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -133,17 +139,45 @@ def _sums_program(arrays: tuple[jax.Array, ...], shardings: tuple[NamedSharding 
     return tuple(_whole_sums(x) if s is None else _per_device_sums(x, s) for x, s in zip(arrays, shardings))
 
 
-def _dispatch(arrays: Sequence[jax.Array]) -> list[jax.Array | np.ndarray | None]:
-    """Per array: its sums' rows on device ([devices, 2] or [1, 2]), this process's sums
-    already on the host (host-memory arrays), or None for an empty array."""
+Where = Literal["auto", "device", "host"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _HostBlocks:
+    """This process's first-replica blocks of an array, as numpy views, summed when fetched."""
+
+    blocks: tuple[tuple[np.ndarray, tuple[int, ...]], ...]
+    global_shape: tuple[int, ...]
+
+
+def _host_blocks(x: jax.Array) -> _HostBlocks:
+    """Views of the blocks where they lie: on CPU devices and in host memory, numpy reads
+    the buffer itself (no copy). A view keeps its buffer alive and out of donation, so the
+    bytes cannot change before the sums are taken."""
+    blocks = tuple((np.asarray(shard.data), tuple(index.start or 0 for index in shard.index))
+                   for shard in x.addressable_shards if shard.replica_id == 0)
+    return _HostBlocks(blocks, tuple(x.shape))
+
+
+def _sums_on_host(x: jax.Array, where: Where) -> bool:
+    if x.sharding.memory_kind in _HOST_MEMORY_KINDS:
+        return True  # device programs cannot take host-memory arrays beside device ones
+    if where == "auto":
+        return next(iter(x.sharding.device_set)).platform == "cpu"
+    return where == "host"
+
+
+def _dispatch(arrays: Sequence[jax.Array], where: Where) -> list[jax.Array | _HostBlocks | None]:
+    """Per array: its sums' rows on device ([devices, 2] or [1, 2]), its blocks to sum on
+    the host, or None for an empty array."""
     groups: dict[tuple[frozenset, int | None], list[int]] = {}
-    pending: list[jax.Array | np.ndarray | None] = [None] * len(arrays)
+    pending: list[jax.Array | _HostBlocks | None] = [None] * len(arrays)
     for i, x in enumerate(arrays):
         if not isinstance(x.sharding, NamedSharding) and not x.sharding.is_fully_replicated:
             raise ValueError(f"fingerprint: arrays sharded by {type(x.sharding).__name__} are not supported; "
                              "use a NamedSharding")
-        if x.size and x.sharding.memory_kind in _HOST_MEMORY_KINDS:
-            pending[i] = _host_memory_sums(x)
+        if x.size and _sums_on_host(x, where):
+            pending[i] = _host_blocks(x)
         elif x.size:  # a large array gets a program of its own: XLA runs it faster alone
             alone = i if x.size >= _PIECE_WORDS else None
             groups.setdefault((frozenset(x.sharding.device_set), alone), []).append(i)
@@ -154,10 +188,24 @@ def _dispatch(arrays: Sequence[jax.Array]) -> list[jax.Array | np.ndarray | None
     return pending
 
 
-def _local_sums(partials: jax.Array | np.ndarray) -> np.ndarray:
+def _local_sums(pending: Sequence[jax.Array | _HostBlocks | None]) -> np.ndarray:
+    """[arrays, 2]: this process's share of each array's sums. Host blocks are summed by a
+    few threads (numpy releases the GIL); device rows are fetched and added."""
+    sums = np.zeros((len(pending), 2), np.uint32)
+    jobs = [(i, block, starts, p.global_shape) for i, p in enumerate(pending) if isinstance(p, _HostBlocks)
+            for block, starts in p.blocks]
+    if jobs:
+        with concurrent.futures.ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
+            for (i, *_), block_sums in zip(jobs, pool.map(lambda job: _block_sums(*job[1:]), jobs)):
+                sums[i] += block_sums
+    for i, partials in enumerate(pending):
+        if isinstance(partials, jax.Array):
+            sums[i] = _device_rows_sum(partials)
+    return sums
+
+
+def _device_rows_sum(partials: jax.Array) -> np.ndarray:
     """This process's share of the sums: its devices' rows, or the replicated row on process 0."""
-    if isinstance(partials, np.ndarray):
-        return partials
     if partials.shape[0] == 1:  # one row, replicated: counted once in all
         if jax.process_index() != 0:
             return np.zeros(2, np.uint32)
@@ -170,31 +218,33 @@ def _format(sums: np.ndarray) -> str:
     return "".join(f"{int(s):08x}" for s in sums)
 
 
-def start_fingerprints(arrays: Sequence[jax.Array]) -> Callable[[], list[str]]:
-    """Dispatch every array's fingerprint now; the returned function waits for them.
+def start_fingerprints(arrays: Sequence[jax.Array], *, where: Where = "auto") -> Callable[[], list[str]]:
+    """Start every array's fingerprint now; the returned function waits for them.
+
+    `where` picks who sums: "device" runs device programs, "host" numpy over the
+    blocks in place, "auto" the host for arrays on CPU devices or in host memory (there
+    the device *is* the host, and XLA's CPU client would run one device's share in the
+    calling thread) and the devices otherwise. Host sums are taken when the function is
+    called, so a save does that work in its background commit.
 
     The device programs hold no collective (each device sums its own block and the
     host adds the rows), so any number may be in flight beside the training step
     without a cross-device rendezvous to deadlock on, and the results can be fetched
-    later from any thread. With several processes the rows of the other processes
+    later from any thread. With several processes the sums of the other processes
     are needed too: they are gathered here, before returning, because that gather is
     a collective that every process must issue from its main thread in the same order.
     """
-    pending = _dispatch(arrays)
-
-    def local() -> np.ndarray:
-        return np.stack([np.zeros(2, np.uint32) if p is None else _local_sums(p) for p in pending])
-
+    pending = _dispatch(arrays, where)
     if jax.process_count() > 1:
-        gathered = np.sum(multihost_utils.process_allgather(local()), axis=0, dtype=np.uint32)
+        gathered = np.sum(multihost_utils.process_allgather(_local_sums(pending)), axis=0, dtype=np.uint32)
         fingerprints = [_format(sums) for sums in gathered]
         return lambda: fingerprints
-    return lambda: [_format(sums) for sums in local()]
+    return lambda: [_format(sums) for sums in _local_sums(pending)]
 
 
-def device_fingerprint(x: jax.Array) -> str:
+def device_fingerprint(x: jax.Array, *, where: Where = "auto") -> str:
     """Fingerprint of a (possibly sharded, possibly multi-process) global array."""
-    return start_fingerprints([x])()[0]
+    return start_fingerprints([x], where=where)()[0]
 
 
 def _block_sums(block: np.ndarray, starts: Sequence[int], global_shape: Sequence[int]) -> np.ndarray:
@@ -242,21 +292,6 @@ def _block_sums(block: np.ndarray, starts: Sequence[int], global_shape: Sequence
             odd += int(np.sum((column_sums - from_odd_rows)[1::2], dtype=np.uint64))
             odd += int(np.sum(from_odd_rows[0::2], dtype=np.uint64))
     return np.array([(s1 * m + s0 * o + odd) % 2**32 for m, o in zip(_MULTIPLIERS, _OFFSETS)], np.uint32)
-
-
-def _host_memory_sums(x: jax.Array) -> np.ndarray:
-    """This process's share of the sums of an array kept in host memory (optimizer offload).
-
-    Device programs cannot take such arrays beside device-memory values, and copying
-    them to the device would spend the memory offload saves, so numpy sums each first
-    replica's shard where it lies.
-    """
-    sums = np.zeros(2, np.uint32)
-    for shard in x.addressable_shards:
-        if shard.replica_id == 0:
-            starts = [index.start or 0 for index in shard.index]
-            sums += _block_sums(np.asarray(shard.data), starts, x.shape)
-    return sums
 
 
 def host_fingerprint(array: np.ndarray) -> str:

@@ -10,9 +10,10 @@ before its files are deleted, so a kill mid-deletion never leaves a listed ruin.
 
 On top of that this module adds `metadata.json` (metadata.py) with a fingerprint per
 leaf (fingerprint.py), written as one more item of the same Orbax step so it commits
-with the arrays. Its fingerprints are dispatched to the devices right after Orbax has
-taken its copy of the arrays and are fetched in Orbax's background commit, so `save()`
-holds training only for that copy and a few dispatches. Restore verifies every leaf
+with the arrays. Its fingerprints are started right after Orbax has taken its copy of
+the arrays (device programs dispatched, or, on CPU devices, numpy views of the blocks
+taken) and are finished in Orbax's background commit, so `save()` holds training only
+for that copy and a few dispatches. Restore verifies every leaf
 and, when the newest step is damaged, says so loudly and falls back to the previous
 step that verifies. Steps written leaf by leaf by tools (writer.py) restore the same way.
 
@@ -58,8 +59,9 @@ class DamagedCheckpoint(CheckpointError):
 class _DeferredJsonHandler(ocp.JsonCheckpointHandler):
     """`metadata.json` produced inside the background commit, not when the save starts.
 
-    The fingerprints in it are device reductions, fetched here while Orbax writes the
-    arrays, so training is not held for them. The step is committed only after this
+    Its fingerprints are finished here (device sums fetched, or host blocks summed),
+    in the commit's own thread while Orbax writes the arrays, so training is not held
+    for them. The step is committed only after this
     file is written.
     """
 
@@ -167,9 +169,9 @@ class Checkpointer:
         self.wait()
         self._empty_trash()
         paths, arrays = zip(*leaf_paths(state))
-        # An async save dispatches the fingerprints once Orbax has taken its copy of the
+        # An async save starts the fingerprints once Orbax has taken its copy of the
         # arrays, so that copy does not compete with them, and its background commit
-        # fetches them. A sync save commits inside `_manager.save`: dispatch first.
+        # finishes them. A sync save commits inside `_manager.save`: start first.
         fetch_fingerprints: concurrent.futures.Future = concurrent.futures.Future()
         if not self._async:
             fetch_fingerprints.set_result(start_fingerprints(arrays))
