@@ -180,7 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _simulate_devices(devices)
         return _train(args, config) if args.command == "train" else _estimate(config, args.json)
     except CheckpointWriteError as error:  # not bad input: the disk or the filesystem failed
-        print(f"error: {error}", file=sys.stderr)
+        # Orbax's threads log the failure too and may be mid-line: ours starts a line, in one write.
+        sys.stderr.write(f"\nerror: {error}\n")
+        sys.stderr.flush()
         return 1
     except (ConfigError, UsageError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
