@@ -129,10 +129,15 @@ def _checkpoint(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def with_device_count(xla_flags: str, count: int | None) -> str:
+    """`xla_flags` with its simulated CPU device count replaced by `count` (None: removed)."""
+    flag = "--xla_force_host_platform_device_count"
+    kept = [f for f in xla_flags.split() if not f.startswith(flag)]
+    return " ".join(kept + ([f"{flag}={count}"] if count is not None else []))
+
+
 def _simulate_devices(count: int) -> None:
-    flags = os.environ.get("XLA_FLAGS", "")
-    flags = " ".join(f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count"))
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    os.environ["XLA_FLAGS"] = with_device_count(os.environ.get("XLA_FLAGS", ""), count)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 

@@ -10,12 +10,10 @@ from __future__ import annotations
 import os
 import sys
 
-_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+from efficient_train.cli import with_device_count
 
 
 def subprocess_env(devices: int | None = None) -> dict[str, str]:
-    flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split() if not flag.startswith(_DEVICE_COUNT_FLAG)]
-    if devices is not None:
-        flags.append(f"{_DEVICE_COUNT_FLAG}={devices}")
     path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags), PATH=path)
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=with_device_count(os.environ.get("XLA_FLAGS", ""), devices),
+                PATH=path)

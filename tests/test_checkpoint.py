@@ -17,12 +17,7 @@ import numpy as np
 import pytest
 
 from efficient_train import Hook, Trainer
-from efficient_train.checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    leaf_paths,
-    read_metadata,
-)
+from efficient_train.checkpoint import CheckpointError, Checkpointer, leaf_paths, read_metadata
 from efficient_train.checkpoint.manager import metadata_path
 from efficient_train.checkpoint.verify import verify_step
 from tests.subprocess_env import subprocess_env

@@ -14,12 +14,7 @@ import pytest
 import tensorstore as ts
 
 from efficient_train import Trainer
-from efficient_train.checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    leaf_paths,
-    read_metadata,
-)
+from efficient_train.checkpoint import CheckpointError, Checkpointer, leaf_paths, read_metadata
 from efficient_train.checkpoint.convert import convert
 from efficient_train.checkpoint.storage import _spec, read_leaf
 from efficient_train.config import parse_mesh_flag

@@ -13,9 +13,9 @@ leaf (fingerprint.py), written as one more item of the same Orbax step so it com
 with the arrays. Its fingerprints are started right after Orbax has taken its copy of
 the arrays (device programs dispatched, or, on CPU devices, numpy views of the blocks
 taken) and are finished in Orbax's background commit, so `save()` holds training only
-for that copy and a few dispatches. Restore verifies every leaf
-and, when the newest step is damaged, says so loudly and falls back to the previous
-step that verifies. Steps written leaf by leaf by tools (writer.py) restore the same way.
+for that copy and a few dispatches. Restore verifies every leaf and, when the newest
+step is damaged, says so loudly and falls back to the previous step that verifies.
+Steps written leaf by leaf by tools (writer.py) restore the same way.
 
 Restoring builds its targets from the *current* program's abstract state (shapes,
 dtypes and shardings of this mesh), so any mesh loads any checkpoint.
@@ -61,8 +61,7 @@ class _DeferredJsonHandler(ocp.JsonCheckpointHandler):
 
     Its fingerprints are finished here (device sums fetched, or host blocks summed),
     in the commit's own thread while Orbax writes the arrays, so training is not held
-    for them. The step is committed only after this
-    file is written.
+    for them. The step is committed only after this file is written.
     """
 
     async def async_save(self, directory: Any, item: Any = None, args: Any = None) -> list:
