@@ -24,11 +24,11 @@ import os
 import sys
 from typing import Sequence
 
-from efficient_train.checkpoint.metadata import CheckpointError, CheckpointWriteError
-from efficient_train.config import MESH_AXES, ConfigError, apply_overrides, get_config, parse_mesh_flag
+from efficient_train.config import MESH_AXES, apply_overrides, get_config, parse_mesh_flag
+from efficient_train.errors import InputError, RunError
 
 
-class UsageError(Exception):
+class UsageError(InputError):
     """A command-line problem: printed as one line, exit status 2."""
 
 
@@ -184,12 +184,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(f"--devices: {devices} must be a positive integer")
             _simulate_devices(devices)
         return _train(args, config) if args.command == "train" else _estimate(config, args.json)
-    except CheckpointWriteError as error:  # not bad input: the disk or the filesystem failed
-        # Orbax's threads log the failure too and may be mid-line: ours starts a line, in one write.
+    except RunError as error:  # not bad input: the disk, the filesystem or the data on it failed
+        # Orbax's threads log a failed write too and may be mid-line: ours starts a line, in one write.
         sys.stderr.write(f"\nerror: {error}\n")
         sys.stderr.flush()
         return 1
-    except (ConfigError, UsageError, CheckpointError) as error:
+    except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

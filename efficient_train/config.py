@@ -20,6 +20,8 @@ from typing import Any
 
 import ml_collections
 
+from efficient_train.errors import InputError
+
 ZERO_STAGES = (0, 1, 2, 3)
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
@@ -35,7 +37,7 @@ OPTIMIZER_KERNELS = ("auto", "xla", "pallas")
 MESH_AXES = ("replica", "data", "sequence", "tensor")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration problem, phrased as one line naming the field."""
 
 

@@ -15,14 +15,15 @@ __all__ = [
     "leaf_paths", "read_metadata",
 ]
 __getattr__, __dir__ = lazy_attributes(__name__, {
-    **dict.fromkeys(["Checkpointer", "DamagedCheckpoint", "leaf_paths", "read_metadata"],
+    **dict.fromkeys(["Checkpointer", "leaf_paths", "read_metadata"],
                     "efficient_train.checkpoint.manager"),
-    **dict.fromkeys(["FORMAT_VERSION", "CheckpointError", "CheckpointMetadata", "CheckpointWriteError"],
+    **dict.fromkeys(["FORMAT_VERSION", "CheckpointError", "CheckpointMetadata", "CheckpointWriteError",
+                     "DamagedCheckpoint"],
                     "efficient_train.checkpoint.metadata"),
 })
 
 if TYPE_CHECKING:
-    from efficient_train.checkpoint.manager import Checkpointer, DamagedCheckpoint, leaf_paths, read_metadata
+    from efficient_train.checkpoint.manager import Checkpointer, leaf_paths, read_metadata
     from efficient_train.checkpoint.metadata import (
-        FORMAT_VERSION, CheckpointError, CheckpointMetadata, CheckpointWriteError,
+        FORMAT_VERSION, CheckpointError, CheckpointMetadata, CheckpointWriteError, DamagedCheckpoint,
     )

@@ -40,6 +40,7 @@ from efficient_train.checkpoint.metadata import (
     CheckpointError,
     CheckpointMetadata,
     CheckpointWriteError,
+    DamagedCheckpoint,
     LeafRecord,
     check_model_matches,
 )
@@ -50,10 +51,6 @@ STATE_ITEM = "state"
 METADATA_ITEM = "metadata"
 METADATA_FILE = "metadata.json"
 TRASH_DIR = "_deleted"
-
-
-class DamagedCheckpoint(CheckpointError):
-    """A step whose bytes do not match its fingerprints, or that cannot be read."""
 
 
 class _DeferredJsonHandler(ocp.JsonCheckpointHandler):

@@ -11,14 +11,21 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from efficient_train.errors import InputError, RunError
+
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be used as asked, phrased as one line."""
 
 
-class CheckpointWriteError(CheckpointError):
+class DamagedCheckpoint(RunError):
+    """Proven damage: a step whose bytes do not match their fingerprints, or are unreadable
+    or missing. Any other failure to read a step (I/O, memory, version) is not this."""
+
+
+class CheckpointWriteError(RunError):
     """A save whose background write failed (disk full, I/O error): that step was never
     committed, and the steps before it are untouched."""
 
