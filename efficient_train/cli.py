@@ -24,7 +24,15 @@ import os
 import sys
 from typing import Sequence
 
-from efficient_train.config import MESH_AXES, apply_overrides, get_config, parse_mesh_flag
+from efficient_train.config import (
+    MAX_SIMULATED_DEVICES,
+    MESH_AXES,
+    apply_overrides,
+    get_config,
+    parse_mesh_flag,
+    validate,
+    validate_fields,
+)
 from efficient_train.errors import InputError, RunError
 
 
@@ -137,6 +145,9 @@ def with_device_count(xla_flags: str, count: int | None) -> str:
 
 
 def _simulate_devices(count: int) -> None:
+    if not 1 <= count <= MAX_SIMULATED_DEVICES:  # jax would take minutes to start them, then fail to compile
+        raise UsageError(f"devices: {count} simulated CPU devices asked for; the CPU backend compiles for "
+                         f"1 to {MAX_SIMULATED_DEVICES}")
     os.environ["XLA_FLAGS"] = with_device_count(os.environ.get("XLA_FLAGS", ""), count)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -162,6 +173,23 @@ def _estimate(config, as_json: bool) -> int:
     return 0
 
 
+def _device_count(args: argparse.Namespace, config) -> int | None:
+    """The simulated device count: --devices, or for `estimate` the mesh's size; None: jax's own."""
+    devices = args.devices
+    if devices is None and args.command == "estimate":
+        sizes = [config.mesh[axis] for axis in MESH_AXES]
+        if -1 in sizes:
+            raise UsageError("mesh: estimate needs every mesh axis sized (no -1), or --devices N")
+        devices = math.prod(sizes)
+        if devices > MAX_SIMULATED_DEVICES:
+            raise UsageError(f"mesh: {' x '.join(f'{a}={s}' for a, s in zip(MESH_AXES, sizes))} = {devices} devices; "
+                             f"estimate simulates at most {MAX_SIMULATED_DEVICES} CPU devices")
+    if devices is not None and not 1 <= devices <= MAX_SIMULATED_DEVICES:
+        raise UsageError(f"--devices: {devices} must lie in [1, {MAX_SIMULATED_DEVICES}]; the CPU backend "
+                         f"compiles for at most {MAX_SIMULATED_DEVICES} simulated devices")
+    return devices
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, extra = _parser().parse_known_args(argv)
     try:
@@ -171,17 +199,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _checkpoint(args)
         config = get_config(args.config)
         apply_overrides(config, _split_overrides(extra))
-        if args.command == "train" and args.workdir:
+        if args.command == "train" and args.workdir is not None:
             config.workdir = args.workdir
-        devices = args.devices
-        if devices is None and args.command == "estimate":
-            sizes = [config.mesh[axis] for axis in MESH_AXES]
-            devices = math.prod(sizes) if -1 not in sizes else None
-            if devices is None:
-                raise UsageError("mesh: estimate needs every mesh axis sized (no -1), or --devices N")
+        # Everything that can be checked without jax or the disk is checked before either is touched.
+        validate_fields(config)
+        processes = 1
+        if args.command == "train":
+            from efficient_train.mesh import DistributedArgs, distributed_args_from_env
+
+            processes = distributed_args_from_env(
+                DistributedArgs(args.coordinator, args.num_processes, args.process_id)).num_processes
+        devices = _device_count(args, config)
         if devices is not None:
-            if devices < 1:
-                raise UsageError(f"--devices: {devices} must be a positive integer")
+            validate(config, devices * processes, check_paths=False)  # the mesh fits, before jax starts
             _simulate_devices(devices)
         return _train(args, config) if args.command == "train" else _estimate(config, args.json)
     except RunError as error:  # not bad input: the disk, the filesystem or the data on it failed

@@ -7,15 +7,35 @@ The dict is locked, so an override of a key that does not exist fails at once.
 
 `validate(config, num_devices)` checks what can be checked before any device work and
 raises `ConfigError("<field>: <what is wrong>; <what is allowed>")`; the CLI prints that
-one line and exits with status 2. Only the data-path check imports jax (through the
-data package); the mesh arithmetic does not, so the CLI can size a simulated device
-count before jax starts.
+one line and exits with status 2. `validate_fields(config)` is the part that needs
+neither the device count nor the disk (keys, types, ranges, bounds); the CLI runs it
+before anything else, so a bad config touches no file and starts no jax. Only the
+data-path check imports jax (through the data package); the mesh arithmetic does not,
+so the CLI can size a simulated device count before jax starts.
+
+Decisions:
+- Every field's type is the type of its default: an int field takes an int (not a
+  bool, not 16.0), a float field an int or a float, and every float must be finite
+  (inf and nan are refused by name, whatever the field). A config file that builds
+  its own sections is held to the same rule, and a section that lacks a key is refused.
+- Bounds that keep a typo from reaching the compiler (where a huge shape aborts XLA
+  instead of raising): model dimensions and data.seq_len at most 2**31 - 1 (token ids
+  and positions are int32), at most 2**31 - 1 tokens per step (train.batch_size x
+  data.seq_len), and a rough count of a step's bytes per device (parameters,
+  gradients, Adam moments, activations, attention scores) at most 2**50 (1 PiB, far
+  beyond any device; the count is within a small factor of the compiler's own, which
+  overflows near 2**63). `seed` lies in [0, 2**32): jax's PRNG keeps 32 bits of it
+  (with x64 off), so larger seeds would silently repeat smaller ones.
+- A config file that fails to import or whose get_config() raises is reported as one
+  line naming the file and the line of it that failed.
 """
 from __future__ import annotations
 
 import importlib.util
+import linecache
 import math
 import os
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import ml_collections
@@ -35,6 +55,14 @@ STATE_FORMATS = ("fp32", "bf16", "int8", "fp8", "int4")
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # powers of two; the smallest is the last fallback
 OPTIMIZER_KERNELS = ("auto", "xla", "pallas")
 MESH_AXES = ("replica", "data", "sequence", "tensor")
+MAX_DIMENSION = 2**31 - 1  # token ids, positions and dimensions are int32
+MAX_TOKENS_PER_STEP = 2**31 - 1
+MAX_STEP_BYTES = 2**50  # per device: 1 PiB, far beyond any accelerator
+MAX_SEED = 2**32 - 1
+# The CPU backend (jax 0.10.2) compiles sharded programs for at most 2048 simulated
+# devices (beyond, XLA refuses: "Multiprocess computations aren't implemented"), and
+# starting it takes seconds per thousand devices.
+MAX_SIMULATED_DEVICES = 2048
 
 
 class ConfigError(InputError):
@@ -124,16 +152,48 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """Import a config file and call its `get_config()`."""
+    """Import a config file and call its `get_config()`; any failure is one ConfigError line."""
     if not os.path.isfile(path):
         raise ConfigError(f"config: file {path!r} does not exist; pass a path to a configs/*.py file")
     spec = importlib.util.spec_from_file_location(f"_efficient_train_config_{abs(hash(path))}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"config: {path!r} cannot be imported; pass a Python file ending in .py")
     module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config: {path!r} has no get_config() function")
-    return module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"config: {path!r} has no get_config() function")
+        config = module.get_config()
+    except InputError:
+        raise
+    except SyntaxError as error:  # the file itself does not parse
+        raise ConfigError(f"config: {path!r} line {error.lineno}: syntax error: {_one_line(error.msg)}") from None
+    except Exception as error:  # noqa: BLE001 - a user's file may raise anything; report where
+        raise ConfigError(f"config: {path!r}{_failing_line(path, error)}: {type(error).__name__}: "
+                          f"{_one_line(str(error))}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"config: get_config() in {path!r} returned a {type(config).__name__}; it must return an "
+                          "ml_collections.ConfigDict (start from efficient_train.config.default_config())")
+    return config
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _failing_line(path: str, error: BaseException) -> str:
+    """' line N (`source`)' of the innermost frame of `error` that ran in the file at `path`."""
+    target, found = os.path.realpath(path), None
+    tb = error.__traceback__
+    while tb is not None:
+        if os.path.realpath(tb.tb_frame.f_code.co_filename) == target:
+            found = tb.tb_lineno
+        tb = tb.tb_next
+    if found is None:
+        return ""
+    source = _one_line(linecache.getline(path, found).strip(), 120)
+    return f" line {found} (`{source}`)" if source else f" line {found}"
 
 
 def get_config(path: str | None = None) -> ml_collections.ConfigDict:
@@ -168,12 +228,27 @@ def _parse_like(current: Any, text: str, field: str) -> Any:
                 return False
             raise ValueError
         if isinstance(current, int):
-            return int(text)
+            return _parse_int(text)
         if isinstance(current, float):
             return float(text)
     except ValueError:
         raise ConfigError(f"{field}: cannot read {text!r} as {type(current).__name__}") from None
     return text
+
+
+def _parse_int(text: str) -> int:
+    """An int from "12", "1_000" or an integral "1e6" (exactly, via Decimal)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = Decimal(text.strip().replace("_", ""))
+    except InvalidOperation:
+        raise ValueError(text) from None
+    if not value.is_finite() or value != value.to_integral_value() or abs(value.adjusted()) > 1000:
+        raise ValueError(text)
+    return int(value)
 
 
 def _check_choice(config: ml_collections.ConfigDict, field: str, allowed: tuple) -> None:
@@ -197,26 +272,126 @@ def _get(config: ml_collections.ConfigDict, field: str) -> Any:
     return node
 
 
+def _type_name(reference: Any) -> str:
+    if isinstance(reference, bool):
+        return "True or False"
+    if isinstance(reference, int):
+        return "an integer"
+    if isinstance(reference, float):
+        return "a finite number"
+    return "a string" if isinstance(reference, str) else type(reference).__name__
+
+
+def _same_kind(value: Any, reference: Any) -> bool:
+    if isinstance(reference, bool):
+        return isinstance(value, bool)
+    if isinstance(reference, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(reference, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, type(reference))
+
+
+def _is_finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def _check_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, prefix: str = "") -> None:
+    """Every key of `reference` is present with a value of its type (floats finite), and no other key."""
     for key in config.keys():
         field = f"{prefix}{key}"
         if key not in reference:
             raise ConfigError(f"{field}: unknown config key; known: {_known(reference)}")
-        if isinstance(reference[key], ml_collections.ConfigDict):
-            if not isinstance(config[key], ml_collections.ConfigDict):
-                raise ConfigError(f"{field}: must be a section with keys {_known(reference[key])}")
-            _check_keys(config[key], reference[key], prefix=f"{field}.")
+    for key in reference.keys():
+        field = f"{prefix}{key}"
+        if key not in config:
+            raise ConfigError(f"{field}: missing from the config; every config has it (default "
+                              f"{reference[key]!r}); start from efficient_train.config.default_config()")
+        value, default = config[key], reference[key]
+        if isinstance(default, ml_collections.ConfigDict):
+            if not isinstance(value, ml_collections.ConfigDict):
+                raise ConfigError(f"{field}: must be a section with keys {_known(default)}")
+            _check_keys(value, default, prefix=f"{field}.")
+        elif not _same_kind(value, default):
+            raise ConfigError(f"{field}: {_one_line(repr(value), 80)} is a {type(value).__name__}; it must be "
+                              f"{_type_name(default)} (default {default!r})")
+        elif isinstance(default, float) and not _is_finite(value):
+            raise ConfigError(f"{field}: {value!r} is not finite; it must be a finite number (default {default!r})")
+
+
+def _check_range(config: ml_collections.ConfigDict, field: str, low: float, high: float,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    value = _get(config, field)
+    if (value <= low if low_open else value < low) or (value >= high if high_open else value > high):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"{field}: {value!r} must lie in {interval}")
+
+
+def _check_upper(config: ml_collections.ConfigDict, field: str, bound: int, why: str) -> None:
+    value = _get(config, field)
+    if value > bound:
+        raise ConfigError(f"{field}: {value} exceeds the bound {bound} ({why})")
+
+
+def _model_params(model: ml_collections.ConfigDict) -> int:
+    """Parameter count (as ModelConfig.num_params, in Python ints: no overflow for absurd sizes)."""
+    e, d = model.hidden_size, model.head_dim
+    per_layer = e * d * (2 * model.num_heads + 2 * model.num_kv_heads) + 3 * e * model.intermediate_size + 2 * e
+    return model.vocab_size * e * (1 if model.tie_embeddings else 2) + model.num_layers * per_layer + e
+
+
+def _check_step_size(config: ml_collections.ConfigDict, mesh: dict[str, int]) -> None:
+    """Refuse a step whose rough bytes per device are beyond any device (XLA would abort, not raise)."""
+    model, batch, seq_len = config.model, config.train.batch_size, config.data.seq_len
+    params = _model_params(model)
+    param_bytes = 16 * params  # fp32 parameters, gradients and two Adam moments, not sharded (an upper bound)
+    if param_bytes > MAX_STEP_BYTES:
+        raise ConfigError(
+            f"model: {params:.3g} parameters need about {param_bytes:.3g} bytes per device for parameters, "
+            f"gradients and optimizer state, beyond the bound of 2**50 (1 PiB); make model.vocab_size, "
+            f"model.hidden_size, model.intermediate_size or model.num_layers smaller")
+    split = mesh["replica"] * mesh["data"] * mesh["sequence"]
+    tokens = -(-batch * seq_len // split)  # per device
+    e, i, qkv = model.hidden_size, model.intermediate_size, (model.num_heads + 2 * model.num_kv_heads) * model.head_dim
+    per_token = 4 * (model.num_layers * (4 * e + 3 * i + 2 * qkv + model.num_heads * seq_len) + 3 * model.vocab_size)
+    if tokens * per_token > MAX_STEP_BYTES:
+        raise ConfigError(
+            f"train.batch_size x data.seq_len: {batch} x {seq_len} tokens per step need about "
+            f"{tokens * per_token:.3g} bytes of activations per device, beyond the bound of 2**50 (1 PiB); "
+            f"lower train.batch_size or data.seq_len, or split the batch over more devices")
+
+
+def _check_paths(config: ml_collections.ConfigDict) -> None:
+    """The work and checkpoint directories, if they exist, are directories (reads no file, writes none)."""
+    for field, path in (("workdir", config.workdir), ("checkpoint.dir", config.checkpoint.dir)):
+        if not path:
+            continue
+        try:
+            exists_as_other = os.path.exists(path) and not os.path.isdir(path)
+        except ValueError:  # an embedded NUL byte
+            raise ConfigError(f"{field}: {path!r} is not a usable path (it contains a NUL byte)") from None
+        if exists_as_other:
+            raise ConfigError(f"{field}: '{path}' exists and is not a directory; give a directory path")
+
+
+def _check_mesh_sizes(mesh: ml_collections.ConfigDict) -> dict[str, int]:
+    sizes = {axis: mesh[axis] for axis in MESH_AXES}
+    for axis, size in sizes.items():
+        if size != -1 and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+            raise ConfigError(f"mesh.{axis}: {size!r} must be a positive integer or -1 (takes the remaining devices)")
+    free = [axis for axis, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ConfigError(f"mesh: only one axis may be -1, got {', '.join('mesh.' + a for a in free)}")
+    return sizes
 
 
 def resolve_mesh_shape(mesh: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
     """Mesh axis sizes with a -1 filled in from the device count; errors name the field."""
-    sizes = {axis: mesh[axis] for axis in MESH_AXES}
+    sizes = _check_mesh_sizes(mesh)
     free = [axis for axis, size in sizes.items() if size == -1]
-    for axis, size in sizes.items():
-        if size != -1 and (not isinstance(size, int) or size < 1):
-            raise ConfigError(f"mesh.{axis}: {size!r} must be a positive integer or -1 (takes the remaining devices)")
-    if len(free) > 1:
-        raise ConfigError(f"mesh: only one axis may be -1, got {', '.join('mesh.' + a for a in free)}")
     fixed = math.prod(size for size in sizes.values() if size != -1)
     if free:
         if num_devices % fixed:
@@ -274,11 +449,15 @@ def parse_mesh_flag(text: str) -> dict[str, int]:
     return mesh
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int, *, check_paths: bool = True) -> dict[str, int]:
-    """Check the config against itself and the device count; returns the mesh shape."""
+def validate_fields(config: ml_collections.ConfigDict) -> None:
+    """The checks that need neither the device count nor the disk: keys, types, ranges, bounds."""
     _check_keys(config, default_config())
+    _check_mesh_sizes(config.mesh)
     if config.zero_stage not in ZERO_STAGES:
         raise ConfigError(f"zero_stage: {config.zero_stage!r} is out of range; allowed 0, 1, 2, 3")
+    for field in ("workdir",):
+        if not config[field].strip():
+            raise ConfigError(f"{field}: {config[field]!r} is empty; give a directory for metrics and checkpoints")
     for field in (
         "model.vocab_size", "model.hidden_size", "model.intermediate_size", "model.num_layers",
         "model.num_heads", "model.num_kv_heads", "model.head_dim", "model.rope_theta", "model.rms_norm_eps",
@@ -287,11 +466,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, *, check_paths
     ):
         _check_positive(config, field)
     for field in ("train.warmup_steps", "train.min_lr_ratio", "optimizer.weight_decay", "optimizer.eps",
-                  "optimizer.min_quantized_size", "checkpoint.every", "checkpoint.keep", "checkpoint.keep_every"):
+                  "optimizer.min_quantized_size", "checkpoint.every", "checkpoint.keep", "checkpoint.keep_every",
+                  "data.seed"):
         _check_positive(config, field, allow_zero=True)
+    _check_range(config, "seed", 0, MAX_SEED)
+    _check_range(config, "train.min_lr_ratio", 0.0, 1.0)
     for field in ("optimizer.b1", "optimizer.b2"):
-        if not 0.0 <= _get(config, field) < 1.0:
-            raise ConfigError(f"{field}: {_get(config, field)!r} must be in [0, 1)")
+        _check_range(config, field, 0.0, 1.0, high_open=True)
+    if config.data.eos_id < -1:
+        raise ConfigError(f"data.eos_id: {config.data.eos_id} must be -1 (no end-of-document token) or a token id >= 0")
+    for field in ("model.vocab_size", "model.hidden_size", "model.intermediate_size", "model.num_layers",
+                  "model.num_heads", "model.num_kv_heads", "model.head_dim", "data.seq_len"):
+        _check_upper(config, field, MAX_DIMENSION, "2**31 - 1: token ids, positions and dimensions are int32")
     _check_choice(config, "model.remat", REMAT_POLICIES)
     _check_choice(config, "model.dtype", DTYPES)
     _check_choice(config, "model.param_dtype", DTYPES)
@@ -303,13 +489,28 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, *, check_paths
     _check_choice(config, "optimizer.kernel", OPTIMIZER_KERNELS)
     _check_choice(config, "data.source", DATA_SOURCES)
     _check_choice(config, "data.token_dtype", TOKEN_DTYPES)
+    if not config.data.jsonl_field:
+        raise ConfigError("data.jsonl_field: '' is empty; name the JSON field that holds each document")
 
-    mesh = resolve_mesh_shape(config.mesh, num_devices)
     model = config.model
     if model.num_heads % model.num_kv_heads:
         raise ConfigError(
             f"model.num_kv_heads: {model.num_kv_heads} must divide model.num_heads={model.num_heads}"
         )
+    if model.head_dim % 2:
+        raise ConfigError(f"model.head_dim: {model.head_dim} is odd; rotary embeddings rotate pairs, so it must be even")
+    tokens = config.train.batch_size * config.data.seq_len
+    if tokens > MAX_TOKENS_PER_STEP:
+        raise ConfigError(
+            f"train.batch_size x data.seq_len: {config.train.batch_size} x {config.data.seq_len} = {tokens} tokens "
+            f"per step exceeds the bound {MAX_TOKENS_PER_STEP} (2**31 - 1); lower train.batch_size or data.seq_len")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, *, check_paths: bool = True) -> dict[str, int]:
+    """Check the config against itself and the device count; returns the mesh shape."""
+    validate_fields(config)
+    mesh = resolve_mesh_shape(config.mesh, num_devices)
+    model = config.model
     if model.num_heads % mesh["tensor"]:
         raise ConfigError(f"mesh.tensor: {mesh['tensor']} must divide model.num_heads={model.num_heads}")
     if model.intermediate_size % mesh["tensor"]:
@@ -334,7 +535,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, *, check_paths
             f"{batch // data_parallel} (train.batch_size / data-parallel size)"
         )
     _check_sequence_parallel(config, mesh["sequence"])
+    _check_step_size(config, mesh)
     if check_paths:
+        _check_paths(config)
         from efficient_train.data import check_data_config
 
         try:
