@@ -1,26 +1,55 @@
-"""A process that updates a sharded state and saves it asynchronously after every step,
-until it is killed: the target of the SIGKILL test in test_checkpoint_processes.py.
+"""A process that updates a sharded state and saves it asynchronously after every step:
+the target of the SIGKILL test in test_checkpoint_processes.py.
 
-Run as `python -m tests.async_save_worker DIR` with 8 simulated devices (the caller
-sets XLA_FLAGS). It stands in for a training job without the cost of one: the update
-donates its input buffers, as the trainer's step does, so the save must have copied
-them before `save()` returns. On start it resumes from the newest step that verifies
-and checks that the restored state is bit for bit the state that step's update made
-(replayed from the start); then it prints "resumed N" (0: fresh) and "saving N" as
-each save starts. A mismatch exits with status 3.
+    python -m tests.async_save_worker DIR [--hold PHASE --at STEP --signal FILE] [--last STEP]
+
+Run with 8 simulated devices (the caller sets XLA_FLAGS). It stands in for a training
+job without the cost of one: the update donates its input buffers, as the trainer's step
+does, so the save must have copied them before `save()` returns. On start it resumes
+from the newest step that verifies and checks that the restored state is bit for bit the
+state that step's update made (replayed from the start); then it prints "resumed N"
+(0: fresh) and "saving N" as each save starts. A mismatch exits with status 3.
+`--last STEP` stops once STEP is committed (exit 0); otherwise it runs until killed.
+
+`--hold PHASE --at STEP` makes the kill land at a known moment of the save of STEP:
+when that save reaches PHASE, the worker writes FILE (atomically: "PHASE STEP detail")
+and blocks the thread that got there for good, so the save stays exactly there until
+the test sends SIGKILL. The phases, in the order a save passes them:
+
+  arrays       the step's array writes begin (its temporary directory exists)
+  metadata     metadata.json is produced in the background commit, beside the array writes
+  item_commit  the arrays are written; their item directory is about to be renamed into
+               place inside the step's temporary directory
+  step_commit  everything is written (commit_success.txt too); only the rename that
+               commits the step is left
+  committed    the step was just renamed into place; retention has not run yet
+  trash        save() empties the trash of a retired step: half its files are deleted
+
+The holds wrap Orbax's and our functions from here (no hook in the library): Orbax's
+array serialization and its directory rename, the fingerprint start of
+`efficient_train.checkpoint.manager`, and `shutil.rmtree`. If a newer Orbax moves one of
+them, installing the hold fails (or it is never reached, and the test says so).
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import re
+import shutil
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from efficient_train.checkpoint import Checkpointer
+from efficient_train.checkpoint import Checkpointer, manager
 
 SHAPES = {"params": (512, 1024), "moment": (512, 1024), "codes": (1024, 1024)}  # 6 MiB: a save takes a while
+PHASES = ("arrays", "metadata", "item_commit", "step_commit", "committed", "trash")
+KEEP = 2  # few kept steps: every process retires one, so retention and the trash are exercised
 
 
 def initial_state(mesh: jax.sharding.Mesh) -> dict:
@@ -53,9 +82,89 @@ def state_at(mesh: jax.sharding.Mesh, step: int) -> dict:
     return state
 
 
-def main(directory: str) -> int:
+class Hold:
+    """Blocks the thread that reaches (phase, step) for good, once it has written `signal`."""
+
+    def __init__(self, phase: str, step: int, signal: str) -> None:
+        self.phase, self.step, self.signal = phase, step, signal
+        self.saving: int | None = None  # the step whose save() is running in the main thread
+
+    def reached(self, phase: str, step: int | None, detail: str = "") -> None:
+        if phase != self.phase or step != self.step:
+            return
+        partial = self.signal + ".partial"
+        with open(partial, "w") as f:
+            f.write(f"{phase} {step} {detail}".strip() + "\n")
+        os.replace(partial, self.signal)  # the test never reads half a signal
+        threading.Event().wait()  # until SIGKILL
+
+
+_TMP_STEP = re.compile(r"/(\d+)\.orbax-checkpoint-tmp")
+
+
+def install(hold: Hold, directory: str) -> None:
+    """Wrap the functions a save passes through (see the module docstring)."""
+    from orbax.checkpoint._src.path import async_path
+    from orbax.checkpoint._src.serialization import serialization
+
+    serialize = serialization.async_serialize_from_host
+    rename = async_path.rename
+    start_fingerprints = manager.start_fingerprints
+    rmtree = shutil.rmtree
+    trash = os.path.join(os.path.abspath(directory), manager.TRASH_DIR) + os.sep
+
+    async def serialize_held(rslices, tensorstore_spec, *args, **kwargs):
+        found = _TMP_STEP.search(json.dumps(tensorstore_spec, default=str))
+        hold.reached("arrays", int(found.group(1)) if found else None)
+        return await serialize(rslices, tensorstore_spec, *args, **kwargs)
+
+    async def rename_held(src, dst):
+        name, parent = os.path.basename(str(dst)), os.path.basename(os.path.dirname(str(dst)))
+        step = int(name) if name.isdigit() else None
+        if name == manager.STATE_ITEM and _TMP_STEP.search("/" + parent):
+            hold.reached("item_commit", int(parent.split(".")[0]))
+        hold.reached("step_commit", step)
+        result = await rename(src, dst)
+        hold.reached("committed", step)
+        return result
+
+    def start_fingerprints_held(arrays, **kwargs):
+        step = hold.saving  # called inside save(step); the returned function runs in its commit
+        finish = start_fingerprints(arrays, **kwargs)
+
+        def finish_held():
+            hold.reached("metadata", step)
+            return finish()
+
+        return finish_held
+
+    def rmtree_held(path, *args, **kwargs):
+        if hold.phase == "trash" and hold.saving == hold.step and str(path).startswith(trash):
+            files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+            for file in files[: len(files) // 2]:
+                os.remove(file)
+            hold.reached("trash", hold.saving, f"{os.path.basename(str(path))} {len(files) // 2}/{len(files)}")
+        return rmtree(path, *args, **kwargs)
+
+    serialization.async_serialize_from_host = serialize_held
+    async_path.rename = rename_held
+    manager.start_fingerprints = start_fingerprints_held
+    shutil.rmtree = rmtree_held
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("directory")
+    parser.add_argument("--hold", choices=PHASES)
+    parser.add_argument("--at", type=int)
+    parser.add_argument("--signal")
+    parser.add_argument("--last", type=int)
+    args = parser.parse_args(argv)
+    hold = Hold(args.hold, args.at, args.signal)
+    if args.hold:
+        install(hold, args.directory)
     mesh = jax.make_mesh((8,), ("data",))
-    checkpointer = Checkpointer(directory, keep=4, keep_every=0, async_save=True)
+    checkpointer = Checkpointer(args.directory, keep=KEEP, keep_every=0, async_save=True)
     state = initial_state(mesh)
     restored = checkpointer.restore_latest(state, model={})
     start = 0
@@ -68,12 +177,16 @@ def main(directory: str) -> int:
                 print(f"restored step {start}: {name} differs from the state that step saved", flush=True)
                 return 3
     print(f"resumed {start}", flush=True)
-    for step in range(start + 1, 10**9):
+    for step in range(start + 1, (args.last or 10**9) + 1):
         state = update(state)
         print(f"saving {step}", flush=True)
+        hold.saving = step
         checkpointer.save(step, state, model={}, mesh={"data": 8}, zero_stage=3, optimizer={}, data=None, seed=0)
+        hold.saving = None
+    checkpointer.wait()
+    print(f"saved {checkpointer.steps()}", flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1:]))

@@ -1,13 +1,11 @@
-"""Checkpoints across process boundaries: SIGKILL at random moments during async saves
-never leaves a listed step that fails to verify, a training run killed with SIGKILL
+"""Checkpoints across process boundaries: SIGKILL at each phase of an async save never
+leaves a listed step that fails to verify, a training run killed with SIGKILL
 resumes bit-exactly, and a checkpoint saved by 2 processes x 4 devices restores
 byte-identically on 1 process x 2 devices and on 2 x 4."""
 from __future__ import annotations
 
 import json
 import os
-import random
-import select
 import signal
 import subprocess
 import sys
@@ -16,7 +14,9 @@ import time
 import pytest
 
 from efficient_train.checkpoint import Checkpointer, read_metadata
+from efficient_train.checkpoint.manager import TRASH_DIR
 from efficient_train.checkpoint.verify import verify_step
+from tests.async_save_worker import PHASES
 from tests.subprocess_env import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,8 +25,9 @@ SMALL = ["--config.data.source=synthetic", "--config.data.seq_len=32", "--config
          "--config.train.batch_size=16", "--config.train.log_every=1"]
 
 
-
 def _steps_in(directory: str) -> list[int]:
+    """The committed steps. (The Checkpointer made to list them removes Orbax's unfinished
+    writes and empties the trash.)"""
     return Checkpointer(directory, keep=0, keep_every=0, async_save=False).steps()
 
 
@@ -34,61 +35,74 @@ def _steps(workdir: str) -> list[int]:
     return _steps_in(os.path.join(workdir, "checkpoints"))
 
 
-KILLS = 24
-
-
-def _line(process: subprocess.Popen, timeout: float = 120) -> str:
-    """The process's next line of output; "" if it gave none within `timeout` s (then it is killed).
-
-    Its stdout must be unbuffered (bufsize=0): a buffered reader could hold the next line
-    already while `select` waits on the pipe for more.
-    """
-    if not select.select([process.stdout], [], [], timeout)[0]:
-        process.kill()
-        return ""
-    return process.stdout.readline().decode()
-
-
 def _unfinished_steps(directory: str) -> list[int]:
     """Steps whose write was cut short: Orbax's temporary directories ("7.orbax-checkpoint-tmp")."""
     return [int(name.split(".")[0]) for name in os.listdir(directory) if ".orbax-checkpoint-tmp" in name]
 
 
+def _worker(directory: str, *args: str, output) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tests.async_save_worker", directory, *args], cwd=ROOT,
+                            env=subprocess_env(devices=8), stdout=output, stderr=subprocess.STDOUT)
+
+
+def _wait_for(signal_file, process: subprocess.Popen, output_file, timeout: float = 180) -> None:
+    """Until the worker has written `signal_file` (it then blocks where it is); fails naming
+    what the worker printed if it exits first or never gets there."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(signal_file):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            pytest.fail(f"the worker never reached its hold ({signal_file.name}; a moved Orbax function?): "
+                        f"{output_file.read_text()[-3000:]}")
+        time.sleep(0.02)
+
+
 @pytest.mark.slow
-def test_sigkill_during_async_saves_never_lists_a_broken_step(tmp_path):
-    """Dozens of SIGKILLs at random moments of a process that saves asynchronously after
-    every step (tests/async_save_worker.py): after each, every listed step verifies, the
-    next process resumes from the newest one and finds it bit for bit the state that step
-    saved, and training moves on."""
+def test_sigkill_mid_write_never_lists_a_broken_step(tmp_path):
+    """A process saving asynchronously after every step (tests/async_save_worker.py) is
+    killed with SIGKILL at each phase of a save in turn: the worker holds the save of
+    step S = newest + 2 at the phase and signals, and only then is the kill sent, so every
+    kill provably lands inside that save. After each: the directory lists exactly the
+    committed steps (S is listed only if its rename happened), each of them verifies, S's
+    unfinished write is left behind (or the trash's half-deleted step), and the next
+    process resumes from the newest step, finding it bit for bit the state that step
+    saved, and saves again. A last process resumes and carries on to two more steps."""
     directory = str(tmp_path / "checkpoints")
-    env = subprocess_env(devices=8)
-    rng = random.Random(0)
-    interrupted_writes, newest = 0, 0
-    for kill in range(KILLS):
-        with open(tmp_path / "stderr.txt", "w") as stderr:
-            process = subprocess.Popen([sys.executable, "-m", "tests.async_save_worker", directory], cwd=ROOT, env=env,
-                                       stdout=subprocess.PIPE, stderr=stderr, bufsize=0)
-            line = _line(process)
-            assert line == f"resumed {newest}\n", (kill, line, (tmp_path / "stderr.txt").read_text()[-2000:])
-            # "saving N+3" comes once save(N+2) has returned, which waited for N+1 to commit: every
-            # process gets a step in before its kill, however slow its first save (compiles) is.
-            while line != f"saving {newest + 3}\n":
-                line = _line(process)
-                assert line.startswith("saving"), (kill, line, (tmp_path / "stderr.txt").read_text()[-2000:])
-            time.sleep(rng.uniform(0.0, 0.8))
+    trash = os.path.join(directory, TRASH_DIR)
+    newest, trashed = 0, None
+    for phase in PHASES:
+        held = newest + 2  # newest + 1 is committed first: every process moves on
+        signal_file, output_file = tmp_path / f"{phase}.reached", tmp_path / f"{phase}.out"
+        with open(output_file, "w") as output:
+            process = _worker(directory, "--hold", phase, "--at", str(held), "--signal", str(signal_file), output=output)
+            _wait_for(signal_file, process, output_file)
+            assert process.poll() is None  # held, not finished: the kill lands inside the save of `held`
             process.send_signal(signal.SIGKILL)
             process.wait()
-        interrupted_writes += any(step > newest for step in _unfinished_steps(directory))  # this process's
-        listed = _steps_in(directory)
-        for step in listed:
-            problems = verify_step(os.path.join(directory, str(step)))
-            assert not problems, (kill, step, problems)
-        assert max(listed, default=0) >= newest  # a kill never loses the newest committed step
-        newest = max(listed, default=0)
-    assert newest >= KILLS  # the processes moved on, each from where the last one was killed
-    # The kills hit writes in progress, not only the quiet moments between them.
-    print(f"{interrupted_writes} of {KILLS} kills interrupted a write; newest step {newest}")
-    assert interrupted_writes >= KILLS // 3, interrupted_writes
+        printed = output_file.read_text()
+        assert printed.startswith(f"resumed {newest}\n"), (phase, printed[-3000:])
+        assert signal_file.read_text().split()[:2] == [phase, str(held)]
+        # What the kill left, looked at before a Checkpointer (which cleans both up) is made.
+        if phase in ("arrays", "metadata", "item_commit", "step_commit"):
+            assert _unfinished_steps(directory) == [held], phase  # the write the kill cut short
+        if phase == "trash":  # a retired step, half deleted
+            trashed = signal_file.read_text().split()[2]
+            assert int(trashed) < held - 2 and trashed in os.listdir(trash)
+        committed = [step for step in (held - 2, held - 1) if step > 0] + ([held] if phase == "committed" else [])
+        assert _steps_in(directory) == committed, phase  # retention runs after a commit, so 3 are listed then
+        for step in committed:
+            assert verify_step(os.path.join(directory, str(step))) == [], (phase, step)
+        newest = committed[-1]
+    assert newest == len(PHASES) + 1
+    last = subprocess.run([sys.executable, "-m", "tests.async_save_worker", directory, "--last", str(newest + 2)],
+                          cwd=ROOT, env=subprocess_env(devices=8), capture_output=True, text=True, timeout=300)
+    assert last.returncode == 0, last.stdout[-2000:] + last.stderr[-3000:]
+    assert last.stdout.splitlines()[0] == f"resumed {newest}"  # restored, verified, and equal to the replay
+    assert _steps_in(directory) == [newest + 1, newest + 2] and _unfinished_steps(directory) == []
+    for step in (newest + 1, newest + 2):
+        assert verify_step(os.path.join(directory, str(step))) == []
+    assert trashed not in os.listdir(trash)  # the half-deleted step is gone
 
 
 @pytest.mark.slow
