@@ -11,6 +11,7 @@ import pytest
 
 from efficient_train.data import (
     Batch,
+    DataError,
     DataLoader,
     JsonlSource,
     LoaderState,
@@ -100,7 +101,7 @@ def test_packing_random_access_matches_sequential(counting_source: JsonlSource) 
 
 
 def test_packing_needs_one_full_row(counting_source: JsonlSource) -> None:
-    with pytest.raises(ValueError, match=r"^seq_len: .*fewer than seq_len \+ 1"):
+    with pytest.raises(DataError, match=r"^data\.seq_len: the source .* fewer than seq_len \+ 1"):
         PackedWindows(counting_source, sum(DOC_LENGTHS))
 
 
@@ -215,7 +216,7 @@ def test_text_directory_order(tmp_path: Path) -> None:
     source = TextSource(tmp_path)
     assert [f.name for f in source.files] == ["a.txt", "z.txt", "c.txt"]
     assert [bytes(source[i].astype(np.uint8)) for i in range(len(source))] == [b"a", b"bz", "é".encode()]
-    with pytest.raises(ValueError, match=r"^TextSource path: .* does not exist"):
+    with pytest.raises(DataError, match=r"^data\.path: .*missing' does not exist"):
         TextSource(tmp_path / "missing")
 
 
@@ -223,13 +224,12 @@ def test_text_directory_order(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("dtype, largest", [("uint16", 2**16 - 1), ("uint32", 2**31 - 1)])
-def test_token_file_memmap_round_trip(tmp_path: Path, dtype: str, largest: int) -> None:
+def test_token_file_round_trip(tmp_path: Path, dtype: str, largest: int) -> None:
     tokens = np.random.default_rng(0).integers(0, largest, size=1000, endpoint=True).astype(dtype)
     tokens[-1] = largest  # the largest id an int32 batch can hold survives, above 2**16 for uint32
     path = tmp_path / f"tokens.{dtype}"
     tokens.tofile(path)
     source = TokenFileSource(path, dtype, doc_len=300)
-    assert isinstance(source._tokens, np.memmap)
     np.testing.assert_array_equal(source.document_lengths(), [300, 300, 300, 100])
     np.testing.assert_array_equal(np.concatenate([source[i] for i in range(4)]), tokens.astype(np.int64))
     assert source[3][-1] == largest
@@ -239,8 +239,9 @@ def test_token_file_memmap_round_trip(tmp_path: Path, dtype: str, largest: int) 
 def test_token_file_refuses_ids_beyond_int32(tmp_path: Path) -> None:
     path = tmp_path / "big.bin"
     np.array([1, 2**32 - 1], dtype=np.uint32).tofile(path)
-    with pytest.raises(ValueError, match=r"token id 4294967295 in document 0 is outside \[0, 2147483648\)"):
-        TokenFileSource(path, "uint32")[0]
+    with pytest.raises(DataError, match=r"^data\.path '.*big\.bin' token offset 1: token id 4294967295 is outside "
+                                        r"\[0, 2147483648\)"):
+        TokenFileSource(path, "uint32")
 
 
 def test_token_file_eos_split_and_vocab_check(tmp_path: Path) -> None:
@@ -250,10 +251,9 @@ def test_token_file_eos_split_and_vocab_check(tmp_path: Path) -> None:
     tokens.tofile(path)
     source = TokenFileSource(path, "uint16", eos_id=eos, vocab_size=1000)
     assert [list(source[i]) for i in range(len(source))] == [[5, 6, 0], [7, 0], [0], [8, 9, 900]]
-    strict = TokenFileSource(path, "uint16", eos_id=eos, vocab_size=512)
-    np.testing.assert_array_equal(strict[0], [5, 6, 0])
-    with pytest.raises(ValueError, match=r"token id 900 in document 3 is outside \[0, 512\)"):
-        strict[3]
+    # The eos scan reads the whole file anyway, so it checks every id at start-up.
+    with pytest.raises(DataError, match=r"^data\.path '.*t\.bin' token offset 8: token id 900 is outside \[0, 512\)"):
+        TokenFileSource(path, "uint16", eos_id=eos, vocab_size=512)
     assert source.fingerprint() != TokenFileSource(path, "uint16", doc_len=4).fingerprint()
 
 
@@ -262,14 +262,16 @@ def test_token_file_errors(tmp_path: Path) -> None:
     odd.write_bytes(b"\x01\x02\x03")
     empty = tmp_path / "empty.bin"
     empty.write_bytes(b"")
-    with pytest.raises(ValueError, match=r"^TokenFileSource dtype: 'int8' is not allowed"):
+    with pytest.raises(DataError, match=r"^data\.token_dtype: 'int8' is not allowed"):
         TokenFileSource(odd, "int8")
-    with pytest.raises(ValueError, match=r"^TokenFileSource path: .*not a multiple of 2 \(uint16\)"):
+    with pytest.raises(DataError, match=r"^data\.path: .*odd\.bin' has 3 bytes, not a multiple of 2 \(uint16\)"):
         TokenFileSource(odd, "uint16")
-    with pytest.raises(ValueError, match=r"^TokenFileSource path: .*is empty"):
+    with pytest.raises(DataError, match=r"^data\.path: .*empty\.bin' is empty"):
         TokenFileSource(empty, "uint16")
-    with pytest.raises(ValueError, match=r"^TokenFileSource path: .*is not a file"):
+    with pytest.raises(DataError, match=r"^data\.path: .*missing\.bin' does not exist"):
         TokenFileSource(tmp_path / "missing.bin")
+    with pytest.raises(DataError, match=r"^data\.path: .*' is a directory; a regular file is needed"):
+        TokenFileSource(tmp_path)
 
 
 # ------------------------------------------------------------------------------- jsonl
@@ -293,19 +295,19 @@ def test_jsonl_text_and_token_lists(tmp_path: Path) -> None:
     "lines, field, vocab, message",
     [
         (['{"text": [1, 2]}', '{"text": "ab"}'], "text", None,
-         r":2: field 'text' is a str, earlier lines a list"),
-        (['{"body": "ab"}'], "text", None, r":1: field 'text' missing"),
-        (['{"text": [1, 2.5]}'], "text", None, r":1: field 'text' must be a string or a list of ints"),
-        (['{"text": [1, 20]}'], "text", 10, r":1: field 'text' has token id 20 outside \[0, 10\)"),
-        (['{"text": [-1]}'], "text", None, r":1: field 'text' has token id -1 outside"),
-        (["not json"], "text", None, r":1: not valid JSON"),
-        (["", " "], "text", None, r"^JsonlSource path: .* has no non-empty 'text' documents"),
+         r" line 2: field 'text' is a str, earlier lines a list"),
+        (['{"body": "ab"}'], "text", None, r" line 1: field 'text' missing"),
+        (['{"text": [1, 2.5]}'], "text", None, r" line 1: field 'text' must be a string or a list of ints"),
+        (['{"text": [1, 20]}'], "text", 10, r" line 1: field 'text' has token id 20 outside \[0, 10\)"),
+        (['{"text": [-1]}'], "text", None, r" line 1: field 'text' has token id -1 outside"),
+        (["not json"], "text", None, r" line 1: not valid JSON"),
+        (["", " "], "text", None, r"^data\.path: .* has no non-empty 'text' documents"),
     ],
 )
 def test_jsonl_errors(tmp_path: Path, lines: list[str], field: str, vocab: int | None, message: str) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(DataError, match=message):
         JsonlSource(path, field, vocab_size=vocab)
 
 
@@ -395,11 +397,13 @@ def test_mismatched_state_is_refused(counting_source: JsonlSource, tmp_path: Pat
         ),
     }
     for field, other in cases.items():
-        with pytest.raises(ValueError, match=rf"^data loader state {field}: checkpoint has"):
+        with pytest.raises(DataError, match=rf"^data loader state {field}: checkpoint has"):
             other.restore(state)
         assert other.step == 0
-    with pytest.raises(ValueError, match=r"^LoaderState: keys"):
+    with pytest.raises(DataError, match=r"^data loader state: checkpoint holds \[.*'extra'"):
         LoaderState.from_dict({**state.to_dict(), "extra": 1})
+    with pytest.raises(DataError, match=r"^data loader state step: checkpoint has '5', expected int"):
+        LoaderState.from_dict({**state.to_dict(), "step": "5"})
 
 
 def test_loader_argument_errors(counting_source: JsonlSource) -> None:
@@ -451,7 +455,8 @@ def test_build_loader_for_every_source(tmp_path: Path) -> None:
         (dict(source="parquet"), 300, r"^data\.source: 'parquet' is not one of 'synthetic', 'text'"),
         (dict(source="text"), 100, r"^data\.source: 'text' is byte-level and needs vocab_size >= 256"),
         (dict(source="text", path="/no/such/dir"), 300, r"^data\.path: '/no/such/dir' does not exist"),
-        (dict(source="tokens", path="/no/such.bin"), 300, r"^data\.path: '/no/such\.bin' is not a file"),
+        (dict(source="tokens", path="/no/such.bin"), 300, r"^data\.path: '/no/such\.bin' does not exist"),
+        (dict(source="jsonl", path="/"), 300, r"^data\.path: '/' is a directory; source 'jsonl' needs a regular file"),
         (dict(source="jsonl", path=""), 300, r"^data\.path: '' is not a file; source 'jsonl' needs one"),
         (dict(seq_len=0), 300, r"^data\.seq_len: 0 must be an int >= 1"),
         (dict(seed=-1), 300, r"^data\.seed: -1 must be an int >= 0"),
@@ -460,7 +465,7 @@ def test_build_loader_for_every_source(tmp_path: Path) -> None:
     ],
 )
 def test_check_data_config_names_the_field(overrides: dict, vocab: int, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(DataError, match=message):
         check_data_config(data_config(**overrides), vocab)
 
 

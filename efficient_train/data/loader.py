@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from efficient_train.data.batch import Batch
+from efficient_train.data.errors import DataError
 from efficient_train.data.packing import PackedWindows
 from efficient_train.data.sources import TokenSource
 
@@ -83,12 +84,17 @@ class LoaderState:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LoaderState:
-        names = {f.name for f in dataclasses.fields(cls)}
-        if set(d) != names:
-            raise ValueError(
-                f"LoaderState: keys {sorted(d)} do not match the expected {sorted(names)}"
-            )
+    def from_dict(cls, d: Any) -> LoaderState:
+        """The state a checkpoint's metadata holds; DataError naming the key when it is malformed."""
+        names = {f.name: f.type for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict) or set(d) != set(names):
+            keys = sorted(d) if isinstance(d, dict) else type(d).__name__
+            raise DataError(f"data loader state: checkpoint holds {keys}, expected keys {sorted(names)}")
+        for name, kind in (("step", int), ("seed", int), ("seq_len", int), ("global_batch_size", int),
+                           ("fingerprint", str), ("shuffle", bool)):
+            value = d[name]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise DataError(f"data loader state {name}: checkpoint has {value!r}, expected {kind.__name__}")
         return cls(**d)
 
 
@@ -108,19 +114,19 @@ class DataLoader:
         column_order: np.ndarray | None = None,
     ) -> None:
         if global_batch_size < 1:
-            raise ValueError(f"global_batch_size: {global_batch_size} must be >= 1")
+            raise DataError(f"global_batch_size: {global_batch_size} must be >= 1")
         if process_count < 1 or not 0 <= process_index < process_count:
-            raise ValueError(
+            raise DataError(
                 f"process_index: {process_index} must lie in [0, process_count={process_count})"
             )
         if global_batch_size % process_count:
-            raise ValueError(
+            raise DataError(
                 f"global_batch_size: {global_batch_size} is not divisible by process_count {process_count}"
             )
         if seed < 0:
-            raise ValueError(f"seed: {seed} must be >= 0")
+            raise DataError(f"seed: {seed} must be >= 0")
         if column_order is not None and sorted(np.asarray(column_order).tolist()) != list(range(seq_len)):
-            raise ValueError(f"column_order: must be a permutation of the {seq_len} columns of a row")
+            raise DataError(f"column_order: must be a permutation of the {seq_len} columns of a row")
         self._windows = PackedWindows(source, seq_len)
         self._fingerprint = source.fingerprint()
         self.seq_len = seq_len
@@ -162,6 +168,8 @@ class DataLoader:
         return self
 
     def __next__(self) -> Batch:
+        # A DataError (a token file that shrank, a bad id) leaves the step where it was:
+        # state() still describes the batches the run has trained on.
         batch = self.batch_at(self.step)
         self.step += 1
         return batch
@@ -181,10 +189,10 @@ class DataLoader:
         mine = self.state()
         for field in ("fingerprint", "seq_len", "global_batch_size", "seed", "shuffle"):
             if getattr(state, field) != getattr(mine, field):
-                raise ValueError(
+                raise DataError(
                     f"data loader state {field}: checkpoint has {getattr(state, field)!r}, this loader "
                     f"{getattr(mine, field)!r}; resume needs the same data, seq_len, batch, seed and shuffle"
                 )
         if state.step < 0:
-            raise ValueError(f"data loader state step: {state.step} must be >= 0")
+            raise DataError(f"data loader state step: {state.step} must be >= 0")
         self.step = state.step

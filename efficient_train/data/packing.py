@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from efficient_train.data.batch import Batch
+from efficient_train.data.errors import DataError
 from efficient_train.data.sources import TokenSource
 
 
@@ -29,14 +30,14 @@ class PackedWindows:
 
     def __init__(self, source: TokenSource, seq_len: int) -> None:
         if seq_len < 1:
-            raise ValueError(f"seq_len: {seq_len} must be >= 1")
+            raise DataError(f"data.seq_len: {seq_len} must be >= 1")
         self.source = source
         self.seq_len = seq_len
         self._doc_starts = np.concatenate([[0], np.cumsum(source.document_lengths())]).astype(np.int64)
         total = int(self._doc_starts[-1])
         if total < seq_len + 1:
-            raise ValueError(
-                f"seq_len: the source holds {total} tokens, "
+            raise DataError(
+                f"data.seq_len: the source {source._describe()} holds {total} tokens, "
                 f"fewer than seq_len + 1 = {seq_len + 1} for one row"
             )
         self.num_tokens = total

@@ -13,9 +13,24 @@ loader can treat them alike:
   files move, so a checkpoint can tell whether it resumes the same data.
 
 Documents are never empty: empty files, lines and lists are skipped.
-Ids are checked where they are read rather than by a scan at start-up, which a token
-file of hundreds of gigabytes could not afford; sources that hold everything in memory
-anyway (JSONL) check eagerly too.
+Ids are checked where they are read (every slice, so a bad id found mid-run names its
+file and token offset), and also up front where that is cheap: sources that hold
+everything in memory (text, JSONL) check while loading, and a token file is scanned
+once at start-up when it is at most `TokenFileSource.EAGER_CHECK_BYTES` (1 GiB) or when
+finding eos tokens scans it anyway; a larger file is checked per read only, which a
+file of hundreds of gigabytes needs.
+
+Every problem with the data is a `DataError` (an InputError: one line, exit status 2)
+naming the file and the position: the line of a JSONL file, the token offset of a token
+file, the path of a directory entry. Files are opened only after `os.stat` says they
+are regular (a FIFO would block the open); a directory walk skips, with a warning,
+entries it cannot use (special files, broken links) and directories it has already
+read (a symlink cycle), so it always ends.
+
+Token files are read with `os.preadv` into fresh arrays rather than memory-mapped: a
+mapped file that another process truncates kills the reader with SIGBUS at the first
+touch of a vanished page, which no Python code can catch, whereas a short read is an
+ordinary condition, reported as a DataError naming the file and the offset.
 """
 from __future__ import annotations
 
@@ -23,11 +38,15 @@ import abc
 import hashlib
 import json
 import os
+import stat
 import sysconfig
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from efficient_train.data.errors import DataError, DataReadError, file_kind, open_regular, read_regular, stat_path
 
 PathLike = str | os.PathLike
 DEFAULT_TEXT_MAX_BYTES = 4 << 20
@@ -64,12 +83,14 @@ class TokenSource(abc.ABC):
         raw = np.asarray(self._slice(index, start, stop))
         limit = _INT32_LIMIT if self.vocab_size is None else self.vocab_size
         if raw.size and (raw.min() < 0 or raw.max() >= limit):
-            bad = raw[(raw < 0) | (raw >= limit)][0]
-            raise ValueError(
-                f"{type(self).__name__} {self._describe()}: token id {bad} in document {index} "
-                f"is outside [0, {limit}); ids must be below vocab_size"
-            )
+            at = int(np.flatnonzero((raw < 0) | (raw >= limit))[0])
+            raise DataError(f"{self._position(index, start + at)}: token id {int(raw[at])} is outside "
+                            f"[0, {limit}); {_id_rule(self.vocab_size)}")
         return raw.astype(np.int32)
+
+    def _position(self, index: int, offset: int) -> str:
+        """Where token `offset` of document `index` lives, for error messages."""
+        return f"{type(self).__name__} {self._describe()} document {index} token {offset}"
 
     @abc.abstractmethod
     def _slice(self, index: int, start: int, stop: int) -> np.ndarray:
@@ -82,6 +103,10 @@ class TokenSource(abc.ABC):
     @abc.abstractmethod
     def fingerprint(self) -> str:
         """Stable identity of the data (not of its location)."""
+
+
+def _id_rule(vocab_size: int | None) -> str:
+    return "ids must be below model.vocab_size" if vocab_size is not None else "ids must fit int32"
 
 
 class _BufferSource(TokenSource):
@@ -132,15 +157,15 @@ class SyntheticSource(TokenSource):
         successors: int = 3,
     ) -> None:
         if not 2 <= successors <= vocab_size:
-            raise ValueError(
+            raise DataError(
                 f"SyntheticSource successors: {successors} must lie in [2, vocab_size={vocab_size}]"
             )
         if num_documents < 1 or doc_len < 2:
-            raise ValueError(
+            raise DataError(
                 f"SyntheticSource num_documents/doc_len: got {num_documents}/{doc_len}; need >= 1 / >= 2"
             )
         if seed < 0:
-            raise ValueError(f"SyntheticSource seed: {seed} must be >= 0")
+            raise DataError(f"SyntheticSource seed: {seed} must be >= 0")
         self.vocab_size = vocab_size
         self.seed = seed
         self.doc_len = doc_len
@@ -216,16 +241,52 @@ class SyntheticSource(TokenSource):
 
 
 def _sorted_files(root: Path, suffix: str | None, skip_dirs: frozenset[str]) -> Iterator[Path]:
-    """Regular files under root, depth first, entries sorted by name; hidden ones skipped."""
-    entries = sorted(os.scandir(root), key=lambda e: e.name)
-    for entry in entries:
+    """Regular files under root, depth first, entries sorted by name; hidden ones skipped.
+
+    Symlinks are followed, but a directory already entered (same device and inode) is
+    skipped with a warning, so a symlink cycle ends; special files (FIFOs, sockets,
+    devices) and entries that cannot be stat'ed (broken links, link loops) are skipped
+    with a warning too. An explicit stack, not recursion: any depth works.
+    """
+    root_stat = stat_path(root, "data.path")
+    seen = {(root_stat.st_dev, root_stat.st_ino)}
+    stack = [_listing(root)]
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            continue
         if entry.name.startswith("."):
             continue
-        if entry.is_dir():
-            if entry.name not in skip_dirs:
-                yield from _sorted_files(Path(entry.path), suffix, skip_dirs)
-        elif entry.is_file() and (suffix is None or entry.name.endswith(suffix)):
-            yield Path(entry.path)
+        wanted = suffix is None or entry.name.endswith(suffix)
+        try:
+            st = entry.stat()  # follows a symlink
+        except OSError as error:
+            if wanted:
+                warnings.warn(f"data.path: skipping '{entry.path}': {error.strerror}", stacklevel=2)
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            if entry.name in skip_dirs:
+                continue
+            if (st.st_dev, st.st_ino) in seen:
+                warnings.warn(f"data.path: skipping '{entry.path}': a directory already read "
+                              "(a symlink cycle or a second link to it)", stacklevel=2)
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            stack.append(_listing(Path(entry.path)))
+        elif stat.S_ISREG(st.st_mode):
+            if wanted:
+                yield Path(entry.path)
+        elif wanted:
+            warnings.warn(f"data.path: skipping '{entry.path}': not a regular file", stacklevel=2)
+
+
+def _listing(directory: Path) -> Iterator[os.DirEntry]:
+    try:
+        with os.scandir(directory) as entries:
+            return iter(sorted(entries, key=lambda e: e.name))
+    except OSError as error:
+        raise DataError(f"data.path: directory '{directory}' cannot be listed: {error.strerror}") from None
 
 
 class TextSource(_BufferSource):
@@ -242,7 +303,7 @@ class TextSource(_BufferSource):
         self, paths: PathLike | Sequence[PathLike] = "", *, max_bytes: int = DEFAULT_TEXT_MAX_BYTES
     ) -> None:
         if max_bytes < 1:
-            raise ValueError(f"TextSource max_bytes: {max_bytes} must be >= 1")
+            raise DataError(f"data.max_bytes: {max_bytes} must be >= 1")
         if isinstance(paths, (str, os.PathLike)) and str(paths) == "":
             roots = [Path(sysconfig.get_paths()["stdlib"])]
             suffix, skip = ".py", frozenset({"site-packages", "dist-packages", "__pycache__"})
@@ -250,15 +311,15 @@ class TextSource(_BufferSource):
             roots = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
             suffix, skip = None, frozenset()
         for root in roots:
-            if not root.exists():
-                raise ValueError(f"TextSource path: '{root}' does not exist; give a file or directory")
+            mode = stat_path(root, "data.path").st_mode
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                raise DataError(f"data.path: '{root}' is {file_kind(mode)}; give a regular file or a directory")
 
         self.files: list[Path] = []
         docs: list[np.ndarray] = []
         remaining = max_bytes
         for path in self._expand(roots, suffix, skip):
-            with open(path, "rb") as f:
-                data = f.read(remaining)
+            data = read_regular(path, "data.path", remaining)
             if data:
                 self.files.append(path)
                 docs.append(np.frombuffer(data, dtype=np.uint8))
@@ -266,7 +327,7 @@ class TextSource(_BufferSource):
             if remaining == 0:
                 break
         if not docs:
-            raise ValueError(f"TextSource path: no non-empty files under {[str(r) for r in roots]}")
+            raise DataError(f"data.path: no non-empty files under {', '.join(repr(str(r)) for r in roots)}")
         self._where = str(roots[0]) if len(roots) == 1 else f"{len(roots)} paths"
         super().__init__(docs, np.uint8, 256)
 
@@ -281,6 +342,9 @@ class TextSource(_BufferSource):
     def _describe(self) -> str:
         return f"'{self._where}'"
 
+    def _position(self, index: int, offset: int) -> str:
+        return f"data.path '{self.files[index]}' byte {offset}"
+
     def fingerprint(self) -> str:
         return f"text-v1:{self._content_hash()}"
 
@@ -289,16 +353,24 @@ class TextSource(_BufferSource):
 
 
 class TokenFileSource(TokenSource):
-    """A flat file of uint16/uint32 token ids, memory-mapped, read as one long stream.
+    """A flat file of uint16/uint32 token ids, read as one long stream with os.preadv.
 
     The stream is cut into documents of `doc_len` tokens (the last one shorter) or, when
     `eos_id` is given, after every eos token (the eos ends its document; trailing tokens
-    form a last document). Finding eos tokens scans the file once, in chunks.
+    form a last document). Finding eos tokens scans the file once, in chunks, and that
+    scan (or, without eos, a scan of a file of at most EAGER_CHECK_BYTES) also checks
+    every id against vocab_size, so a bad id fails the start naming its token offset.
     The fingerprint hashes the size and the first and last MiB, not the whole file.
+
+    The file stays open; its size at start-up is the stream's length. A read that
+    finds the file shorter (truncated by another process while this one runs) raises a
+    DataError naming the file and the token offset; a file that grows is read to its
+    original length only.
     """
 
     _SCAN_CHUNK = 1 << 26
     _HASH_BYTES = 1 << 20
+    EAGER_CHECK_BYTES = 1 << 30
 
     def __init__(
         self,
@@ -309,109 +381,190 @@ class TokenFileSource(TokenSource):
         eos_id: int | None = None,
         vocab_size: int | None = None,
     ) -> None:
+        self._fd = -1
         path = Path(path)
         if dtype not in TOKEN_DTYPES:
-            raise ValueError(f"TokenFileSource dtype: '{dtype}' is not allowed; use one of {TOKEN_DTYPES}")
-        if not path.is_file():
-            raise ValueError(f"TokenFileSource path: '{path}' is not a file")
-        itemsize = np.dtype(dtype).itemsize
-        size = path.stat().st_size
-        if size == 0:
-            raise ValueError(f"TokenFileSource path: '{path}' is empty; it must hold at least one token")
-        if size % itemsize:
-            raise ValueError(
-                f"TokenFileSource path: '{path}' has {size} bytes, not a multiple of {itemsize} ({dtype})"
-            )
+            raise DataError(f"data.token_dtype: '{dtype}' is not allowed; use one of {', '.join(TOKEN_DTYPES)}")
         if doc_len < 1:
-            raise ValueError(f"TokenFileSource doc_len: {doc_len} must be >= 1")
+            raise DataError(f"data.seq_len: document length {doc_len} must be >= 1")
         if eos_id is not None and not 0 <= eos_id <= np.iinfo(dtype).max:
-            raise ValueError(
-                f"TokenFileSource eos_id: {eos_id} is outside [0, {np.iinfo(dtype).max}] ({dtype})"
-            )
+            raise DataError(f"data.eos_id: {eos_id} is outside [0, {np.iinfo(dtype).max}] ({dtype})")
+        self._fd = open_regular(path, "data.path")
+        itemsize = np.dtype(dtype).itemsize
+        size = os.fstat(self._fd).st_size
+        if size == 0:
+            raise DataError(f"data.path: '{path}' is empty; it must hold at least one token")
+        if size % itemsize:
+            raise DataError(f"data.path: '{path}' has {size} bytes, not a multiple of {itemsize} ({dtype}); "
+                            "check data.token_dtype")
         self.path = path
         self.dtype = dtype
         self.vocab_size = vocab_size
-        self._tokens = np.memmap(path, dtype=dtype, mode="r")
-        n = len(self._tokens)
+        self._itemsize = itemsize
+        self._size = size
+        n = self.num_tokens = size // itemsize
+        limit = _INT32_LIMIT if vocab_size is None else vocab_size
+        ends: list[np.ndarray] = []
+        if eos_id is not None or size <= self.EAGER_CHECK_BYTES:
+            for first in range(0, n, self._SCAN_CHUNK):
+                chunk = self._read_tokens(first, min(self._SCAN_CHUNK, n - first))
+                if chunk.max() >= limit:
+                    at = int(np.flatnonzero(chunk >= limit)[0])
+                    raise DataError(f"{self._offset_text(first + at)}: token id {int(chunk[at])} is outside "
+                                    f"[0, {limit}); {_id_rule(vocab_size)}")
+                if eos_id is not None:
+                    ends.append(np.flatnonzero(chunk == eos_id) + first + 1)
         if eos_id is None:
-            ends = np.arange(doc_len, n, doc_len, dtype=np.int64)
+            bounds = np.arange(doc_len, n, doc_len, dtype=np.int64)
             self._split = f"doc_len={doc_len}"
         else:
-            ends = np.concatenate(
-                [np.flatnonzero(self._tokens[s : s + self._SCAN_CHUNK] == eos_id) + s + 1
-                 for s in range(0, n, self._SCAN_CHUNK)]
-            ).astype(np.int64)
-            ends = ends[ends < n]
+            bounds = np.concatenate(ends).astype(np.int64)
+            bounds = bounds[bounds < n]
             self._split = f"eos_id={eos_id}"
-        self._offsets = np.concatenate([[0], ends, [n]]).astype(np.int64)
+        self._offsets = np.concatenate([[0], bounds, [n]]).astype(np.int64)
         self._lengths = np.diff(self._offsets)
+
+    def _read_tokens(self, first: int, count: int) -> np.ndarray:
+        """Tokens [first, first + count) of the file, as a fresh array of its dtype."""
+        out = np.empty(count, dtype=self.dtype)
+        view = memoryview(out).cast("B")
+        offset, done = first * self._itemsize, 0
+        try:
+            while done < len(view):
+                if hasattr(os, "preadv"):
+                    got = os.preadv(self._fd, [view[done:]], offset + done)
+                else:  # pragma: no cover - platforms without preadv
+                    data = os.pread(self._fd, len(view) - done, offset + done)
+                    view[done : done + len(data)] = data
+                    got = len(data)
+                if got == 0:
+                    raise self._shrank(first + done // self._itemsize)
+                done += got
+        except OSError as error:
+            raise DataReadError(f"data.path '{self.path}': reading token offset {first} failed: "
+                                f"{error.strerror}") from None
+        return out
+
+    def _shrank(self, offset: int) -> DataError:
+        now = os.fstat(self._fd).st_size // self._itemsize
+        return DataError(
+            f"{self._offset_text(offset)}: the file shrank to {now} tokens while this run reads it "
+            f"(it held {self.num_tokens} at start); restore it, or start a new run on the new data")
+
+    def _offset_text(self, offset: int) -> str:
+        return f"data.path '{self.path}' token offset {offset}"
+
+    def _position(self, index: int, offset: int) -> str:
+        return self._offset_text(int(self._offsets[index]) + offset)
 
     def _slice(self, index: int, start: int, stop: int) -> np.ndarray:
         base = int(self._offsets[index])
-        return self._tokens[base + start : base + stop]
+        return self._read_tokens(base + start, stop - start)
 
     def _describe(self) -> str:
         return f"'{self.path}'"
 
     def fingerprint(self) -> str:
-        raw = self._tokens.view(np.uint8)
-        digest = hashlib.sha256(raw[: self._HASH_BYTES].tobytes())
-        digest.update(raw[-self._HASH_BYTES :].tobytes())
-        return f"tokens-v1:{self.dtype}:n={len(self._tokens)}:{self._split}:{digest.hexdigest()[:16]}"
+        head = self._read_bytes(0, min(self._size, self._HASH_BYTES))
+        tail_start = max(0, self._size - self._HASH_BYTES)
+        digest = hashlib.sha256(head)
+        digest.update(self._read_bytes(tail_start, self._size - tail_start))
+        return f"tokens-v1:{self.dtype}:n={self.num_tokens}:{self._split}:{digest.hexdigest()[:16]}"
+
+    def _read_bytes(self, start: int, count: int) -> bytes:
+        first, stop = start // self._itemsize, -(-(start + count) // self._itemsize)
+        return self._read_tokens(first, stop - first).tobytes()[start - first * self._itemsize :][:count]
+
+    def close(self) -> None:
+        """Close the file (reads fail afterwards); garbage collection does it too."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
 
 
 # --------------------------------------------------------------------------- jsonl
 
 
+def _short(value: object, limit: int = 40) -> str:
+    text = repr(value) if not isinstance(value, int) or value.bit_length() < 128 else f"{str(value)[:20]}..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class JsonlSource(_BufferSource):
     """One document per JSON line: `field` is a string (UTF-8 bytes as tokens, vocab 256)
     or a list of token ids. All lines must agree on which; blank lines and empty
-    documents are skipped. The file is read into memory and checked eagerly."""
+    documents are skipped. The file is read into memory and checked eagerly: every line
+    must be UTF-8 JSON (a byte-order mark is allowed at the start), an object with the
+    field, and every id must lie in [0, vocab_size); an error names the line."""
 
     def __init__(self, path: PathLike, field: str = "text", *, vocab_size: int | None = None) -> None:
         path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"JsonlSource path: '{path}' is not a file")
+        raw = read_regular(path, "data.path")
         self.path = path
         self.field = field
-        raw = path.read_bytes()
         limit = _INT32_LIMIT if vocab_size is None else vocab_size
         docs: list[np.ndarray] = []
         kind: type | None = None
         for lineno, line in enumerate(raw.splitlines(), start=1):
+            if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]
             if not line.strip():
                 continue
-            where = f"JsonlSource {path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or field not in record:
-                raise ValueError(f"{where}: field '{field}' missing; each line must be an object with it")
-            value = record[field]
+            where = f"data.path '{path}' line {lineno}"
+            value = self._field(line, where, field)
             if isinstance(value, str):
                 tokens = np.frombuffer(value.encode("utf-8"), dtype=np.uint8)
             elif isinstance(value, list) and all(type(t) is int for t in value):
+                bad = next((t for t in value if not 0 <= t < limit), None)
+                if bad is not None:
+                    raise DataError(f"{where}: field '{field}' has token id {_short(bad)} outside [0, {limit}); "
+                                    f"{_id_rule(vocab_size)}")
                 tokens = np.array(value, dtype=np.int64)
             else:
-                raise ValueError(f"{where}: field '{field}' must be a string or a list of ints")
+                raise DataError(f"{where}: field '{field}' must be a string or a list of ints, "
+                                f"not {_short(value)}")
             if kind is not None and type(value) is not kind:
-                raise ValueError(
+                raise DataError(
                     f"{where}: field '{field}' is a {type(value).__name__}, earlier lines a {kind.__name__}"
                 )
             kind = type(value)
-            bad = tokens[(tokens < 0) | (tokens >= limit)]
-            if bad.size:
-                raise ValueError(
-                    f"{where}: field '{field}' has token id {int(bad[0])} outside [0, {limit}); "
-                    "ids must be below vocab_size"
-                )
+            if tokens.size and tokens.max() >= limit:  # text bytes against a vocab below 256
+                raise DataError(f"{where}: field '{field}' has token id {int(tokens.max())} outside [0, {limit}); "
+                                f"{_id_rule(vocab_size)}")
             if tokens.size:
                 docs.append(tokens)
         if not docs:
-            raise ValueError(f"JsonlSource path: '{path}' has no non-empty '{field}' documents")
+            raise DataError(f"data.path: '{path}' has no non-empty '{field}' documents")
         self.is_text = kind is str
         super().__init__(docs, np.int32, 256 if self.is_text and vocab_size is None else vocab_size)
+
+    @staticmethod
+    def _field(line: bytes, where: str, field: str) -> object:
+        """The value of `field` in one JSON line, or a DataError naming what is wrong with the line."""
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(f"{where}: not UTF-8 (byte 0x{line[error.start]:02x} at column {error.start + 1}); "
+                            "JSON Lines files are UTF-8") from None
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+        except RecursionError:
+            raise DataError(f"{where}: JSON nested too deeply to read; a line is one flat object") from None
+        except ValueError as error:  # an integer of more digits than Python converts
+            raise DataError(f"{where}: {' '.join(str(error).split())[:120]}") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: a JSON {type(record).__name__}, not an object with field '{field}'")
+        if field not in record:
+            raise DataError(f"{where}: field '{field}' missing; each line must be an object with it")
+        return record[field]
+
+    def _position(self, index: int, offset: int) -> str:
+        return f"data.path '{self.path}' document {index} token {offset}"
 
     def _describe(self) -> str:
         return f"'{self.path}'"
