@@ -17,6 +17,25 @@ for that copy and a few dispatches. Restore verifies every leaf and, when the ne
 step is damaged, says so loudly and falls back to the previous step that verifies.
 Steps written leaf by leaf by tools (writer.py) restore the same way.
 
+What counts as damage, and what happens to it, is strict, because acting on a wrong
+verdict loses data:
+- Only proven damage is damage (DamagedCheckpoint): a leaf whose bytes do not match its
+  fingerprint, bytes that are missing or cannot be decoded, a metadata.json that is
+  missing or not JSON. Any other failure while restoring (an OSError such as EACCES or
+  EIO from the filesystem, MemoryError, a newer format version, another model) is
+  reported as what it is and stops the run; no step is touched.
+- A damaged step is set aside once an older step has verified: renamed to
+  `damaged-<step>` (never deleted, never overwritten), which Orbax no longer lists, so
+  the run continues past it and saves that step number again.
+- When no step verifies, nothing is changed and the run is refused
+  (NoVerifiedCheckpoint), naming every step and its problem: starting from scratch is
+  the user's explicit choice (move the checkpoint directory away, or point
+  `checkpoint.dir` elsewhere).
+- Retention (Orbax's, after the newer step's commit has finished) moves old steps into
+  `_deleted/` and this module deletes them there. A `_deleted` that is a symlink or a
+  file is refused at start, and deleting never follows a link: a link is unlinked,
+  never its target emptied.
+
 Restoring builds its targets from the *current* program's abstract state (shapes,
 dtypes and shardings of this mesh), so any mesh loads any checkpoint.
 """
@@ -24,14 +43,17 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import errno
 import json
 import logging
 import os
 import shutil
+import stat
 from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from efficient_train.checkpoint.fingerprint import start_fingerprints
 from efficient_train.checkpoint.verify import describe, verify_step
@@ -44,6 +66,7 @@ from efficient_train.checkpoint.metadata import (
     LeafRecord,
     check_model_matches,
 )
+from efficient_train.errors import RunError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +74,36 @@ STATE_ITEM = "state"
 METADATA_ITEM = "metadata"
 METADATA_FILE = "metadata.json"
 TRASH_DIR = "_deleted"
+DAMAGED_PREFIX = "damaged-"
+
+
+class NoVerifiedCheckpoint(RunError):
+    """Every committed step is damaged: the run is refused and nothing is changed."""
+
+
+class CheckpointReadError(RunError):
+    """A step could not be read for a reason that is not proven damage (I/O, memory)."""
+
+
+# Errors of the machine, not of the bytes: never evidence of damage.
+_NOT_DAMAGE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE,
+                      errno.ENOSPC, errno.EROFS, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ESTALE}
+
+
+def _machine_error(error: BaseException | None) -> BaseException | None:
+    """The I/O or memory error in `error`'s chain that says the machine failed, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, MemoryError) or (isinstance(error, OSError) and error.errno in _NOT_DAMAGE_ERRNOS):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
 
 
 class _DeferredJsonHandler(ocp.JsonCheckpointHandler):
@@ -97,12 +150,18 @@ def metadata_path(step_dir: str) -> str:
 
 
 def read_metadata(step_dir: str) -> CheckpointMetadata:
+    """The step's metadata; DamagedCheckpoint if it is missing or not JSON (a committed step
+    always has it), CheckpointReadError if the filesystem failed to read it."""
     path = metadata_path(step_dir)
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
-        raise DamagedCheckpoint(f"{path}: unreadable ({error})") from None
+        with open(path, "rb") as f:
+            raw = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise DamagedCheckpoint(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DamagedCheckpoint(f"{path}: not valid JSON ({error})") from None
+    except OSError as error:
+        raise CheckpointReadError(f"{path}: could not be read ({_first_line(error)}); the step was not changed") from None
     return CheckpointMetadata.from_json(raw)
 
 
@@ -114,6 +173,7 @@ def without_optimizer(state: Any) -> dict:
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int, keep_every: int, async_save: bool) -> None:
         self.directory = os.path.abspath(directory)
+        self._trash()  # refuse a `_deleted` link before Orbax could move steps through it
         self._async = async_save
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep or None,
@@ -138,11 +198,30 @@ class Checkpointer:
         self._writing: int | None = None  # the step of the save in flight
         self._empty_trash()
 
-    def _empty_trash(self) -> None:
+    def _trash(self) -> str | None:
+        """The retention directory, if it exists; refused if it is not a real directory."""
         trash = os.path.join(self.directory, TRASH_DIR)
-        if jax.process_index() == 0 and os.path.isdir(trash):
-            for name in os.listdir(trash):
-                shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
+        try:
+            mode = os.lstat(trash).st_mode
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISDIR(mode):
+            kind = "a symlink" if stat.S_ISLNK(mode) else "not a directory"
+            raise CheckpointError(f"checkpoint.dir: {trash} is {kind}; retention deletes what it holds, so it must be "
+                                  "a real directory inside the checkpoint directory: remove it")
+        return trash
+
+    def _empty_trash(self) -> None:
+        """Delete what retention moved into `_deleted/`: links are unlinked, never followed."""
+        trash = self._trash()
+        if jax.process_index() != 0 or trash is None:
+            return
+        for name in os.listdir(trash):
+            path = os.path.join(trash, name)
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                shutil.rmtree(path, ignore_errors=True)  # rmtree never follows links inside
+            else:
+                os.unlink(path)
 
     def steps(self) -> list[int]:
         """The committed steps, read from the directory: a step's directory gets its final
@@ -213,14 +292,18 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.close()
 
-    def restore_step(self, step: int, abstract_state: Any, *, model: dict) -> tuple[Any, CheckpointMetadata]:
+    def restore_step(self, step: int, abstract_state: Any, *, model: dict,
+                     optimizer: dict | None = None) -> tuple[Any, CheckpointMetadata]:
         """Restore one step onto `abstract_state`'s shardings and verify every leaf.
 
         A params-only checkpoint (converted with --drop_optimizer, or imported from
         Hugging Face) restores with `opt_state=None`; the caller starts a fresh one.
+        `optimizer` (the run's optimizer config) names a changed state layout.
         """
         metadata = read_metadata(self.step_dir(step))
         check_model_matches(metadata.model, model)
+        if optimizer is not None and metadata.optimizer is not None:
+            _check_optimizer_layout(step, self.step_dir(step), metadata.optimizer, optimizer)
         params_only = metadata.optimizer is None
         target = without_optimizer(abstract_state) if params_only else abstract_state
         expected = {path: (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in leaf_paths(target)}
@@ -239,10 +322,8 @@ class Checkpointer:
                     }
                 ),
             )[STATE_ITEM]
-        except Exception:  # corrupt or missing files surface as many error types: name the leaves
-            problems = verify_step(self.step_dir(step))
-            detail = describe(problems) if problems else "orbax could not restore it, though every leaf reads back"
-            raise DamagedCheckpoint(f"step {step}: damaged leaves: {detail}") from None
+        except Exception as error:
+            raise self._classify_restore_error(step, error) from None
         paths, arrays = zip(*leaf_paths(restored))
         damaged = [
             path for path, fingerprint in zip(paths, start_fingerprints(arrays)())
@@ -254,12 +335,98 @@ class Checkpointer:
             restored = abstract_state.replace(opt_state=None, **restored)
         return restored, metadata
 
-    def restore_latest(self, abstract_state: Any, *, model: dict) -> tuple[Any, CheckpointMetadata] | None:
-        """The newest step that verifies; damaged newer steps are reported and skipped."""
+    def _classify_restore_error(self, step: int, error: Exception) -> RunError:
+        """DamagedCheckpoint only when the bytes are proven bad; otherwise the error as it is."""
+        machine = _machine_error(error)
+        if machine is None:
+            try:
+                problems = verify_step(self.step_dir(step))
+            except Exception as verify_error:  # the host read failed too: its reason decides
+                machine = _machine_error(verify_error) or verify_error
+            else:
+                if problems:  # corrupt or missing files surface as many error types: name the leaves
+                    return DamagedCheckpoint(f"step {step}: damaged leaves: {describe(problems)}")
+        cause = machine or error
+        return CheckpointReadError(
+            f"step {step} could not be restored ({_first_line(cause)}); its bytes were not proven damaged, "
+            "so nothing was changed: fix the cause and rerun"
+        )
+
+    def restore_latest(self, abstract_state: Any, *, model: dict,
+                       optimizer: dict | None = None) -> tuple[Any, CheckpointMetadata] | None:
+        """The newest step that verifies; None when there is no step at all.
+
+        Damaged newer steps are reported and, once an older step has verified, set aside
+        as `damaged-<step>`. If every step is damaged, NoVerifiedCheckpoint, and nothing
+        is changed. Any error that is not proven damage stops the search and is raised.
+        """
+        damaged: list[tuple[int, DamagedCheckpoint]] = []
         for step in reversed(self.steps()):
             try:
-                return self.restore_step(step, abstract_state, model=model)
+                restored = self.restore_step(step, abstract_state, model=model, optimizer=optimizer)
             except DamagedCheckpoint as error:
-                log.warning("CHECKPOINT DAMAGED, falling back to the previous step: %s", error)
-                print(f"WARNING: checkpoint damaged, falling back to the previous step: {error}", flush=True)
+                damaged.append((step, error))
+                log.warning("CHECKPOINT DAMAGED: %s", error)
+                if jax.process_index() == 0:
+                    print(f"WARNING: checkpoint damaged, trying the previous step: {error}", flush=True)
+                continue
+            self._set_aside([step for step, _ in damaged])
+            return restored
+        if damaged:
+            listing = " | ".join(str(error) for _, error in damaged)
+            raise NoVerifiedCheckpoint(
+                f"no checkpoint in {self.directory} verifies ({listing}); nothing was changed. To start from "
+                "scratch, move that directory away or set checkpoint.dir to a new one; "
+                "`efficient-train checkpoint verify` names the damage"
+            )
         return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Rename damaged steps to `damaged-<step>[-k]`: kept, out of Orbax's listing."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            for step in steps:
+                target = os.path.join(self.directory, f"{DAMAGED_PREFIX}{step}")
+                suffix = 1
+                while os.path.lexists(target):
+                    suffix += 1
+                    target = os.path.join(self.directory, f"{DAMAGED_PREFIX}{step}-{suffix}")
+                os.rename(self.step_dir(step), target)
+                _fsync_directory(self.directory)
+                print(f"WARNING: set the damaged step {step} aside as {target}; it is kept, and training "
+                      "continues from the newest step that verifies", flush=True)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("efficient_train_set_aside_damaged_steps")
+        self._manager.reload()
+
+
+# Optimizer fields that decide the shapes and dtypes of the stored state.
+STATE_LAYOUT_FIELDS = ("state_format", "block_size", "min_quantized_size", "quantize_embeddings")
+
+
+def _check_optimizer_layout(step: int, step_dir: str, saved: dict, current: dict) -> None:
+    changed = [name for name in STATE_LAYOUT_FIELDS if name in saved and saved[name] != current.get(name)]
+    if not changed:
+        return
+    detail = ", ".join(f"optimizer.{name}: saved {saved[name]!r}, this run {current.get(name)!r}" for name in changed)
+    raise CheckpointError(
+        f"step {step} holds optimizer states of another layout ({detail}); set those fields back, or convert the "
+        f"checkpoint: efficient-train checkpoint convert {step_dir} NEW_DIR --mesh data=N --state_format "
+        f"{current.get('state_format')} (or --drop_optimizer to start a fresh optimizer)"
+    )
+
+
+def damaged_steps(directory: str) -> list[str]:
+    """The `damaged-<step>` directories that restore set aside in a checkpoint directory."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(name for name in os.listdir(directory) if name.startswith(DAMAGED_PREFIX))
+
+
+def _fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
