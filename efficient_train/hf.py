@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,15 +32,24 @@ from flax import nnx
 
 from efficient_train.checkpoint.hf_layout import (
     DEFAULT_MAX_SHARD_BYTES,
+    INDEX_FILE,
     HFError,
     SafetensorsDir,
     TensorSpec,
+    shard_files,
     tensor_maps,
     write_safetensors,
 )
-from efficient_train.checkpoint.manager import read_metadata
-from efficient_train.checkpoint.storage import read_leaf
-from efficient_train.checkpoint.tools import resolve_step_dir
+from efficient_train.checkpoint.metadata import CheckpointWriteError, DamagedCheckpoint
+from efficient_train.checkpoint.tools import (
+    check_destination,
+    damaged_step_message,
+    first_missing_dir,
+    model_config,
+    refuse_existing_steps,
+    resolve_step,
+)
+from efficient_train.checkpoint.verify import LeafDamaged, VerifiedReader, read_step_metadata
 from efficient_train.checkpoint.writer import write_checkpoint
 from efficient_train.models import Llama, ModelConfig
 
@@ -59,24 +69,56 @@ STORED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
 HF_DEFAULTS = {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
 
 
+class ExportWriteError(CheckpointWriteError):
+    """Writing the exported Hugging Face directory failed (disk full, I/O error)."""
+
+
 def _refuse(field: str, value: Any, allowed: str) -> HFError:
     return HFError(f"config.json: {field}={value!r} is not supported; allowed: {allowed}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(hf: dict, field: str, nullable: bool = False) -> int | None:
+    value = hf.get(field)
+    if value is None and nullable:
+        return None
+    if not _is_int(value) or value <= 0:
+        raise _refuse(field, value, "a positive integer" + (" or null" if nullable else ""))
+    return value
+
+
+def _positive_number(value: Any, field: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+        raise _refuse(field, value, "a positive number")
+    return float(value)
 
 
 def _rope_theta(hf: dict) -> float:
     """RoPE's base from either generation of keys; any scaling is refused."""
     scaling = hf.get("rope_scaling")  # transformers 4
-    if scaling is not None and scaling.get("rope_type", scaling.get("type")) != "default":
+    if scaling is not None and (not isinstance(scaling, dict)
+                                or scaling.get("rope_type", scaling.get("type")) != "default"):
         raise _refuse("rope_scaling", scaling, "null (plain RoPE)")
-    parameters = hf.get("rope_parameters") or {}  # transformers >= 5
+    parameters = hf.get("rope_parameters")  # transformers >= 5
+    if parameters is not None and not isinstance(parameters, dict):
+        raise _refuse("rope_parameters", parameters, "an object with rope_type 'default' (plain RoPE), or null")
+    parameters = parameters or {}
     if parameters.get("rope_type", "default") != "default":
         raise _refuse("rope_parameters", parameters, "rope_type 'default' (plain RoPE)")
-    return float(parameters.get("rope_theta", hf.get("rope_theta", HF_DEFAULTS["rope_theta"])))
+    if "rope_theta" in parameters:
+        return _positive_number(parameters["rope_theta"], "rope_parameters.rope_theta")
+    return _positive_number(hf.get("rope_theta", HF_DEFAULTS["rope_theta"]), "rope_theta")
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    """The `ModelConfig` of a HF config.json dict; refuses what the model cannot compute."""
-    if hf.get("model_type") not in MODEL_TYPES:
+    """The `ModelConfig` of a HF config.json dict; refuses what the model cannot compute,
+    and any field of the wrong type or out of range, naming it and what is allowed."""
+    if not isinstance(hf, dict):
+        raise HFError(f"{CONFIG_FILE}: is a {type(hf).__name__}; allowed: a JSON object")
+    if not isinstance(hf.get("model_type"), str) or hf["model_type"] not in MODEL_TYPES:
         raise _refuse("model_type", hf.get("model_type"), " or ".join(map(repr, MODEL_TYPES)))
     # Absent, a mistral config means MistralConfig's default window of 4096 tokens.
     window = hf.get("sliding_window", MISTRAL_DEFAULT_WINDOW if hf["model_type"] == "mistral" else None)
@@ -92,7 +134,11 @@ def config_from_hf(hf: dict) -> ModelConfig:
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if field not in hf:
             raise HFError(f"config.json: {field} is missing")
+        _positive_int(hf, field)
     heads = hf["num_attention_heads"]
+    tie = hf.get("tie_word_embeddings", HF_DEFAULTS["tie_word_embeddings"])
+    if not isinstance(tie, bool):
+        raise _refuse("tie_word_embeddings", tie, "true or false")
     try:
         return ModelConfig(
             vocab_size=hf["vocab_size"],
@@ -100,11 +146,11 @@ def config_from_hf(hf: dict) -> ModelConfig:
             intermediate_size=hf["intermediate_size"],
             num_layers=hf["num_hidden_layers"],
             num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            num_kv_heads=_positive_int(hf, "num_key_value_heads", nullable=True) or heads,
+            head_dim=_positive_int(hf, "head_dim", nullable=True) or hf["hidden_size"] // heads,
             rope_theta=_rope_theta(hf),
-            rms_norm_eps=float(hf.get("rms_norm_eps", HF_DEFAULTS["rms_norm_eps"])),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", HF_DEFAULTS["tie_word_embeddings"])),
+            rms_norm_eps=_positive_number(hf.get("rms_norm_eps", HF_DEFAULTS["rms_norm_eps"]), "rms_norm_eps"),
+            tie_embeddings=tie,
         )
     except ValueError as error:  # ModelConfig's own validation, already one line
         raise HFError(f"config.json: {error}") from None
@@ -143,8 +189,10 @@ def read_hf_config(hf_dir: str) -> ModelConfig:
     try:
         with open(path, encoding="utf-8") as f:
             hf = json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
-        raise HFError(f"{CONFIG_FILE}: unreadable ({error})") from None
+    except OSError as error:
+        raise HFError(f"{CONFIG_FILE}: cannot be read ({error.strerror or error})") from None
+    except (ValueError, RecursionError) as error:  # not JSON, or not UTF-8
+        raise HFError(f"{CONFIG_FILE}: not valid JSON ({str(error)[:120]})") from None
     return config_from_hf(hf)
 
 
@@ -181,20 +229,39 @@ def import_hf(hf_dir: str, out: str, *, param_dtype: str = "float32", scan_layer
     The recorded model config is `config_from_hf` with `param_dtype` and `scan_layers`;
     training from it needs a config with the same model fields (the command prints them).
     Returns the step directory.
+
+    `out` must hold no committed step at all, not only no step 0: `train` resumes the
+    newest step of its checkpoint directory, so an import beside a step 5 would never
+    be trained from, and retention would delete it as the oldest. Refused with the steps
+    named, before any weight is read.
     """
     np_dtype = _dtype(param_dtype, "param_dtype")
+    check_destination(out, "OUT")
+    refuse_existing_steps(out, "OUT")
     cfg = dataclasses.replace(read_hf_config(hf_dir), param_dtype=param_dtype, scan_layers=scan_layers)
     files = SafetensorsDir(hf_dir)
     maps = tensor_maps(cfg)
     files.check(maps)
     leaves = (("params/" + m.leaf, files.read_leaf(m, np_dtype)) for m in maps)
-    return write_checkpoint(out, 0, leaves, model=dataclasses.asdict(cfg), optimizer=None)
+    return write_checkpoint(out, 0, leaves, model=dataclasses.asdict(cfg), optimizer=None, flag="OUT")
 
 
 def train_overrides(step_dir: str) -> list[str]:
     """The `--config.model.*` flags under which the trainer accepts imported `step_dir`."""
-    model = read_metadata(step_dir).model
-    return [f"--config.model.{field}={model[field]}" for field in STORED_FIELDS]
+    model = read_step_metadata(step_dir).model
+    return [f"--config.model.{field}={model[field]}" for field in STORED_FIELDS if field in model]
+
+
+def _remove_output(out_dir: str, created: str | None, names: list[str]) -> None:
+    """Undo a failed export: the directories this call created, else the files it wrote."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    for name in names:
+        try:
+            os.remove(os.path.join(out_dir, name))
+        except FileNotFoundError:
+            pass
 
 
 def export_hf(ckpt: str, out_dir: str, *, dtype: str | None = None,
@@ -203,15 +270,17 @@ def export_hf(ckpt: str, out_dir: str, *, dtype: str | None = None,
 
     `dtype` (default: the checkpoint's param_dtype) is the dtype of the written tensors.
     Returns the safetensors file names written into `out_dir`.
+
+    Every parameter is checked against its fingerprint as it is read. A damaged one
+    stops the export, which then removes what it wrote (OUT_DIR itself when it created
+    it) and raises DamagedCheckpoint naming every damaged parameter and the older steps
+    the user could export instead.
     """
-    step_dir = resolve_step_dir(ckpt)
-    metadata = read_metadata(step_dir)
+    step_dir, older = resolve_step(ckpt)
+    metadata = read_step_metadata(step_dir)
     if not metadata.model:
         raise HFError(f"{step_dir}: holds a user's own module, not the built-in Llama; nothing to export")
-    try:
-        cfg = ModelConfig.from_config_dict(metadata.model)
-    except ValueError as error:
-        raise HFError(f"{step_dir}: model config: {error}") from None
+    cfg = model_config(metadata, step_dir)
     dtype = dtype or cfg.param_dtype
     out_dtype = _dtype(dtype, "dtype")
     maps = tensor_maps(cfg)
@@ -219,18 +288,35 @@ def export_hf(ckpt: str, out_dir: str, *, dtype: str | None = None,
         record = metadata.leaves.get("params/" + m.leaf)
         if record is None or tuple(record.shape) != m.leaf_shape:
             raise HFError(f"{step_dir}: leaf params/{m.leaf} is missing or not shaped {list(m.leaf_shape)}")
+    check_destination(out_dir, "OUT_DIR")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise HFError(f"OUT_DIR: {out_dir!r} is not empty; choose a new directory")
-    os.makedirs(out_dir, exist_ok=True)
+    created = first_missing_dir(out_dir)
+    reader = VerifiedReader(step_dir, metadata)
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
         for m in maps:
-            value = read_leaf(step_dir, "params/" + m.leaf)
+            value = reader.read("params/" + m.leaf)
             for name, part in zip(m.hf_names, value if m.stacked else [value]):
                 yield name, m.to_hf(part).astype(out_dtype)
 
     plan = [TensorSpec(name, m.hf_shape, out_dtype) for m in maps for name in m.hf_names]
-    files = write_safetensors(out_dir, plan, tensors(), max_shard_bytes)
-    with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(config_to_hf(cfg, dtype), f, indent=2)
+    written = shard_files(plan, max_shard_bytes) + [INDEX_FILE, CONFIG_FILE]
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        files = write_safetensors(out_dir, plan, tensors(), max_shard_bytes)
+        with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(config_to_hf(cfg, dtype), f, indent=2)
+    except LeafDamaged:
+        _remove_output(out_dir, created, written)
+        damaged = reader.damaged("params/" + m.leaf for m in maps)
+        raise DamagedCheckpoint("CKPT: " + damaged_step_message(
+            step_dir, metadata, damaged, older, "nothing was written to OUT_DIR")) from None
+    except OSError as error:
+        _remove_output(out_dir, created, written)
+        raise ExportWriteError(f"OUT_DIR: writing {out_dir} failed, nothing was left there "
+                               f"({error.strerror or error})") from None
+    except BaseException:
+        _remove_output(out_dir, created, written)
+        raise
     return files

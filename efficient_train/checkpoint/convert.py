@@ -11,8 +11,10 @@ conversion is about the things a restore cannot change on the fly:
 
 Everything is checked first and every problem is reported together before anything is
 written: naming each parameter whose heads or MLP dimension the target's tensor axis
-cannot split evenly, besides bad formats, dtypes and device counts. Then the state is
-produced leaf by leaf from the source (storage.read_leaf) and written by writer.py, so
+cannot split evenly, besides bad formats, dtypes, device counts and a DST that already
+holds steps. Then the state is produced leaf by leaf from the source, each leaf checked
+against its fingerprint as it is read (verify.VerifiedReader: a damaged source is
+refused, never laundered into a clean-looking copy), and written by writer.py, so
 host memory holds one tensor (one parameter's moments when re-encoding), never the
 model. The target's structure comes from the same `build_program` the trainer uses,
 abstractly, so the output is exactly what `train` on that mesh restores.
@@ -20,7 +22,6 @@ abstractly, so the output is exactly what `train` on that mesh restores.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Iterator
 
 import jax
@@ -29,12 +30,18 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from efficient_train.checkpoint.manager import leaf_paths, read_metadata, without_optimizer
-from efficient_train.checkpoint.metadata import CheckpointError, CheckpointMetadata
-from efficient_train.checkpoint.storage import read_leaf
-from efficient_train.checkpoint.tools import resolve_step_dir
+from efficient_train.checkpoint.manager import leaf_paths, metadata_path, without_optimizer
+from efficient_train.checkpoint.metadata import CheckpointError, CheckpointMetadata, DamagedCheckpoint
+from efficient_train.checkpoint.tools import (
+    check_destination,
+    damaged_step_message,
+    existing_steps_problem,
+    model_config,
+    resolve_step,
+)
+from efficient_train.checkpoint.verify import LeafDamaged, VerifiedReader, read_step_metadata
 from efficient_train.checkpoint.writer import write_checkpoint
-from efficient_train.config import DTYPES, MESH_AXES, STATE_FORMATS, ZERO_STAGES, default_config
+from efficient_train.config import BLOCK_SIZES, DTYPES, MESH_AXES, STATE_FORMATS, ZERO_STAGES, default_config
 from efficient_train.optim.convert import adam_node
 from efficient_train.optim.quant import Quantized, dequantize, quantize_blocks
 from efficient_train.sharding import DEFAULT_RULES, indivisible_dims, logical_axes
@@ -45,8 +52,32 @@ FORMAT_FIELDS = ("state_format", "block_size", "min_quantized_size", "quantize_e
 MUST_SPLIT = ("heads", "mlp")
 
 
+def _source_optimizer(metadata: CheckpointMetadata, source: str) -> None:
+    """Refuse an optimizer record whose fields this code cannot build a state from."""
+    if metadata.optimizer is None:
+        return
+    defaults = default_config().optimizer
+    for key, value in metadata.optimizer.items():
+        if key not in defaults:
+            continue
+        default = defaults[key]
+        kind = type(default)
+        ok = (isinstance(value, bool) if kind is bool else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+              isinstance(value, kind) and not isinstance(value, bool))
+        if not ok:
+            raise CheckpointError(f"{source}: optimizer.{key}: is {value!r}; allowed: a {kind.__name__} "
+                                  f"like the default {default!r}")
+    for key, allowed in (("state_format", STATE_FORMATS), ("block_size", BLOCK_SIZES)):
+        if key in metadata.optimizer and metadata.optimizer[key] not in allowed:
+            raise CheckpointError(f"{source}: optimizer.{key}: is {metadata.optimizer[key]!r}; "
+                                  f"allowed: {', '.join(map(str, allowed))}")
+
+
 def _target_config(metadata: CheckpointMetadata, mesh: dict[str, int], zero_stage: int,
                    optimizer: dict[str, Any] | None, dtype: str | None) -> ml_collections.ConfigDict:
+    """The config of the target (or, with the source's optimizer and no dtype, the source).
+    Its model and optimizer fields were checked by `model_config` and `_source_optimizer`."""
     config = default_config()
     with config.unlocked():
         for key, value in metadata.model.items():
@@ -118,12 +149,12 @@ def _is_moment(x: Any) -> bool:
     return isinstance(x, (Quantized, str, jax.ShapeDtypeStruct))
 
 
-def _read_moment(step_dir: str, names: Any, abstract: Any, second: bool) -> np.ndarray:
+def _read_moment(reader: VerifiedReader, names: Any, abstract: Any, second: bool) -> np.ndarray:
     """One stored moment as fp32 (the second moment as v, squared back from sqrt(v))."""
     if not isinstance(names, Quantized):
-        return read_leaf(step_dir, names).astype(np.float32)
-    exponents = None if names.exponents is None else jnp.asarray(read_leaf(step_dir, names.exponents))
-    stored = Quantized(jnp.asarray(read_leaf(step_dir, names.codes)), jnp.asarray(read_leaf(step_dir, names.scales)),
+        return reader.read(names).astype(np.float32)
+    exponents = None if names.exponents is None else jnp.asarray(reader.read(names.exponents))
+    stored = Quantized(jnp.asarray(reader.read(names.codes)), jnp.asarray(reader.read(names.scales)),
                        exponents, abstract.code, abstract.block)
     value = dequantize(stored)
     return np.asarray(jnp.square(value) if second else value, np.float32)
@@ -140,7 +171,7 @@ def _encode_moment(value: np.ndarray, names: Any, abstract: Any, second: bool) -
         yield names.exponents, np.asarray(encoded.exponents)
 
 
-def _reencoded_moments(step_dir: str, source: Any, target: Any) -> Iterator[tuple[str, np.ndarray]]:
+def _reencoded_moments(reader: VerifiedReader, source: Any, target: Any) -> Iterator[tuple[str, np.ndarray]]:
     """Target moment leaves from the source's, one parameter at a time (via fp32)."""
     src_names, tgt_names = adam_node(_names(source)), adam_node(_names(target))
     src_abstract, tgt_abstract = adam_node(source), adam_node(target)
@@ -149,72 +180,96 @@ def _reencoded_moments(step_dir: str, source: Any, target: Any) -> Iterator[tupl
             jax.tree.leaves(getattr(node, field), is_leaf=_is_moment)
             for node in (src_names, src_abstract, tgt_names, tgt_abstract)
         )):
-            yield from _encode_moment(_read_moment(step_dir, src_n, src_a, second), tgt_n, tgt_a, second)
+            yield from _encode_moment(_read_moment(reader, src_n, src_a, second), tgt_n, tgt_a, second)
 
 
-def _optimizer_leaves(step_dir: str, metadata: CheckpointMetadata, source: Any,
+def _optimizer_leaves(reader: VerifiedReader, metadata: CheckpointMetadata, source: Any,
                       target: Any, same_format: bool) -> Iterator[tuple[str, np.ndarray]]:
     if same_format:
         for name, _ in leaf_paths(target):
-            yield name, read_leaf(step_dir, name)
+            yield name, reader.read(name)
         return
     written = set()
-    for name, value in _reencoded_moments(step_dir, source, target):  # one parameter's moments at a time
+    for name, value in _reencoded_moments(reader, source, target):  # one parameter's moments at a time
         written.add(name)
         yield name, value
-    count = read_leaf(step_dir, adam_node(_names(source)).count)
+    count = reader.read(adam_node(_names(source)).count)
     for name, leaf in leaf_paths(target):
         if name in written:
             continue
         if name in metadata.leaves and tuple(metadata.leaves[name].shape) == tuple(leaf.shape):
-            yield name, read_leaf(step_dir, name)
+            yield name, reader.read(name)
         else:  # a step counter of the target's optimizer chain that the source names differently
             yield name, count.astype(leaf.dtype)
 
 
 def convert(src: str, dst: str, *, mesh: dict[str, int], zero_stage: int | None = None,
             state_format: str | None = None, drop_optimizer: bool = False, dtype: str | None = None) -> str:
-    """Write SRC's newest (or named) step into checkpoint directory DST; returns the new step dir."""
-    step_dir = resolve_step_dir(src)
-    metadata = read_metadata(step_dir)
+    """Write SRC's newest (or named) step into checkpoint directory DST; returns the new step dir.
+
+    SRC given as a checkpoint directory means its newest committed step, as `train`
+    would resume it. Every leaf read from it is checked against its fingerprint as it
+    is read; a damaged one stops the write, nothing is left in DST, and the
+    DamagedCheckpoint names every damaged leaf convert reads and the older steps the
+    user could pass instead. DST must not hold any committed step (tools.py says why);
+    the step written is named by the source's validated step number, never by a path.
+    """
+    step_dir, older = resolve_step(src, "SRC")
+    metadata = read_step_metadata(step_dir)
+    source_path = metadata_path(step_dir)
     source_optimizer = metadata.optimizer
     target_optimizer = None if drop_optimizer or source_optimizer is None else dict(source_optimizer)
     if target_optimizer is not None and state_format is not None:
         target_optimizer["state_format"] = state_format
     stage = metadata.zero_stage if zero_stage is None else zero_stage
+    problems = []
+    check_destination(dst, "DST")
+    existing = existing_steps_problem(dst, "DST")
+    if existing:
+        problems.append(existing)
+    if metadata.model:  # else _problems refuses it
+        model_config(metadata, step_dir)
+        _source_optimizer(metadata, source_path)
     config = _target_config(metadata, mesh, stage, target_optimizer, dtype)
-    problems = _problems(metadata, config, state_format=state_format, drop_optimizer=drop_optimizer, dtype=dtype)
-    existing = os.path.join(os.path.abspath(dst), str(metadata.step))
-    if os.path.exists(existing):
-        problems.insert(0, f"DST: {existing} already exists; choose an empty checkpoint directory")
+    problems += _problems(metadata, config, state_format=state_format, drop_optimizer=drop_optimizer, dtype=dtype)
     if problems:
         raise CheckpointError(f"cannot convert {step_dir}: " + "; ".join(problems))
 
     target = _abstract_state(config)
     source = _abstract_state(_target_config(metadata, mesh, stage, source_optimizer, None))
+    read_tree = source if target_optimizer is not None else without_optimizer(source)
     expected = {name: (tuple(leaf.shape), str(leaf.dtype))
                 for name, leaf in leaf_paths(source if source_optimizer is not None else without_optimizer(source))}
     saved = {name: (tuple(record.shape), record.dtype) for name, record in metadata.leaves.items()}
     if expected != saved:
-        raise CheckpointError(f"SRC: {step_dir}'s leaves do not match its own model and optimizer config")
+        differing = sorted(set(expected) ^ set(saved)) or sorted(n for n in expected if expected[n] != saved[n])
+        raise CheckpointError(f"SRC: {step_dir}'s leaves do not match its own model and optimizer config "
+                              f"(e.g. {', '.join(differing[:3])})")
     shardings = dict(leaf_paths(jax.tree.map(lambda leaf: leaf.sharding, target)))
     same_format = target_optimizer is not None and all(
         source_optimizer.get(key) == target_optimizer.get(key) for key in FORMAT_FIELDS)
+    reader = VerifiedReader(step_dir, metadata)
 
     def leaves() -> Iterator[tuple[str, jax.Array]]:
         for name in ("step", "skipped_steps"):
-            yield name, jax.device_put(read_leaf(step_dir, name), shardings[name])
+            yield name, jax.device_put(reader.read(name), shardings[name])
         for name, leaf in leaf_paths({"params": target.params}):
-            yield name, jax.device_put(read_leaf(step_dir, name).astype(leaf.dtype, copy=False), shardings[name])
+            yield name, jax.device_put(reader.read(name).astype(leaf.dtype, copy=False), shardings[name])
         if target_optimizer is not None:
             optimizer_leaves = _optimizer_leaves(
-                step_dir, metadata, {"opt_state": source.opt_state}, {"opt_state": target.opt_state}, same_format)
+                reader, metadata, {"opt_state": source.opt_state}, {"opt_state": target.opt_state}, same_format)
             for name, value in optimizer_leaves:
                 yield name, jax.device_put(value, shardings[name])
 
     model = dict(metadata.model, **({"param_dtype": dtype} if dtype else {}))
-    return write_checkpoint(
-        dst, metadata.step, leaves(), model=model, optimizer=None if target_optimizer is None else config.optimizer.to_dict(),
-        mesh={axis: config.mesh[axis] for axis in MESH_AXES}, zero_stage=stage, seed=metadata.seed,
-        data=metadata.data, template=target if target_optimizer is not None else without_optimizer(target),
-    )
+    try:
+        return write_checkpoint(
+            dst, metadata.step, leaves(), model=model,
+            optimizer=None if target_optimizer is None else config.optimizer.to_dict(),
+            mesh={axis: config.mesh[axis] for axis in MESH_AXES}, zero_stage=stage, seed=metadata.seed,
+            data=metadata.data, template=target if target_optimizer is not None else without_optimizer(target),
+        )
+    except LeafDamaged:  # the writer has removed what it wrote; name every damaged leaf convert reads
+        damaged = reader.damaged(name for name, _ in leaf_paths(read_tree))
+        raise DamagedCheckpoint("SRC: " + damaged_step_message(
+            step_dir, metadata, damaged, older, "nothing was written to DST")) from None

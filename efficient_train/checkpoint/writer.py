@@ -13,8 +13,10 @@ Two details make the output identical in form to a trainer's save:
   tree metadata is rewritten afterwards from a template of the state's structure, or
   Orbax would refuse to restore it into that structure.
 - The step is assembled under `.writing-<step>/` and renamed into place only when the
-  arrays and the metadata are both complete, so a crash never leaves a listed step;
-  leftovers of an earlier crash are removed at the next write.
+  arrays and the metadata are both complete and on stable storage (every file and
+  directory fsynced, then the checkpoint directory after the rename), so neither a
+  crash nor a power cut leaves a listed step with missing bytes; leftovers of an
+  earlier crash are removed at the next write, and a write that fails removes its own.
 
 After each leaf the freed heap is handed back to the OS (glibc's malloc_trim), so peak
 memory stays a few leaves, not a growing pile of fragments.
@@ -35,9 +37,18 @@ import numpy as np
 from orbax.checkpoint import v1 as ocp
 from orbax.checkpoint.experimental.v1 import partial
 
-from efficient_train.checkpoint.fingerprint import device_fingerprint, host_fingerprint
+from efficient_train.checkpoint.fingerprint import device_fingerprint
+from efficient_train.checkpoint.tools import check_destination, first_missing_dir
+from efficient_train.checkpoint.verify import EMPTY_FINGERPRINT, leaf_fingerprint
 from efficient_train.checkpoint.manager import METADATA_FILE, METADATA_ITEM, STATE_ITEM
-from efficient_train.checkpoint.metadata import FORMAT_VERSION, CheckpointError, CheckpointMetadata, LeafRecord
+from efficient_train.checkpoint.metadata import (
+    FORMAT_VERSION,
+    CheckpointError,
+    CheckpointMetadata,
+    CheckpointWriteError,
+    LeafRecord,
+)
+from efficient_train.errors import InputError, RunError
 
 PYTREE_METADATA_FILE = "_METADATA"
 WRITING_PREFIX = ".writing-"
@@ -124,7 +135,9 @@ def _return_freed_memory() -> None:
 
 
 def _fingerprint(value: Leaf) -> str:
-    return device_fingerprint(value) if isinstance(value, jax.Array) else host_fingerprint(np.asarray(value))
+    if isinstance(value, jax.Array):
+        return device_fingerprint(value) if value.size else EMPTY_FINGERPRINT
+    return leaf_fingerprint(np.asarray(value))
 
 
 def clean_unfinished(directory: str) -> None:
@@ -134,6 +147,28 @@ def clean_unfinished(directory: str) -> None:
     for name in os.listdir(directory):
         if name.startswith(WRITING_PREFIX):
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def _fsync(path: str, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+    """Every file and directory under `root` on stable storage, children before parents."""
+    for path, _, names in os.walk(root, topdown=False):
+        for name in names:
+            _fsync(os.path.join(path, name))
+        _fsync(path, directory=True)
+
+
+def _write_failed(step: int, directory: str, error: BaseException) -> CheckpointWriteError:
+    text = str(error).strip()
+    detail = text.splitlines()[0][:300] if text else type(error).__name__
+    return CheckpointWriteError(f"writing step {step} into {directory} failed, nothing was committed: {detail}")
 
 
 def write_checkpoint(
@@ -148,6 +183,7 @@ def write_checkpoint(
     seed: int = 0,
     data: dict | None = None,
     template: Any = None,
+    flag: str = "DST",
 ) -> str:
     """Write step `step` into checkpoint directory `directory` from (name, array) pairs.
 
@@ -157,39 +193,94 @@ def write_checkpoint(
     with the state's structure (e.g. its abstract state), makes the tree metadata
     match that structure (see the module docstring); without it every key is a dict key.
     Returns the committed step directory.
+
+    Whatever stops the write (the leaves' iterator raising, e.g. a damaged source leaf,
+    a failed write, an interrupt) leaves nothing behind: the staging directory is
+    removed, and so is `directory` when this call created it. A failed write of ours is
+    a CheckpointWriteError; what the iterator raised is raised unchanged. Committing
+    fsyncs every file and directory of the step before the rename and the checkpoint
+    directory after it, so a power cut cannot leave a listed step with missing bytes.
+    `flag` names the destination in errors (DST, OUT).
     """
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"step: {step!r} is not allowed; allowed: a non-negative integer")
+    check_destination(directory, flag)
     directory = os.path.abspath(directory)
     final = os.path.join(directory, str(step))
     if os.path.exists(final):
-        raise CheckpointError(f"DST: {final} already exists; choose an empty checkpoint directory")
-    os.makedirs(directory, exist_ok=True)
+        raise CheckpointError(f"{flag}: {final} already exists; choose an empty checkpoint directory")
+    created = first_missing_dir(directory)  # the outermost directory this call creates, if any
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as error:
+        raise _write_failed(step, directory, error) from None
     clean_unfinished(directory)
-    staging = os.path.join(directory, f"{WRITING_PREFIX}{step}", str(step))
+    wrapper = os.path.join(directory, f"{WRITING_PREFIX}{step}")
+    staging = os.path.join(wrapper, str(step))
+    try:
+        _write_staging(staging, step, leaves, model=model, optimizer=optimizer, mesh=mesh, zero_stage=zero_stage,
+                       seed=seed, data=data, template=template)
+        try:
+            _fsync_tree(staging)
+            os.rename(staging, final)
+        except OSError as error:
+            raise _write_failed(step, directory, error) from None
+    except BaseException:
+        shutil.rmtree(wrapper, ignore_errors=True)
+        if created:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    shutil.rmtree(wrapper, ignore_errors=True)
+    try:
+        _fsync(directory, directory=True)  # the rename itself
+        made = directory
+        while created and made != os.path.dirname(created):  # and the entries of directories we made
+            made = os.path.dirname(made)
+            _fsync(made, directory=True)
+    except OSError as error:
+        raise CheckpointWriteError(f"step {step} was renamed into {directory} but syncing the directory "
+                                   f"failed ({error.strerror or error}); run `checkpoint verify` on it") from None
+    return final
+
+
+def _write_staging(staging: str, step: int, leaves: Iterable[tuple[str, Leaf]], *, model: dict,
+                   optimizer: dict | None, mesh: dict | None, zero_stage: int, seed: int, data: dict | None,
+                   template: Any) -> None:
+    """The whole step under `staging`: the arrays (Orbax partial saves), then metadata.json."""
     context = ocp.Context()
     context.array.saving.use_zarr3 = False  # the zarr v2 layout the trainer's saves use
     context.array.saving.use_compression = False
 
+    def orbax(call, *args) -> None:
+        try:
+            call(*args)
+        except (InputError, RunError):
+            raise
+        except Exception as error:  # Orbax and tensorstore report a failed write in many types
+            raise _write_failed(step, os.path.dirname(os.path.dirname(staging)), error) from None
+
     records: dict[str, LeafRecord] = {}
     with context:
-        for batch in _batches(leaves):
+        for batch in _batches(leaves):  # what the leaves' iterator raises passes through
             for name, value in batch:
                 records[name] = LeafRecord(tuple(value.shape), str(value.dtype), _fingerprint(value))
-            partial.save(staging, _nested(batch))
+            orbax(partial.save, staging, _nested(batch))
             del batch
             _return_freed_memory()
         for name in ("step", "skipped_steps"):
             if name not in records:
                 value = np.asarray(step if name == "step" else 0, np.int32)
                 records[name] = LeafRecord((), "int32", _fingerprint(value))
-                partial.save(staging, _nested([(name, value)]))
-        partial.finalize(staging)
+                orbax(partial.save, staging, _nested([(name, value)]))
+        orbax(partial.finalize, staging)
     if template is not None:
-        _rewrite_tree_metadata(os.path.join(staging, STATE_ITEM), template)
+        orbax(_rewrite_tree_metadata, os.path.join(staging, STATE_ITEM), template)
 
     metadata = CheckpointMetadata(FORMAT_VERSION, step, model, mesh or {}, zero_stage, optimizer, data, seed, records)
-    os.makedirs(os.path.join(staging, METADATA_ITEM))
-    with open(os.path.join(staging, METADATA_ITEM, METADATA_FILE), "w", encoding="utf-8") as f:
-        json.dump(metadata.to_json(), f)
-    os.rename(staging, final)
-    shutil.rmtree(os.path.dirname(staging), ignore_errors=True)
-    return final
+
+    def write_metadata() -> None:
+        os.makedirs(os.path.join(staging, METADATA_ITEM))
+        with open(os.path.join(staging, METADATA_ITEM, METADATA_FILE), "w", encoding="utf-8") as f:
+            json.dump(metadata.to_json(), f)
+
+    orbax(write_metadata)
