@@ -537,11 +537,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, *, check_paths
     _check_sequence_parallel(config, mesh["sequence"])
     _check_step_size(config, mesh)
     if check_paths:
-        _check_paths(config)
-        from efficient_train.data import check_data_config
-
-        try:
-            check_data_config(config.data, model.vocab_size)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
+        validate_paths(config)
     return mesh
+
+
+def validate_paths(config: ml_collections.ConfigDict) -> None:
+    """The work and checkpoint directories and the data source's files, by os.stat alone.
+
+    Nothing is opened or created: a FIFO as data.path is refused without blocking on it.
+    Imports the data package (and so jax): run it after the simulated device count is set.
+    """
+    _check_paths(config)
+    from efficient_train.data import check_data_config
+
+    try:
+        check_data_config(config.data, config.model.vocab_size)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None

@@ -16,9 +16,10 @@ Documents are never empty: empty files, lines and lists are skipped.
 Ids are checked where they are read (every slice, so a bad id found mid-run names its
 file and token offset), and also up front where that is cheap: sources that hold
 everything in memory (text, JSONL) check while loading, and a token file is scanned
-once at start-up when it is at most `TokenFileSource.EAGER_CHECK_BYTES` (1 GiB) or when
-finding eos tokens scans it anyway; a larger file is checked per read only, which a
-file of hundreds of gigabytes needs.
+once at start-up when it is at most `TokenFileSource.EAGER_CHECK_BYTES` (1 GiB: measured
+0.1 s per 256 MiB from the page cache, seconds from a cold disk) or when finding eos
+tokens scans it anyway; a larger file is checked per read only, which a file of
+hundreds of gigabytes needs.
 
 Every problem with the data is a `DataError` (an InputError: one line, exit status 2)
 naming the file and the position: the line of a JSONL file, the token offset of a token
@@ -30,7 +31,10 @@ read (a symlink cycle), so it always ends.
 Token files are read with `os.preadv` into fresh arrays rather than memory-mapped: a
 mapped file that another process truncates kills the reader with SIGBUS at the first
 touch of a vanished page, which no Python code can catch, whereas a short read is an
-ordinary condition, reported as a DataError naming the file and the offset.
+ordinary condition, reported as a DataError naming the file and the offset. It costs
+nothing measurable: the loader's batch of 16 rows of 2048 tokens from a 256 MiB uint16
+file took 1.3-1.4 ms with preadv against 1.4-1.5 ms memory-mapped (2 CPU cores, page
+cache warm; packing dominates both).
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ import os
 import stat
 import sysconfig
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -381,7 +386,6 @@ class TokenFileSource(TokenSource):
         eos_id: int | None = None,
         vocab_size: int | None = None,
     ) -> None:
-        self._fd = -1
         path = Path(path)
         if dtype not in TOKEN_DTYPES:
             raise DataError(f"data.token_dtype: '{dtype}' is not allowed; use one of {', '.join(TOKEN_DTYPES)}")
@@ -390,6 +394,7 @@ class TokenFileSource(TokenSource):
         if eos_id is not None and not 0 <= eos_id <= np.iinfo(dtype).max:
             raise DataError(f"data.eos_id: {eos_id} is outside [0, {np.iinfo(dtype).max}] ({dtype})")
         self._fd = open_regular(path, "data.path")
+        self._closer = weakref.finalize(self, os.close, self._fd)
         itemsize = np.dtype(dtype).itemsize
         size = os.fstat(self._fd).st_size
         if size == 0:
@@ -477,12 +482,8 @@ class TokenFileSource(TokenSource):
 
     def close(self) -> None:
         """Close the file (reads fail afterwards); garbage collection does it too."""
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-    def __del__(self) -> None:
-        self.close()
+        self._fd = -1
+        self._closer()
 
 
 # --------------------------------------------------------------------------- jsonl
