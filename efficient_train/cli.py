@@ -105,37 +105,46 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _checkpoint(args: argparse.Namespace) -> int:
+    """The checkpoint tools. Each reports its failures as InputError/RunError lines; an
+    OSError or MemoryError that still escapes one becomes a one-line RunError (exit 1)."""
+    from efficient_train.checkpoint.metadata import CheckpointReadError
     from efficient_train.checkpoint.tools import inspect_text, verify_text
 
-    if args.tool == "import-hf":
-        from efficient_train import hf
+    try:
+        if args.tool == "import-hf":
+            from efficient_train import hf
 
-        step_dir = hf.import_hf(args.hf_dir, args.out, param_dtype=args.param_dtype, scan_layers=args.scan_layers)
-        print(f"wrote {step_dir}: parameters only, step 0")
-        print("fine-tune from it with: efficient-train train "
-              f"--config.checkpoint.dir={os.path.dirname(step_dir)} {' '.join(hf.train_overrides(step_dir))}")
-        return 0
-    if args.tool == "export-hf":
-        from efficient_train import hf
+            step_dir = hf.import_hf(args.hf_dir, args.out, param_dtype=args.param_dtype, scan_layers=args.scan_layers)
+            print(f"wrote {step_dir}: parameters only, step 0")
+            print("fine-tune from it with: efficient-train train "
+                  f"--config.checkpoint.dir={os.path.dirname(step_dir)} {' '.join(hf.train_overrides(step_dir))}")
+            return 0
+        if args.tool == "export-hf":
+            from efficient_train import hf
 
-        files = hf.export_hf(args.ckpt, args.out_dir, dtype=args.dtype)
-        print(f"wrote {os.path.abspath(args.out_dir)}: config.json and {len(files)} safetensors file(s)")
-        return 0
-    if args.tool == "convert":
-        mesh = parse_mesh_flag(args.mesh)
-        _simulate_devices(math.prod(mesh.values()))
-        from efficient_train.checkpoint.convert import convert
+            files = hf.export_hf(args.ckpt, args.out_dir, dtype=args.dtype)
+            print(f"wrote {os.path.abspath(args.out_dir)}: config.json and {len(files)} safetensors file(s)")
+            return 0
+        if args.tool == "convert":
+            mesh = parse_mesh_flag(args.mesh)
+            _simulate_devices(math.prod(mesh.values()))
+            from efficient_train.checkpoint.convert import convert
 
-        step_dir = convert(args.src, args.dst, mesh=mesh, zero_stage=args.zero_stage, state_format=args.state_format,
-                           drop_optimizer=args.drop_optimizer, dtype=args.dtype)
-        print(f"wrote {step_dir}")
-        return 0
-    if args.tool == "inspect":
-        print(inspect_text(args.ckpt))
-        return 0
-    ok, text = verify_text(args.ckpt)
-    print(text)
-    return 0 if ok else 1
+            step_dir = convert(args.src, args.dst, mesh=mesh, zero_stage=args.zero_stage,
+                               state_format=args.state_format, drop_optimizer=args.drop_optimizer, dtype=args.dtype)
+            print(f"wrote {step_dir}")
+            return 0
+        if args.tool == "inspect":
+            print(inspect_text(args.ckpt))
+            return 0
+        ok, text = verify_text(args.ckpt)
+        print(text)
+        return 0 if ok else 1
+    except OSError as error:  # not proven damage: the file system refused
+        where = f" ({error.filename})" if error.filename else ""
+        raise CheckpointReadError(f"checkpoint {args.tool}: {error.strerror or error}{where}") from None
+    except MemoryError:
+        raise CheckpointReadError(f"checkpoint {args.tool}: out of host memory") from None
 
 
 def with_device_count(xla_flags: str, count: int | None) -> str:
@@ -157,13 +166,17 @@ def _train(args: argparse.Namespace, config) -> int:
     from efficient_train.mesh import DistributedArgs, distributed_args_from_env, initialize_distributed
 
     initialize_distributed(distributed_args_from_env(DistributedArgs(args.coordinator, args.num_processes, args.process_id)))
-    from efficient_train.train import Trainer
+    import jax
 
+    from efficient_train.train import Trainer
+    from efficient_train.train.library_log import route_library_output
+
+    route_library_output(config.workdir, jax.process_index())
     trainer = Trainer(config)
     final = trainer.fit()
     if trainer.is_main:
-        print(json.dumps({"final": final}))
-    return 0
+        print(json.dumps({"final": final, "stop_reason": trainer.stop_reason}))
+    return 130 if trainer.stop_reason == "SIGINT" else 0  # a shell's convention for a run stopped by Ctrl-C
 
 
 def _estimate(config, as_json: bool) -> int:
@@ -218,8 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             validate_paths(config)  # os.stat only; before the backend starts or anything is written
         return _train(args, config) if args.command == "train" else _estimate(config, args.json)
     except RunError as error:  # not bad input: the disk, the filesystem or the data on it failed
-        # Orbax's threads log a failed write too and may be mid-line: ours starts a line, in one write.
-        sys.stderr.write(f"\nerror: {error}\n")
+        from efficient_train.train.library_log import details_hint
+
+        # Our line starts a line of its own (a progress bar may be mid-line), in one write.
+        sys.stderr.write(f"\nerror: {error}{details_hint()}\n")
         sys.stderr.flush()
         return 1
     except InputError as error:
@@ -227,5 +242,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """The console entry point: `main`, then an exit that library threads cannot hold up.
+
+    After a failure (its line printed, our own saves awaited), a library thread left
+    waiting, such as an Orbax commit that can never finish on a read-only disk, would
+    keep the interpreter from exiting; the process ends at once instead.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code != 0:
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

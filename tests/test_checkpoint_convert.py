@@ -143,6 +143,36 @@ def test_every_problem_is_reported_before_anything_is_written(tmp_path, trained)
     assert "\n" not in message and not os.path.exists(tmp_path / "dst")
 
 
+def test_a_damaged_source_is_refused_naming_what_verify_names_and_nothing_is_written(tmp_path, trained):
+    """Re-encoding reads every moment; each leaf is checked as it is read, so the damage
+    is found, never laundered into a DST that verifies clean."""
+    import glob
+    import shutil
+
+    from efficient_train.checkpoint import DamagedCheckpoint
+    from efficient_train.checkpoint.verify import verify_step
+
+    source, _ = trained
+    shutil.copytree(source, tmp_path / "src")
+    step_dir = str(tmp_path / "src" / "3")
+    files = [f for f in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True) if os.path.isfile(f)]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.seek(os.path.getsize(largest) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x04]))
+    damaged = sorted(problem.leaf for problem in verify_step(step_dir))
+    assert damaged
+    with pytest.raises(DamagedCheckpoint) as error:
+        convert(str(tmp_path / "src"), str(tmp_path / "dst"), mesh=parse_mesh_flag("data=8"), state_format="fp32")
+    message = str(error.value)
+    assert message.startswith(f"SRC: step 3 ({step_dir}) is damaged, nothing was written to DST: ")
+    named = sorted(part.split(": ")[0] for part in message.split("nothing was written to DST: ")[1].split("; "))
+    assert named == damaged and "older steps" not in message and "\n" not in message
+    assert not os.path.exists(tmp_path / "dst")
+
+
 def test_cli_convert_and_its_errors(tmp_path, trained):
     source, _ = trained
     env = subprocess_env()  # the command simulates the target mesh's devices itself
