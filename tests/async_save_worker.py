@@ -99,9 +99,6 @@ class Hold:
         threading.Event().wait()  # until SIGKILL
 
 
-_TMP_STEP = re.compile(r"/(\d+)\.orbax-checkpoint-tmp")
-
-
 def install(hold: Hold, directory: str) -> None:
     """Wrap the functions a save passes through (see the module docstring)."""
     from orbax.checkpoint._src.path import async_path
@@ -111,21 +108,28 @@ def install(hold: Hold, directory: str) -> None:
     rename = async_path.rename
     start_fingerprints = manager.start_fingerprints
     rmtree = shutil.rmtree
-    trash = os.path.join(os.path.abspath(directory), manager.TRASH_DIR) + os.sep
+    directory = os.path.abspath(directory)
+    trash = os.path.join(directory, manager.TRASH_DIR) + os.sep
+    # A step's directory, under its final name or Orbax's temporary one ("7.orbax-checkpoint-tmp").
+    step_path = re.compile(re.escape(directory) + r"/(\d+)(\.orbax-checkpoint-tmp[^/]*)?(/[^/]+)?")
+
+    def step_of(text: str, item: str | None = None) -> int | None:
+        """The step whose directory (or, with `item`, whose item directory) `text` names."""
+        found = step_path.search(text)
+        if not found or (item is not None and (found.group(3) or "").split(".")[0] != "/" + item):
+            return None
+        return int(found.group(1))
 
     async def serialize_held(rslices, tensorstore_spec, *args, **kwargs):
-        found = _TMP_STEP.search(json.dumps(tensorstore_spec, default=str))
-        hold.reached("arrays", int(found.group(1)) if found else None)
+        hold.reached("arrays", step_of(json.dumps(tensorstore_spec, default=str)))
         return await serialize(rslices, tensorstore_spec, *args, **kwargs)
 
     async def rename_held(src, dst):
-        name, parent = os.path.basename(str(dst)), os.path.basename(os.path.dirname(str(dst)))
-        step = int(name) if name.isdigit() else None
-        if name == manager.STATE_ITEM and _TMP_STEP.search("/" + parent):
-            hold.reached("item_commit", int(parent.split(".")[0]))
-        hold.reached("step_commit", step)
+        committing = str(dst) if os.path.dirname(str(dst)) == directory else ""  # the step's own rename
+        hold.reached("item_commit", step_of(str(dst), item=manager.STATE_ITEM))
+        hold.reached("step_commit", step_of(committing))
         result = await rename(src, dst)
-        hold.reached("committed", step)
+        hold.reached("committed", step_of(committing))
         return result
 
     def start_fingerprints_held(arrays, **kwargs):
