@@ -8,15 +8,19 @@ without such a count, 6 x parameters. Rematerialized recomputation is not counte
 (that is what makes it *model* FLOPs). On a device without a peak in the table
 (the CPU) MFU is null.
 
-Only process 0 writes `<workdir>/metrics.jsonl`; every record is one JSON line.
+Only process 0 writes `<workdir>/metrics.jsonl`; every record is one JSON line, written
+with one `write` call and, if that fails (a full disk), cut back to the last whole line
+before the error is raised, so a reader never meets half a record.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, TextIO
+from typing import Any
 
 import jax
+
+from efficient_train.errors import RunError
 
 # Dense bf16 peak TFLOP/s per device, from the vendors' datasheets.
 PEAK_BF16_TFLOPS: dict[str, float] = {
@@ -54,22 +58,38 @@ def throughput(
     }
 
 
+class MetricsWriteError(RunError):
+    """`metrics.jsonl` could not be written; the file still ends with a whole line."""
+
+
 class MetricsWriter:
     """Appends JSON records to `<workdir>/metrics.jsonl` on process 0; a no-op elsewhere."""
 
     def __init__(self, workdir: str, enabled: bool) -> None:
         self.path = os.path.join(workdir, "metrics.jsonl")
-        self._file: TextIO | None = None
+        self._fd: int | None = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, record: dict[str, Any]) -> None:
-        if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
+        if self._fd is None:
+            return
+        line = (json.dumps(record) + "\n").encode()
+        whole = os.fstat(self._fd).st_size
+        try:
+            written = os.write(self._fd, line)
+            if written != len(line):
+                raise OSError(f"wrote {written} of {len(line)} bytes")
+        except OSError as error:
+            try:
+                os.ftruncate(self._fd, whole)
+            except OSError:
+                pass
+            raise MetricsWriteError(f"metrics: writing {self.path} failed ({error}); the run stops, "
+                                    "the file keeps its whole lines") from None
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

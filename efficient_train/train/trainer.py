@@ -9,14 +9,27 @@ the first step runs. Only process 0 writes metrics and the console.
 Checkpoints: at start the newest verified step in `checkpoint.dir` (default
 `<workdir>/checkpoints`) is restored onto this run's mesh, with the data loader's
 position, so a restarted command continues where it stopped. Saves run in the
-background every `checkpoint.every` steps and at the end; SIGTERM (preemption) makes
-every process save at the same next step boundary and return.
+background every `checkpoint.every` steps and at the end; SIGTERM (preemption) and
+Ctrl-C (SIGINT; a second one aborts at once) make every process save at the same next
+step boundary and return (`stop_reason` says which).
+
+Nothing is lost when a run cannot go on:
+- The work and checkpoint directories are locked (checkpoint/lock.py) for the run:
+  a second trainer on them is refused with one line naming the holder.
+- A data problem found mid-run (DataError: a file truncated under the run, a token id
+  beyond the vocabulary) saves the last good state, with the loader at the last good
+  batch, then stops naming the file and position; an iterator of the user's that ends
+  early ends the run cleanly with a save and a line saying so.
+- A state that is not finite (the step reports `state_finite`) is never saved: the run
+  stops naming the step and the newest saved step.
+- A failed metrics write stops the run; `metrics.jsonl` keeps only whole lines.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -27,9 +40,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from efficient_train.checkpoint import Checkpointer
+from efficient_train.checkpoint import Checkpointer, CheckpointWriteError
+from efficient_train.checkpoint.lock import DirectoryInUse, DirectoryLock
 from efficient_train.config import ConfigError, validate
-from efficient_train.data import Batch, LoaderState, build_loader
+from efficient_train.data import Batch, DataError, LoaderState, build_loader
+from efficient_train.errors import RunError
 from efficient_train.mesh import make_mesh
 from efficient_train.parallel import layout
 from efficient_train.sharding import per_device_bytes
@@ -45,6 +60,18 @@ class Hook:
 
     every: int
     fn: Callable[["Trainer", int, dict], None]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ConfigError(f"Hook.every: {self.every!r} must be a positive integer (call fn every that many steps)")
+
+
+# What the step reports for the trainer's guards, not for the metrics record.
+GUARD_METRICS = ("loss_weight", "state_finite")
+
+
+class NonFiniteState(RunError):
+    """The update made parameters or optimizer state non-finite; such a state is never saved."""
 
 
 def memory_record(program: Program, compiled: Any) -> dict[str, int]:
@@ -100,12 +127,20 @@ class Trainer:
         self.program = build_program(
             config, self.mesh, model=model, loss_fn=loss_fn, shard_sequence=isinstance(global_batch, Batch)
         )
+        checkpoint_dir = config.checkpoint.dir or os.path.join(config.workdir, "checkpoints")
+        self._locks = [DirectoryLock(config.workdir, "an efficient-train run's work directory")]
+        if os.path.abspath(checkpoint_dir) != os.path.abspath(config.workdir):
+            self._locks.append(DirectoryLock(checkpoint_dir, "an efficient-train run's checkpoint directory"))
+        self._lock_directories()
         self.checkpointer = Checkpointer(
-            config.checkpoint.dir or os.path.join(config.workdir, "checkpoints"),
+            checkpoint_dir,
             keep=config.checkpoint.keep,
             keep_every=config.checkpoint.keep_every,
             async_save=config.checkpoint["async"],
         )
+        self._custom_loss = loss_fn is not None
+        self._last_saved_step: int | None = None
+        self._last_metrics: dict[str, jax.Array] | None = None
         self.state: TrainState = self._restore_or_init()
         self._step_fn = build_train_step(self.program.spec, self.program.state_shardings, global_batch)
         self.abstract_batch = self.program.abstract_batch(global_batch)
@@ -115,17 +150,42 @@ class Trainer:
         # Tokens for a token batch; examples (the leading dim) for a user's batch.
         leading = jax.tree.leaves(global_batch)[0].shape
         self.tokens_per_step = leading[0] * leading[1] if isinstance(global_batch, Batch) else leading[0]
-        self._preempted = False
+        self._stop_signal: str | None = None  # "SIGTERM" or "SIGINT" once one arrived
+        self.stop_reason: str | None = None  # None: ran to train.steps; else why it stopped early
+
+    def _lock_directories(self) -> None:
+        """Process 0 takes the locks; every process learns the verdict and stops alike."""
+        refusal: DirectoryInUse | None = None
+        if self.is_main:
+            try:
+                for lock in self._locks:
+                    lock.acquire()
+            except DirectoryInUse as error:
+                refusal = error
+        if jax.process_count() > 1:
+            refused = multihost_utils.process_allgather(np.asarray(refusal is not None, np.int32))
+            if refusal is None and np.any(refused):
+                raise DirectoryInUse(f"{self.config.workdir}: process 0 of this run was refused its lock (see its line)")
+        if refusal is not None:
+            self._release_locks()
+            raise refusal
+
+    def _release_locks(self) -> None:
+        for lock in self._locks:
+            lock.release()
 
     def _model_record(self) -> dict:
         model_config = self.program.model_config
         return {} if model_config is None else dataclasses.asdict(model_config)
 
     def _restore_or_init(self) -> TrainState:
-        restored = self.checkpointer.restore_latest(self.program.abstract_state, model=self._model_record())
+        restored = self.checkpointer.restore_latest(
+            self.program.abstract_state, model=self._model_record(), optimizer=self.config.optimizer.to_dict()
+        )
         if restored is None:
             return init_state(self.program)
         state, metadata = restored
+        self._last_saved_step = metadata.step
         if state.opt_state is None:  # a params-only checkpoint: fine-tuning starts a fresh optimizer
             init = jax.jit(self.program.spec.optimizer.init, out_shardings=self.program.state_shardings.opt_state)
             state = state.replace(opt_state=init(state.params))
@@ -137,17 +197,35 @@ class Trainer:
             print(f"resumed from {self.checkpointer.step_dir(metadata.step)}", flush=True)
         return state
 
-    def save(self) -> None:
-        """Start a background save of the current state (waits for the previous save first)."""
+    def save(self, loader_state: LoaderState | None = None) -> None:
+        """Start a background save of the current state (waits for the previous save first).
+
+        Refuses (NonFiniteState) a state the last step reported non-finite. `loader_state`
+        overrides the loader's own (the position before a batch that failed to load).
+        """
+        step = int(self.state.step)
+        self._check_state_finite(step)
+        if loader_state is None and self.loader is not None:
+            loader_state = self.loader.state()
         self.checkpointer.save(
-            int(self.state.step),
+            step,
             self.state,
             model=self._model_record(),
             mesh=dict(self.mesh.shape),
             zero_stage=self.config.zero_stage,
             optimizer=self.config.optimizer.to_dict(),
-            data=None if self.loader is None else self.loader.state().to_dict(),
+            data=None if loader_state is None else loader_state.to_dict(),
             seed=self.config.seed,
+        )
+        self._last_saved_step = step
+
+    def _check_state_finite(self, step: int) -> None:
+        if self._last_metrics is None or int(self._last_metrics["state_finite"]):
+            return
+        raise NonFiniteState(
+            f"step {step}: the update made the parameters or optimizer state non-finite (an overflow; lr "
+            f"{float(self._last_metrics['lr']):.3g}); this state is not saved, the run stops; newest saved step: "
+            f"{self._last_saved_step}"
         )
 
     def _global_shapes(self, local_batch: Any) -> Any:
@@ -182,31 +260,78 @@ class Trainer:
 
     def step(self) -> dict[str, jax.Array]:
         """Run one step; returns its metrics as (not yet fetched) device arrays."""
-        batch = self._to_device(self._next_batch())
-        self.state, metrics = self.compiled(self.state, batch)
+        return self._run_step(self._next_batch())
+
+    def _run_step(self, local_batch: Any) -> dict[str, jax.Array]:
+        self.state, metrics = self.compiled(self.state, self._to_device(local_batch))
+        self._last_metrics = metrics
         return metrics
 
-    def _preemption_requested(self) -> bool:
-        """Whether any process got SIGTERM; every process gets the same answer."""
-        if jax.process_count() == 1:
-            return self._preempted
-        flags = multihost_utils.process_allgather(np.asarray(self._preempted, np.int32))
-        return bool(np.any(flags))
+    def _stop_requested(self) -> str | None:
+        """The signal any process got ("SIGTERM" wins), or None; every process gets the same answer."""
+        codes = {None: 0, "SIGINT": 1, "SIGTERM": 2}
+        code = codes[self._stop_signal]
+        if jax.process_count() > 1:
+            code = int(np.max(multihost_utils.process_allgather(np.asarray(code, np.int32))))
+        return {value: name for name, value in codes.items()}[code]
 
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        self._preempted = True
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self._stop_signal == "SIGINT":
+            raise KeyboardInterrupt  # the second Ctrl-C aborts without waiting for the step
+        self._stop_signal = self._stop_signal or name
+        if name == "SIGINT" and self.is_main:
+            sys.stderr.write("\ninterrupted: saving at the end of this step (Ctrl-C again aborts without saving)\n")
 
     def fit(self) -> dict[str, Any]:
-        """Train to `train.steps` (or to a preemption); returns the last logged metrics record."""
-        previous_handler = None
+        """Train to `train.steps` (or to a stop: a signal, the end of the user's data);
+        returns the last logged metrics record."""
+        previous_handlers = {}
         if threading.current_thread() is threading.main_thread():  # signals only go there
-            previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous_handlers[signum] = signal.signal(signum, self._on_signal)
+        failure: BaseException | None = None
         try:
+            self._lock_directories()  # a second fit() of this trainer takes them again
             return self._fit()
+        except BaseException as error:
+            failure = error
+            raise
         finally:
-            if previous_handler is not None:
-                signal.signal(signal.SIGTERM, previous_handler)
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
+            try:
+                self.checkpointer.wait()
+            except CheckpointWriteError as error:
+                if failure is None:
+                    raise
+                sys.stderr.write(f"\nwarning: {error}\n")  # the failure that stopped the run is the last line
+            finally:
+                self._release_locks()
+
+    def _check_loss_weight(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        if float(metrics["loss_weight"]) <= 0:
+            raise ConfigError(
+                f"loss_fn: returned a weight of {float(metrics['loss_weight'])} at step {step}; return (sum, weight) "
+                "with weight > 0 (the count the sum is over), or a scalar mean"
+            )
+
+    def _stop_on_data(self, step: int, loader_state: LoaderState | None, error: BaseException) -> None:
+        """Save the last good state (if not saved yet), then say why the run stops."""
+        saved = ""
+        if step > 0 and self._last_saved_step != step:
+            self.save(loader_state)
             self.checkpointer.wait()
+            saved = f"; saved step {step}, a rerun continues from there"
+        elif self._last_saved_step is not None:
+            saved = f"; step {self._last_saved_step} is saved, a rerun continues from there"
+        if isinstance(error, StopIteration):
+            message = f"the data ended after step {step}, before train.steps={self.config.train.steps}{saved}"
+            self.writer.write({"event": "data_exhausted", "step": step})
+            if self.is_main:
+                print(message, flush=True)
+            return
+        raise DataError(f"{error}{saved}") from None
 
     def _fit(self) -> dict[str, Any]:
         train, every = self.config.train, self.config.checkpoint.every
@@ -217,18 +342,32 @@ class Trainer:
         try:  # an error (a failed save included) leaves a closed bar and file, so it is the last thing printed
             record: dict[str, Any] = {"step": int(self.state.step)}
             interval_start, interval_steps = time.perf_counter(), 0
+            first_step = True
             while int(self.state.step) < train.steps:
-                metrics = self.step()
+                loader_state = None if self.loader is None else self.loader.state()  # before this batch
+                try:
+                    batch = self._next_batch()
+                except (StopIteration, DataError) as error:
+                    self._stop_on_data(int(self.state.step), loader_state, error)
+                    self.stop_reason = "data_exhausted"
+                    break
+                metrics = self._run_step(batch)
                 step = int(self.state.step)
+                if first_step and self._custom_loss:  # a loss_fn bug shows at its first step
+                    self._check_loss_weight(step, metrics)
+                first_step = False
                 interval_steps += 1
                 progress.update(1)
-                preempted = self._preemption_requested()
+                stop_signal = self._stop_requested()
+                preempted = stop_signal is not None
                 if preempted or step == train.steps or (every and step % every == 0):
                     self.save()
                 due_hooks = [hook for hook in self.hooks if step % hook.every == 0]
                 if step % train.log_every and step != train.steps and not due_hooks and not preempted:
                     continue
-                fetched = {name: float(value) for name, value in jax.device_get(metrics).items()}
+                self._check_state_finite(step)
+                fetched = {name: float(value) for name, value in jax.device_get(metrics).items()
+                           if name not in GUARD_METRICS}
                 elapsed = time.perf_counter() - interval_start
                 record = {"step": step, **fetched}
                 record.update(
@@ -251,7 +390,8 @@ class Trainer:
                     hook.fn(self, step, record)
                 interval_start, interval_steps = time.perf_counter(), 0
                 if preempted:
-                    self.writer.write({"event": "preempted", "step": step})
+                    self.writer.write({"event": "preempted", "signal": stop_signal, "step": step})
+                    self.stop_reason = stop_signal
                     break
         finally:
             progress.close()
