@@ -7,12 +7,17 @@ parameters, so the reported numbers cannot drift from the model.
 
 It is a frozen dataclass rather than the ConfigDict itself so that the model sees
 typed, validated, hashable values; `from_config_dict` is the one bridge from the
-ml_collections config files.
+ml_collections config files. Its errors are ConfigErrors (ValueErrors, and InputErrors
+the CLI prints as one line), though `config.validate` normally refuses the same values
+first, naming the field.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
+
+from efficient_train.config import ConfigError
 
 RematPolicy = Literal["none", "full", "save_dots"]
 AttentionImpl = Literal["auto", "xla", "cudnn", "pallas"]
@@ -55,25 +60,27 @@ class ModelConfig:
                      "num_heads", "num_kv_heads", "head_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"model.num_heads ({self.num_heads}) must be divisible by "
                 f"model.num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
-            raise ValueError(f"model.head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
-            raise ValueError("model.rope_theta and model.rms_norm_eps must be positive")
+            raise ConfigError(f"model.head_dim must be even for rotary embeddings, got {self.head_dim}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"model.{name}: {value!r} must be a finite number > 0")
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+            raise ConfigError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(
+            raise ConfigError(
                 f"model.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.norm_impl not in NORM_IMPLS:
-            raise ValueError(f"model.norm_impl must be one of {NORM_IMPLS}, got {self.norm_impl!r}")
+            raise ConfigError(f"model.norm_impl must be one of {NORM_IMPLS}, got {self.norm_impl!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPE_NAMES:
-                raise ValueError(f"model.{name} must be one of {DTYPE_NAMES}, got {getattr(self, name)!r}")
+                raise ConfigError(f"model.{name} must be one of {DTYPE_NAMES}, got {getattr(self, name)!r}")
 
     @classmethod
     def from_config_dict(cls, cfg: Any, attention_impl: str | None = None,
@@ -89,7 +96,7 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(f"unknown model config keys: {unknown}")
+            raise ConfigError(f"unknown model config keys: {unknown}")
         if attention_impl is not None:
             values["attention_impl"] = attention_impl
         if norm_impl is not None:
@@ -98,7 +105,7 @@ class ModelConfig:
             f.name for f in dataclasses.fields(cls)
             if f.name not in values and f.default is dataclasses.MISSING)
         if missing:
-            raise ValueError(f"model config is missing required keys: {missing}")
+            raise ConfigError(f"model config is missing required keys: {missing}")
         return cls(**values)
 
     def _layer_matmul_params(self) -> int:
