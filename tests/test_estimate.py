@@ -40,3 +40,18 @@ def test_stage_and_mesh_change_the_estimate():
     tensor = _estimate("--config.mesh.data=2", "--config.mesh.tensor=2", "--config.zero_stage=0", *small)
     assert zero0["mesh"]["data"] == 4 and zero0["per_device_bytes"]["params"] == 4 * zero3["per_device_bytes"]["params"]
     assert tensor["per_device_bytes"]["params"] < zero0["per_device_bytes"]["params"]
+
+
+def test_a_step_too_large_to_compile_is_one_line_not_an_xla_abort():
+    """batch_size 2**40 used to crash XLA's heap simulator (a C++ check failure, no Python error)."""
+    from efficient_train.config import ConfigError, default_config
+    from efficient_train.train.estimate import estimate_memory
+
+    config = default_config()
+    config.train.batch_size = 2**40
+    try:
+        estimate_memory(config)
+    except ConfigError as error:
+        assert str(error).startswith("train.batch_size x data.seq_len: 1099511627776 x 128"), error
+    else:
+        raise AssertionError("estimate_memory accepted a batch of 2**40 rows")

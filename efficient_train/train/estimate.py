@@ -6,6 +6,10 @@ mesh needs, and compiled; nothing is allocated. Parameter and optimizer-state by
 follow exactly from the shardings and hold on any backend. The temporary bytes are the
 CPU compiler's schedule: GPU and TPU compilers fuse and schedule differently, so read
 them as an estimate of activation memory, not a guarantee.
+
+Before anything is lowered the config is validated, which bounds a step's size (a huge
+batch used to abort XLA's heap simulator instead of raising), and a CPU device count
+above `MAX_SIMULATED_DEVICES` is refused: the CPU backend cannot compile for more.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from efficient_train.config import validate
+from efficient_train.config import MAX_SIMULATED_DEVICES, ConfigError, validate
 from efficient_train.mesh import make_mesh
 from efficient_train.train.program import build_program, lm_batch_shapes
 from efficient_train.train.step import build_train_step
@@ -24,6 +28,10 @@ GIB = 1024**3
 
 
 def estimate_memory(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Per-device bytes of the config's compiled train step on the current devices."""
+    if jax.default_backend() == "cpu" and jax.device_count() > MAX_SIMULATED_DEVICES:
+        raise ConfigError(f"mesh: {jax.device_count()} CPU devices; the CPU backend compiles for at most "
+                          f"{MAX_SIMULATED_DEVICES} simulated devices")
     mesh_shape = validate(config, jax.device_count(), check_paths=False)
     mesh = make_mesh(mesh_shape)
     program = build_program(config, mesh)
