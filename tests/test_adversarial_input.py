@@ -509,3 +509,23 @@ def test_resume_with_another_data_seed_through_the_command(cli, tmp_path):
     assert main(["train", *small]) == 0
     cli("train", *small, "--config.data.seed=1", names="data loader state seed: checkpoint has 0, this loader 1")
     cli("train", *small, "--config.train.batch_size=8", names="data loader state global_batch_size")
+
+
+def test_config_device_and_launch_errors_come_before_jax_is_imported(tmp_path):
+    probe = textwrap.dedent("""\
+        import sys
+        from efficient_train.cli import main
+        for argv in (["train", "--workdir", ""], ["train", "--config.train.learning_rate=nan"],
+                     ["train", "--config.model.head_dim=33"], ["train", "--config.train.batch_size=1099511627776"],
+                     ["estimate", "--devices", "20000"], ["train", "--devices", "4", "--config.mesh.data=8"],
+                     ["train", "--num_processes", "2"], ["train", "--process_id", "3"]):
+            assert main(argv) == 2, argv
+        print(sorted(m for m in ("jax", "orbax", "flax") if m in sys.modules))
+        """)
+    env = {k: v for k, v in subprocess_env().items() if k not in LAUNCH_ENV}
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=env,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
+    assert len(result.stderr.strip().splitlines()) == 8 and "Traceback" not in result.stderr, result.stderr
+    assert os.listdir(tmp_path) == []

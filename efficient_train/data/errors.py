@@ -82,5 +82,5 @@ def read_regular(path: str | os.PathLike, what: str, limit: int | None = None) -
     try:
         with os.fdopen(fd, "rb", closefd=True) as f:
             return f.read() if limit is None else f.read(limit)
-    except OSError as error:
-        raise DataError(f"{what}: '{os.fspath(path)}' cannot be read: {error.strerror}") from None
+    except OSError as error:  # EIO and the like: the system failed, the data may be fine
+        raise DataReadError(f"{what}: reading '{os.fspath(path)}' failed: {error.strerror}") from None
