@@ -212,7 +212,13 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
             node = node[name]
         if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
             raise ConfigError(f"{dotted}: unknown config key; known: {_known(node)}")
-        node[leaf] = _parse_like(node[leaf], text, dotted)
+        if isinstance(node[leaf], ml_collections.ConfigDict):
+            raise ConfigError(f"{dotted}: is a section; set one of its fields: {_known(node[leaf])}")
+        value = _parse_like(node[leaf], text, dotted)
+        try:
+            node[leaf] = value
+        except (TypeError, ValueError) as error:  # a type the config file gave the field disagrees
+            raise ConfigError(f"{dotted}: cannot set {text!r}: {_one_line(str(error))}") from None
 
 
 def _known(node: Any) -> str:
@@ -246,7 +252,7 @@ def _parse_int(text: str) -> int:
         value = Decimal(text.strip().replace("_", ""))
     except InvalidOperation:
         raise ValueError(text) from None
-    if not value.is_finite() or value != value.to_integral_value() or abs(value.adjusted()) > 1000:
+    if not value.is_finite() or value != value.to_integral_value() or abs(value.adjusted()) > 30:
         raise ValueError(text)
     return int(value)
 
@@ -369,11 +375,7 @@ def _check_paths(config: ml_collections.ConfigDict) -> None:
     for field, path in (("workdir", config.workdir), ("checkpoint.dir", config.checkpoint.dir)):
         if not path:
             continue
-        try:
-            exists_as_other = os.path.exists(path) and not os.path.isdir(path)
-        except ValueError:  # an embedded NUL byte
-            raise ConfigError(f"{field}: {path!r} is not a usable path (it contains a NUL byte)") from None
-        if exists_as_other:
+        if os.path.exists(path) and not os.path.isdir(path):
             raise ConfigError(f"{field}: '{path}' exists and is not a directory; give a directory path")
 
 
@@ -455,9 +457,11 @@ def validate_fields(config: ml_collections.ConfigDict) -> None:
     _check_mesh_sizes(config.mesh)
     if config.zero_stage not in ZERO_STAGES:
         raise ConfigError(f"zero_stage: {config.zero_stage!r} is out of range; allowed 0, 1, 2, 3")
-    for field in ("workdir",):
-        if not config[field].strip():
-            raise ConfigError(f"{field}: {config[field]!r} is empty; give a directory for metrics and checkpoints")
+    if not config.workdir.strip():
+        raise ConfigError(f"workdir: {config.workdir!r} is empty; give a directory for metrics and checkpoints")
+    for field in ("workdir", "checkpoint.dir", "data.path"):
+        if "\0" in _get(config, field):
+            raise ConfigError(f"{field}: {_get(config, field)!r} contains a NUL byte, which no path may hold")
     for field in (
         "model.vocab_size", "model.hidden_size", "model.intermediate_size", "model.num_layers",
         "model.num_heads", "model.num_kv_heads", "model.head_dim", "model.rope_theta", "model.rms_norm_eps",
@@ -498,7 +502,8 @@ def validate_fields(config: ml_collections.ConfigDict) -> None:
             f"model.num_kv_heads: {model.num_kv_heads} must divide model.num_heads={model.num_heads}"
         )
     if model.head_dim % 2:
-        raise ConfigError(f"model.head_dim: {model.head_dim} is odd; rotary embeddings rotate pairs, so it must be even")
+        raise ConfigError(f"model.head_dim: {model.head_dim} is odd; rotary embeddings rotate pairs, "
+                          "so it must be even")
     tokens = config.train.batch_size * config.data.seq_len
     if tokens > MAX_TOKENS_PER_STEP:
         raise ConfigError(

@@ -73,7 +73,8 @@ def _config(**overrides: str) -> ml_collections.ConfigDict:
 
 def test_config_file_with_a_syntax_error_names_file_and_line(cli, tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("from efficient_train.config import default_config\n\ndef get_config(:\n    return default_config()\n")
+    bad.write_text("from efficient_train.config import default_config\n\n"
+                   "def get_config(:\n    return default_config()\n")
     line = cli("train", "--config", str(bad), names=f"'{bad}' line 3: syntax error")
     assert os.listdir(tmp_path) == ["bad.py"]  # nothing created
     assert line.count("\n") == 0
@@ -143,7 +144,8 @@ def test_empty_workdir_is_refused_before_anything_is_created(cli, tmp_path, argv
 
 def test_workdir_that_is_a_file_is_refused(cli, tmp_path):
     (tmp_path / "taken").write_text("")
-    cli("train", "--workdir", "taken", "--config.data.source=synthetic", names="workdir: 'taken' exists and is not a directory")
+    cli("train", "--workdir", "taken", "--config.data.source=synthetic",
+        names="workdir: 'taken' exists and is not a directory")
     assert os.listdir(tmp_path) == ["taken"]
 
 
@@ -200,8 +202,8 @@ def test_non_finite_floats_are_refused_by_name(field, value):
 
 def test_huge_models_and_steps_are_bounded_before_compiling():
     """A rough count of a step's bytes per device (Python ints: no overflow) refuses what would abort XLA."""
-    with pytest.raises(ConfigError, match=r"^train\.batch_size x data\.seq_len: 8388608 x 128 tokens per step "
-                                          r"need about .* bytes of activations per device, beyond the bound of 2\*\*50"):
+    with pytest.raises(ConfigError, match=r"^train\.batch_size x data\.seq_len: 8388608 x 128 tokens per step need "
+                                          r"about .* bytes of activations per device, beyond the bound of 2\*\*50"):
         validate(_config(**{"train.batch_size": str(2**23), "model.vocab_size": str(2**24)}), 8, check_paths=False)
     with pytest.raises(ConfigError, match=r"^model: .* parameters need about .* beyond the bound of 2\*\*50"):
         validate(_config(**{"model.vocab_size": str(2**30), "model.hidden_size": str(2**20)}), 8, check_paths=False)
@@ -329,7 +331,8 @@ def test_fifo_as_data_path_is_refused_unopened(cli, tmp_path, source):
     "content, names",
     [
         (b'{"text": "ok"}\n{"text": "\xff\xfe"}\n', r"line 2: not UTF-8 \(byte 0xff at column 11\)"),
-        (b'{"text": [1, 99999999999999999999999]}\n', r"line 1: field 'text' has token id 99999999999999999999999 outside"),
+        (b'{"text": [1, 99999999999999999999999]}\n',
+         r"line 1: field 'text' has token id 99999999999999999999999 outside"),
         (b'{"text": [1, ' + b"9" * 5000 + b"]}\n", r"line 1: Exceeds the limit \(4300 digits\)"),
         (b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", r"line 1: JSON nested too deeply"),
         (b'{"text": "a"}\n["text"]\n', r"line 2: a JSON list, not an object with field 'text'"),

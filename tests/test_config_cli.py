@@ -109,3 +109,18 @@ def test_help_and_config_errors_answer_without_importing_jax():
              "print(sorted(m for m in ('jax', 'orbax', 'flax') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
+
+
+def test_overrides_that_cannot_apply_are_one_line():
+    c = _config(**{"train.steps": "1e3", "train.batch_size": "1_024"})  # integral notations of an int
+    assert c.train.steps == 1000 and c.train.batch_size == 1024
+    for overrides, message in (
+        ({"train": "5"}, r"^train: is a section; set one of its fields: batch_size"),
+        ({"train.steps": "2.5"}, r"^train\.steps: cannot read '2\.5' as int"),
+        ({"model.vocab_size": "1e400"}, r"^model\.vocab_size: cannot read '1e400' as int"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            _config(**overrides)
+    c = _config(**{"workdir": "a\0b"})
+    with pytest.raises(ConfigError, match=r"^workdir: 'a\\x00b' contains a NUL byte"):
+        validate(c, 8)
