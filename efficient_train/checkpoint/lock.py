@@ -35,6 +35,10 @@ class DirectoryInUse(RunError):
     """Another process holds the lock of a directory this one would write."""
 
 
+class DirectoryNotWritable(RunError):
+    """The directory (or its lock file) cannot be created or written."""
+
+
 class DirectoryLock:
     """`with DirectoryLock(path, purpose):` or acquire()/release(); the directory is created."""
 
@@ -46,14 +50,20 @@ class DirectoryLock:
     def acquire(self) -> None:
         if self._path is not None:
             return
-        os.makedirs(self.directory, exist_ok=True)
         path = os.path.realpath(os.path.join(self.directory, LOCK_FILE))
         with _held_guard:
             if path in _held:
                 _held[path][1] += 1
                 self._path = path
                 return
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                os.makedirs(self.directory, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as error:
+                raise DirectoryNotWritable(
+                    f"{self.directory}: cannot write its lock file {path} ({error.strerror}); {self.purpose} "
+                    "must be a writable directory"
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
