@@ -169,11 +169,11 @@ def _train(args: argparse.Namespace, config) -> int:
     import jax
 
     from efficient_train.train import Trainer
-    from efficient_train.train.library_log import route_library_output
+    from efficient_train.train.library_log import library_output_to_file
 
-    route_library_output(config.workdir, jax.process_index())
-    trainer = Trainer(config)
-    final = trainer.fit()
+    with library_output_to_file(config.workdir, jax.process_index()):
+        trainer = Trainer(config)
+        final = trainer.fit()
     if trainer.is_main:
         print(json.dumps({"final": final, "stop_reason": trainer.stop_reason}))
     return 130 if trainer.stop_reason == "SIGINT" else 0  # a shell's convention for a run stopped by Ctrl-C

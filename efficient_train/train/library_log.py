@@ -12,30 +12,27 @@ keeps its own logging configuration.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import threading
 import traceback
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
 
 _state: dict[str, Any] = {}
 
 
-def route_library_output(workdir: str, process_index: int) -> str:
-    """Send Python logging (Orbax and absl log through it), unraisable errors and uncaught
-    thread exceptions to `<workdir>/logs/process_<i>.log`; returns that path."""
+@contextlib.contextmanager
+def library_output_to_file(workdir: str, process_index: int) -> Iterator[str]:
+    """Within the block, Python logging (Orbax and absl log through it), unraisable errors and
+    uncaught thread exceptions go to `<workdir>/logs/process_<i>.log` (yielded); the
+    handlers and hooks it replaced are put back after it."""
     path = os.path.join(os.path.abspath(workdir), "logs", f"process_{process_index}.log")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     stream: TextIO = open(path, "a", encoding="utf-8", buffering=1)
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(logging.WARNING)
-    logging.getLogger("absl").propagate = True
 
     def unraisable(event: Any) -> None:
         stream.write(f"unraisable exception in {event.object!r}:\n")
@@ -46,10 +43,23 @@ def route_library_output(workdir: str, process_index: int) -> str:
         stream.write(f"uncaught exception in thread {name}:\n")
         stream.write("".join(traceback.format_exception(event.exc_type, event.exc_value, event.exc_traceback)))
 
-    sys.unraisablehook = unraisable
-    threading.excepthook = thread_exception
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, sys.unraisablehook, threading.excepthook)
+    for old in saved[0]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    sys.unraisablehook, threading.excepthook = unraisable, thread_exception
     _state["path"] = path
-    return path
+    try:
+        yield path
+    finally:
+        root.removeHandler(handler)
+        for old in saved[0]:
+            root.addHandler(old)
+        root.setLevel(saved[1])
+        sys.unraisablehook, threading.excepthook = saved[2], saved[3]
+        stream.close()
 
 
 def details_hint() -> str:

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from efficient_train.checkpoint import Checkpointer, CheckpointWriteError
 from efficient_train.checkpoint.lock import DirectoryInUse, DirectoryLock
 from efficient_train.config import ConfigError, validate
-from efficient_train.data import Batch, DataError, LoaderState, build_loader
+from efficient_train.data import Batch, DataError, DataReadError, LoaderState, build_loader
 from efficient_train.errors import RunError
 from efficient_train.mesh import make_mesh
 from efficient_train.parallel import layout
@@ -331,7 +331,7 @@ class Trainer:
             if self.is_main:
                 print(message, flush=True)
             return
-        raise DataError(f"{error}{saved}") from None
+        raise type(error)(f"{error}{saved}") from None
 
     def _fit(self) -> dict[str, Any]:
         train, every = self.config.train, self.config.checkpoint.every
@@ -347,7 +347,7 @@ class Trainer:
                 loader_state = None if self.loader is None else self.loader.state()  # before this batch
                 try:
                     batch = self._next_batch()
-                except (StopIteration, DataError) as error:
+                except (StopIteration, DataError, DataReadError) as error:
                     self._stop_on_data(int(self.state.step), loader_state, error)
                     self.stop_reason = "data_exhausted"
                     break
