@@ -8,9 +8,9 @@ without such a count, 6 x parameters. Rematerialized recomputation is not counte
 (that is what makes it *model* FLOPs). On a device without a peak in the table
 (the CPU) MFU is null.
 
-Only process 0 writes `<workdir>/metrics.jsonl`; every record is one JSON line, written
-with one `write` call and, if that fails (a full disk), cut back to the last whole line
-before the error is raised, so a reader never meets half a record.
+Only process 0 writes `<workdir>/metrics.jsonl`; every record is one JSON line, appended
+whole or, if a write fails (a full disk), cut back to the last whole line before the
+error is raised, so a reader never meets half a record.
 """
 from __future__ import annotations
 
@@ -78,9 +78,9 @@ class MetricsWriter:
         line = (json.dumps(record) + "\n").encode()
         whole = os.fstat(self._fd).st_size
         try:
-            written = os.write(self._fd, line)
-            if written != len(line):
-                raise OSError(f"wrote {written} of {len(line)} bytes")
+            written = 0
+            while written < len(line):  # a short write is followed by one that names the cause
+                written += os.write(self._fd, line[written:])
         except OSError as error:
             try:
                 os.ftruncate(self._fd, whole)

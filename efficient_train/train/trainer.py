@@ -14,8 +14,10 @@ Ctrl-C (SIGINT; a second one aborts at once) make every process save at the same
 step boundary and return (`stop_reason` says which).
 
 Nothing is lost when a run cannot go on:
-- The work and checkpoint directories are locked (checkpoint/lock.py) for the run:
-  a second trainer on them is refused with one line naming the holder.
+- The work and checkpoint directories are locked (checkpoint/lock.py) while the
+  trainer writes to them (construction, which may set damaged steps aside; fit(); a
+  save() of the caller's until close()): another process is refused with one line
+  naming the holder.
 - A data problem found mid-run (DataError: a file truncated under the run, a token id
   beyond the vocabulary) saves the last good state, with the loader at the last good
   batch, then stops naming the file and position; an iterator of the user's that ends
@@ -131,17 +133,21 @@ class Trainer:
         self._locks = [DirectoryLock(config.workdir, "an efficient-train run's work directory")]
         if os.path.abspath(checkpoint_dir) != os.path.abspath(config.workdir):
             self._locks.append(DirectoryLock(checkpoint_dir, "an efficient-train run's checkpoint directory"))
-        self._lock_directories()
-        self.checkpointer = Checkpointer(
-            checkpoint_dir,
-            keep=config.checkpoint.keep,
-            keep_every=config.checkpoint.keep_every,
-            async_save=config.checkpoint["async"],
-        )
         self._custom_loss = loss_fn is not None
         self._last_saved_step: int | None = None
         self._last_metrics: dict[str, jax.Array] | None = None
-        self.state: TrainState = self._restore_or_init()
+        self._locked = False
+        self._lock_directories()  # restore may set damaged steps aside
+        try:
+            self.checkpointer = Checkpointer(
+                checkpoint_dir,
+                keep=config.checkpoint.keep,
+                keep_every=config.checkpoint.keep_every,
+                async_save=config.checkpoint["async"],
+            )
+            self.state: TrainState = self._restore_or_init()
+        finally:
+            self._release_locks()  # fit() and save() take them again while they write
         self._step_fn = build_train_step(self.program.spec, self.program.state_shardings, global_batch)
         self.abstract_batch = self.program.abstract_batch(global_batch)
         self.compiled = self._step_fn.lower(self.state, self.abstract_batch).compile()
@@ -154,25 +160,30 @@ class Trainer:
         self.stop_reason: str | None = None  # None: ran to train.steps; else why it stopped early
 
     def _lock_directories(self) -> None:
-        """Process 0 takes the locks; every process learns the verdict and stops alike."""
-        refusal: DirectoryInUse | None = None
+        """Process 0 takes the locks (if not held yet); every process learns the verdict and
+        stops alike."""
+        if self._locked:
+            return
+        refusal: RunError | None = None
         if self.is_main:
             try:
                 for lock in self._locks:
                     lock.acquire()
-            except DirectoryInUse as error:
+            except RunError as error:  # in use by another process, or not writable
                 refusal = error
         if jax.process_count() > 1:
             refused = multihost_utils.process_allgather(np.asarray(refusal is not None, np.int32))
             if refusal is None and np.any(refused):
-                raise DirectoryInUse(f"{self.config.workdir}: process 0 of this run was refused its lock (see its line)")
+                refusal = DirectoryInUse(f"{self.config.workdir}: process 0 of this run could not lock it (see its line)")
         if refusal is not None:
             self._release_locks()
             raise refusal
+        self._locked = True
 
     def _release_locks(self) -> None:
         for lock in self._locks:
             lock.release()
+        self._locked = False
 
     def _model_record(self) -> dict:
         model_config = self.program.model_config
@@ -205,6 +216,7 @@ class Trainer:
         """
         step = int(self.state.step)
         self._check_state_finite(step)
+        self._lock_directories()  # held until fit() ends or close()
         if loader_state is None and self.loader is not None:
             loader_state = self.loader.state()
         self.checkpointer.save(
@@ -218,6 +230,13 @@ class Trainer:
             seed=self.config.seed,
         )
         self._last_saved_step = step
+
+    def close(self) -> None:
+        """Wait for the background save and release the directories (fit() does both itself)."""
+        try:
+            self.checkpointer.wait()
+        finally:
+            self._release_locks()
 
     def _check_state_finite(self, step: int) -> None:
         if self._last_metrics is None or int(self._last_metrics["state_finite"]):

@@ -1,0 +1,313 @@
+"""A run never loses or launders data: damaged steps, errors that are not damage, the
+retention directory, the work-directory lock, non-finite states, the end of the data,
+Ctrl-C, and the metrics file on a full disk. Each case continues (or reruns) afterwards
+and saves again where that is the promise."""
+from __future__ import annotations
+
+import errno
+import glob
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from efficient_train import Trainer, get_config
+from efficient_train.checkpoint import CheckpointError, Checkpointer, DamagedCheckpoint
+from efficient_train.checkpoint.lock import LOCK_FILE, DirectoryInUse
+from efficient_train.checkpoint.manager import CheckpointReadError, NoVerifiedCheckpoint
+from efficient_train.checkpoint.verify import verify_step
+from efficient_train.train.trainer import Hook, NonFiniteState
+from tests.subprocess_env import subprocess_env
+from tests.test_trainer import MLP, classification_batches, classification_loss
+from tests.zero_setup import small_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--config.data.source=synthetic", "--config.data.seq_len=32", "--config.model.hidden_size=64",
+         "--config.model.intermediate_size=128", "--config.model.num_layers=2", "--config.model.head_dim=16"]
+
+
+def _config(workdir, **overrides):
+    config = small_config(**{"mesh.data": 8, "zero_stage": 1, "train.log_every": 1, **overrides})
+    config.workdir = str(workdir)
+    return config
+
+
+def tree_hash(directory: str) -> str:
+    """Names, kinds and bytes of everything under `directory` (links not followed), but for
+    the lock file, which each run rewrites with its own process id."""
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        for name in sorted(set(dirs + files) - {LOCK_FILE}):
+            path = os.path.join(root, name)
+            digest.update(os.path.relpath(path, directory).encode())
+            if os.path.islink(path):
+                digest.update(b"link:" + os.readlink(path).encode())
+            elif os.path.isfile(path):
+                digest.update(open(path, "rb").read())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory) -> str:
+    """A work directory with committed steps 1 and 2."""
+    workdir = tmp_path_factory.mktemp("two_steps")
+    trainer = Trainer(_config(workdir, **{"train.steps": 2, "checkpoint.every": 1}))
+    trainer.fit()
+    assert trainer.checkpointer.steps() == [1, 2]
+    return str(workdir)
+
+
+def _copy(source: str, tmp_path) -> tuple[str, str]:
+    shutil.copytree(source, tmp_path / "run")
+    return str(tmp_path / "run"), str(tmp_path / "run" / "checkpoints")
+
+
+def _flip_a_byte(step_dir: str) -> None:
+    files = [f for f in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True) if os.path.isfile(f)]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.seek(os.path.getsize(largest) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x10]))
+
+
+def test_every_step_damaged_refuses_and_changes_nothing(tmp_path, two_steps):
+    workdir, checkpoints = _copy(two_steps, tmp_path)
+    for step in (1, 2):
+        _flip_a_byte(os.path.join(checkpoints, str(step)))
+    before = tree_hash(checkpoints)
+    with pytest.raises(NoVerifiedCheckpoint) as refused:
+        Trainer(_config(workdir, **{"train.steps": 3}))
+    message = str(refused.value)
+    assert "step 2: damaged leaves" in message and "step 1: damaged leaves" in message
+    assert "nothing was changed" in message and "\n" not in message
+    assert tree_hash(checkpoints) == before
+
+    # The command line: one line, exit 1, still nothing changed.
+    run = subprocess.run([sys.executable, "-m", "efficient_train.cli", "train", "--devices", "8", "--workdir", workdir,
+                          *SMALL, "--config.train.steps=3", "--config.mesh.data=8"],
+                         cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: no checkpoint in {checkpoints} verifies"), run.stderr
+    assert tree_hash(checkpoints) == before
+
+
+def test_a_damaged_newest_step_is_set_aside_and_the_run_continues_past_it(tmp_path, two_steps, capsys):
+    workdir, checkpoints = _copy(two_steps, tmp_path)
+    _flip_a_byte(os.path.join(checkpoints, "2"))
+    damaged_bytes = tree_hash(os.path.join(checkpoints, "2"))
+    trainer = Trainer(_config(workdir, **{"train.steps": 3, "checkpoint.every": 1}))
+    assert int(trainer.state.step) == 1
+    kept = os.path.join(checkpoints, "damaged-2")
+    assert tree_hash(kept) == damaged_bytes  # moved aside whole, not deleted or rewritten
+    assert "set the damaged step 2 aside as" in capsys.readouterr().out
+    trainer.fit()  # trains steps 2 and 3 again and saves them: no StepAlreadyExistsError
+    assert trainer.checkpointer.steps() == [1, 2, 3]
+    for step in (2, 3):
+        assert verify_step(os.path.join(checkpoints, str(step))) == []
+    resumed = Trainer(_config(workdir, **{"train.steps": 4}))
+    assert int(resumed.state.step) == 3
+    resumed.fit()
+    assert resumed.checkpointer.steps()[-1] == 4 and os.path.isdir(kept)
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.EIO, "Input/output error"), MemoryError("out of host memory")])
+def test_an_error_that_is_not_damage_stops_the_run_and_changes_nothing(tmp_path, two_steps, monkeypatch, failure):
+    workdir, checkpoints = _copy(two_steps, tmp_path)
+    before = tree_hash(checkpoints)
+
+    def failing_restore(self, step, args=None):  # the filesystem (or memory) fails under the restore
+        raise failure
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", failing_restore)
+    with pytest.raises(CheckpointReadError) as stopped:
+        Trainer(_config(workdir, **{"train.steps": 3}))
+    assert not isinstance(stopped.value, DamagedCheckpoint)
+    assert str(stopped.value).startswith("step 2 could not be restored")
+    assert type(failure).__name__ in str(stopped.value) and "not proven damaged" in str(stopped.value)
+    assert tree_hash(checkpoints) == before
+    monkeypatch.undo()  # the disk is back: the same directory resumes at step 2
+    assert int(Trainer(_config(workdir, **{"train.steps": 3})).state.step) == 2
+
+
+def test_retention_never_follows_a_link_out_of_the_checkpoint_directory(tmp_path):
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "data.bin").write_bytes(b"keep me")
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    os.symlink(outside, checkpoints / "_deleted")
+    with pytest.raises(CheckpointError, match=r"^checkpoint\.dir: .*_deleted is a symlink"):
+        Checkpointer(str(checkpoints), keep=1, keep_every=0, async_save=False)
+    os.unlink(checkpoints / "_deleted")
+    (checkpoints / "_deleted").mkdir()
+    os.symlink(outside, checkpoints / "_deleted" / "7")  # a step retention moved aside, as a link
+    Checkpointer(str(checkpoints), keep=1, keep_every=0, async_save=False)
+    assert os.listdir(checkpoints / "_deleted") == []  # the link is gone ...
+    assert (outside / "data.bin").read_bytes() == b"keep me"  # ... its target untouched
+
+
+_HOLD_LOCK = """
+import sys, time
+from efficient_train.checkpoint.lock import DirectoryLock
+DirectoryLock(sys.argv[1], "a test's run").acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_run_on_a_locked_directory_is_refused_naming_the_holder(tmp_path):
+    workdir = tmp_path / "run"
+    for locked, config in ((workdir, _config(workdir)),
+                           (workdir / "checkpoints", _config(tmp_path / "other", **{"checkpoint.dir": str(workdir / "checkpoints")}))):
+        holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(locked)], cwd=ROOT, stdout=subprocess.PIPE,
+                                  text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            with pytest.raises(DirectoryInUse) as refused:
+                Trainer(config)
+            assert f"process {holder.pid} on host" in str(refused.value) and "a test's run" in str(refused.value)
+            assert not os.path.exists(workdir / "checkpoints" / "1")
+        finally:
+            holder.kill()  # SIGKILL: the lock is stale now, and the next run takes it over
+            holder.wait()
+    config.train.steps = 1
+    Trainer(config).fit()
+    assert os.path.isdir(workdir / "checkpoints" / "1")
+
+
+class Huge(nnx.Module):
+    """One weight near the float32 maximum: an update of the size of the learning rate overflows it."""
+
+    def __init__(self):
+        self.w = nnx.Param(jnp.full((8,), 3.0e38, jnp.float32))
+
+
+def _pull_up(model, batch):  # d loss / d w < 0: AdamW moves w up by about the learning rate
+    return -jnp.mean(model.w[...] * 1e-2 * batch["x"])
+
+
+def _ones():
+    while True:
+        yield {"x": np.ones((8, 8), np.float32)}
+
+
+def test_a_state_made_non_finite_by_the_update_is_never_saved(tmp_path):
+    config = get_config()
+    config.mesh.data = 8
+    config.workdir = str(tmp_path)
+    config.optimizer.weight_decay = 0.0
+    config.train.update(steps=3, batch_size=8, warmup_steps=0, learning_rate=1e38, log_every=1)
+    with nnx.use_eager_sharding(False):
+        model = Huge()
+    trainer = Trainer(config, model=model, loss_fn=_pull_up, data=_ones())
+    with pytest.raises(NonFiniteState, match=r"^step 1: the update made the parameters or optimizer state non-finite"):
+        trainer.fit()
+    assert trainer.checkpointer.steps() == []
+    assert not glob.glob(os.path.join(tmp_path, "checkpoints", "*"))
+
+
+def test_the_end_of_a_users_data_ends_the_run_with_a_save(tmp_path, capsys):
+    def three_batches():
+        batches = classification_batches()
+        for _ in range(3):
+            yield next(batches)
+
+    config = get_config()
+    config.mesh.data = 8
+    config.workdir = str(tmp_path)
+    config.train.update(steps=10, batch_size=32, warmup_steps=0, learning_rate=1e-2, log_every=10)
+    with nnx.use_eager_sharding(False):
+        model = MLP(nnx.Rngs(0))
+    trainer = Trainer(config, model=model, loss_fn=classification_loss, data=three_batches())
+    trainer.fit()
+    assert trainer.stop_reason == "data_exhausted" and int(trainer.state.step) == 3
+    assert trainer.checkpointer.steps() == [3]
+    assert "the data ended after step 3, before train.steps=10; saved step 3" in capsys.readouterr().out
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert {"event": "data_exhausted", "step": 3} in records
+    # More data: the next run continues from step 3 to the end.
+    with nnx.use_eager_sharding(False):
+        model = MLP(nnx.Rngs(0))
+    resumed = Trainer(config, model=model, loss_fn=classification_loss, data=classification_batches(seed=1))
+    assert int(resumed.state.step) == 3
+    resumed.fit()
+    assert resumed.stop_reason is None and resumed.checkpointer.steps()[-1] == 10
+
+
+def test_a_loss_weight_of_zero_is_refused(tmp_path):
+    config = get_config()
+    config.mesh.data = 8
+    config.workdir = str(tmp_path)
+    config.train.update(steps=2, batch_size=32, warmup_steps=0)
+    with nnx.use_eager_sharding(False):
+        model = MLP(nnx.Rngs(0))
+    trainer = Trainer(config, model=model, loss_fn=lambda m, b: (classification_loss(m, b), 0.0),
+                      data=classification_batches())
+    with pytest.raises(ValueError, match=r"^loss_fn: returned a weight of 0\.0 at step 1"):
+        trainer.fit()
+    assert int(trainer.state.skipped_steps) == 1  # and the step did not update anything
+    with pytest.raises(ValueError, match=r"^Hook\.every: 0 must be a positive integer"):
+        Hook(every=0, fn=lambda *a: None)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_at_the_next_step_and_exits_130(tmp_path):
+    workdir = str(tmp_path)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "efficient_train.cli", "train", "--devices", "8", "--workdir", workdir, *SMALL,
+         "--config.train.steps=100000", "--config.train.log_every=1", "--config.checkpoint.every=0",
+         "--config.mesh.data=8"],
+        cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and not (os.path.exists(metrics) and open(metrics).read().count('"loss"') >= 2):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "saving at the end of this step" in stderr
+    records = [json.loads(line) for line in open(metrics)]
+    stopped = [r for r in records if r.get("event") == "preempted"]
+    assert len(stopped) == 1 and stopped[0]["signal"] == "SIGINT"
+    assert Checkpointer(os.path.join(workdir, "checkpoints"), keep=3, keep_every=0,
+                        async_save=False).steps() == [stopped[0]["step"]]
+
+
+_FILL_METRICS = """
+import json, resource, sys
+from efficient_train.train.metrics import MetricsWriteError, MetricsWriter
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))
+writer = MetricsWriter(sys.argv[1], enabled=True)
+try:
+    for step in range(1000):
+        writer.write({"step": step, "loss": 1.0 / (step + 1), "note": "x" * 37})
+except MetricsWriteError as error:
+    print(error)
+"""
+
+
+def test_a_full_disk_stops_the_metrics_file_at_a_whole_line(tmp_path):
+    env = dict(os.environ)
+    run = subprocess.run(["bash", "-c", "trap '' XFSZ; exec \"$@\"", "x", sys.executable, "-c", _FILL_METRICS,
+                          str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(f"metrics: writing {tmp_path}/metrics.jsonl failed") and "File too large" in run.stdout
+    content = (tmp_path / "metrics.jsonl").read_bytes()
+    assert 0 < len(content) <= 1000 and content.endswith(b"\n")
+    steps = [json.loads(line)["step"] for line in content.decode().splitlines()]
+    assert steps == list(range(len(steps)))
