@@ -4,6 +4,7 @@ Ctrl-C, and the metrics file on a full disk. Each case continues (or reruns) aft
 and saves again where that is the promise."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import hashlib
@@ -311,3 +312,85 @@ def test_a_full_disk_stops_the_metrics_file_at_a_whole_line(tmp_path):
     assert 0 < len(content) <= 1000 and content.endswith(b"\n")
     steps = [json.loads(line)["step"] for line in content.decode().splitlines()]
     assert steps == list(range(len(steps)))
+
+
+def _tokens_config(workdir, path, steps):
+    return _config(workdir, **{"data.source": "tokens", "data.path": str(path), "train.steps": steps,
+                               "checkpoint.every": 0, "data.shuffle": False})
+
+
+def test_a_token_file_truncated_mid_run_saves_the_last_good_step_and_resume_is_exact(tmp_path):
+    path = tmp_path / "tokens.bin"
+    original = np.random.default_rng(0).integers(0, 256, size=16 * 33 * 8, dtype=np.uint16).tobytes()
+    path.write_bytes(original)
+    straight = {}
+    Trainer(_tokens_config(tmp_path / "straight", path, 4),
+            hooks=[Hook(every=1, fn=lambda t, step, record: straight.__setitem__(step, record["loss"]))]).fit()
+
+    def truncate(trainer, step, record):
+        with open(path, "r+b") as f:
+            f.truncate(len(original) // 8)
+
+    with pytest.raises(Exception) as stopped:  # DataError, an InputError: exit 2 on the command line
+        Trainer(_tokens_config(tmp_path / "run", path, 4), hooks=[Hook(every=2, fn=truncate)]).fit()
+    assert type(stopped.value).__name__ == "DataError", repr(stopped.value)
+    assert str(path) in str(stopped.value) and str(stopped.value).endswith("; saved step 2, a rerun continues from there")
+    path.write_bytes(original)  # the file is whole again: the rerun continues at step 3, batch for batch
+    resumed = {}
+    trainer = Trainer(_tokens_config(tmp_path / "run", path, 4),
+                      hooks=[Hook(every=1, fn=lambda t, step, record: resumed.__setitem__(step, record["loss"]))])
+    assert int(trainer.state.step) == 2
+    trainer.fit()
+    assert resumed == {3: straight[3], 4: straight[4]}
+
+
+@contextlib.contextmanager
+def _read_only(path):
+    """`path` made unwritable: immutable for root (chattr +i), mode 0555 for others."""
+    root = os.geteuid() == 0
+    if root:
+        subprocess.run(["chattr", "+i", str(path)], check=True, capture_output=True)
+    else:
+        os.chmod(path, 0o555)
+    try:
+        try:
+            open(os.path.join(path, "probe"), "w").close()
+        except OSError:
+            pass
+        else:
+            pytest.skip("this filesystem cannot make a directory read-only")
+        yield
+    finally:
+        if root:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        else:
+            os.chmod(path, 0o755)
+
+
+@pytest.mark.slow
+def test_a_read_only_checkpoint_directory_exits_promptly_after_its_line(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    with _read_only(checkpoints):  # not even a lock file can be made: refused before any work
+        with pytest.raises(Exception, match=r"cannot write its lock file .*must be a writable directory"):
+            Trainer(_config(tmp_path, **{"train.steps": 2}))
+    (checkpoints / LOCK_FILE).touch()  # an earlier run's lock file: the run starts, its saves fail
+    with _read_only(checkpoints):
+        started = time.time()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "efficient_train.cli", "train", "--devices", "8", "--workdir", str(tmp_path), *SMALL,
+             "--config.train.steps=4", "--config.checkpoint.every=2", "--config.mesh.data=8"],
+            cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        line_at, stderr = None, b""
+        for chunk in iter(lambda: process.stderr.read1(4096), b""):
+            stderr += chunk
+            if line_at is None and b"\nerror: " in stderr:
+                line_at = time.time()
+        process.wait(timeout=300)
+        exited_at = time.time()
+    text = stderr.decode()
+    assert process.returncode == 1 and "Traceback" not in text, text[-2000:]
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: step 2 was not saved, writing it failed"), text[-2000:]
+    assert errors[0].endswith(f"(library messages: {tmp_path}/logs/process_0.log)")
+    assert exited_at - line_at < 5, (exited_at - started, exited_at - line_at)
