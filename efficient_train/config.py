@@ -153,8 +153,9 @@ def default_config() -> ml_collections.ConfigDict:
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
     """Import a config file and call its `get_config()`; any failure is one ConfigError line."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config: file {path!r} does not exist; pass a path to a configs/*.py file")
+    if not os.path.isfile(path):  # os.stat only: a FIFO is refused, never opened
+        what = "is not a regular file" if os.path.exists(path) else "does not exist"
+        raise ConfigError(f"config: file {path!r} {what}; pass a path to a configs/*.py file")
     spec = importlib.util.spec_from_file_location(f"_efficient_train_config_{abs(hash(path))}", path)
     if spec is None or spec.loader is None:
         raise ConfigError(f"config: {path!r} cannot be imported; pass a Python file ending in .py")

@@ -95,6 +95,8 @@ def test_config_file_that_raises_names_file_line_and_field(cli, tmp_path):
     missing = tmp_path / "no_get_config.py"
     missing.write_text("x = 1\n")
     cli("train", "--config", str(missing), names="has no get_config() function")
+    os.mkfifo(tmp_path / "pipe.py")
+    cli("train", "--config", str(tmp_path / "pipe.py"), names="is not a regular file")
     other = tmp_path / "returns_dict.py"
     other.write_text("def get_config():\n    return {'train': {}}\n")
     cli("train", "--config", str(other), names="returned a dict; it must return an ml_collections.ConfigDict")
