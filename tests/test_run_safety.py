@@ -22,10 +22,11 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from efficient_train import Trainer, get_config
+from efficient_train import Trainer, cli, get_config
 from efficient_train.checkpoint import CheckpointError, Checkpointer, DamagedCheckpoint
 from efficient_train.checkpoint.lock import LOCK_FILE, DirectoryInUse
-from efficient_train.checkpoint.manager import CheckpointReadError, NoVerifiedCheckpoint
+from efficient_train.checkpoint.manager import NoVerifiedCheckpoint
+from efficient_train.checkpoint.metadata import CheckpointReadError
 from efficient_train.checkpoint.verify import verify_step
 from efficient_train.train.trainer import Hook, NonFiniteState
 from tests.subprocess_env import subprocess_env
@@ -116,6 +117,8 @@ def test_a_damaged_newest_step_is_set_aside_and_the_run_continues_past_it(tmp_pa
     kept = os.path.join(checkpoints, "damaged-2")
     assert tree_hash(kept) == damaged_bytes  # moved aside whole, not deleted or rewritten
     assert "set the damaged step 2 aside as" in capsys.readouterr().out
+    assert cli.main(["checkpoint", "inspect", checkpoints]) == 0  # inspect lists it
+    assert f"damaged steps set aside in {checkpoints} " in capsys.readouterr().out
     trainer.fit()  # trains steps 2 and 3 again and saves them: no StepAlreadyExistsError
     assert trainer.checkpointer.steps() == [1, 2, 3]
     for step in (2, 3):

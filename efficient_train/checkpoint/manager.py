@@ -61,10 +61,12 @@ from efficient_train.checkpoint.metadata import (
     FORMAT_VERSION,
     CheckpointError,
     CheckpointMetadata,
+    CheckpointReadError,
     CheckpointWriteError,
     DamagedCheckpoint,
     LeafRecord,
     check_model_matches,
+    read_metadata_file,
 )
 from efficient_train.errors import RunError
 
@@ -79,10 +81,6 @@ DAMAGED_PREFIX = "damaged-"
 
 class NoVerifiedCheckpoint(RunError):
     """Every committed step is damaged: the run is refused and nothing is changed."""
-
-
-class CheckpointReadError(RunError):
-    """A step could not be read for a reason that is not proven damage (I/O, memory)."""
 
 
 # Errors of the machine, not of the bytes: never evidence of damage.
@@ -152,17 +150,7 @@ def metadata_path(step_dir: str) -> str:
 def read_metadata(step_dir: str) -> CheckpointMetadata:
     """The step's metadata; DamagedCheckpoint if it is missing or not JSON (a committed step
     always has it), CheckpointReadError if the filesystem failed to read it."""
-    path = metadata_path(step_dir)
-    try:
-        with open(path, "rb") as f:
-            raw = json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
-        raise DamagedCheckpoint(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DamagedCheckpoint(f"{path}: not valid JSON ({error})") from None
-    except OSError as error:
-        raise CheckpointReadError(f"{path}: could not be read ({_first_line(error)}); the step was not changed") from None
-    return CheckpointMetadata.from_json(raw)
+    return read_metadata_file(metadata_path(step_dir))
 
 
 def without_optimizer(state: Any) -> dict:

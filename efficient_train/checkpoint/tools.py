@@ -23,6 +23,7 @@ import os
 
 import jax.numpy as jnp
 
+from efficient_train.checkpoint.manager import damaged_steps
 from efficient_train.checkpoint.metadata import CheckpointError, CheckpointMetadata
 from efficient_train.checkpoint.verify import (
     LeafProblem,
@@ -164,6 +165,11 @@ def inspect_text(path: str) -> str:
         total += size
         lines.append(f"{leaf:<48} {str(list(record.shape)):<22} {record.dtype:<10} {size:>14,}")
     lines.append(f"{len(metadata.leaves)} leaves, {total:,} bytes of arrays, {_disk_bytes(step_dir):,} bytes on disk")
+    checkpoint_dir = os.path.dirname(os.path.abspath(step_dir))
+    set_aside = damaged_steps(checkpoint_dir)
+    if set_aside:
+        lines.append(f"damaged steps set aside in {checkpoint_dir} (kept, never restored; `checkpoint verify` on "
+                     f"one names its damage): {', '.join(set_aside)}")
     return "\n".join(lines)
 
 
