@@ -8,6 +8,7 @@ and 0.2% outliers 100x larger than their neighbours.
 """
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -137,19 +138,23 @@ def _mean_update_error(state_format: str, steps: int = 40) -> float:
     return float(np.mean(errors))
 
 
-@pytest.mark.parametrize("state_format,limit", [("int8", 0.05), ("fp8", 0.05), ("bf16", 0.01)])
-def test_one_step_update_error_against_fp32(state_format, limit):
-    assert _mean_update_error(state_format) <= limit
+# (floor, limit) of the mean one-step error. Measured with gradient seeds 1-5 (the test runs
+# seed 1): bf16 0.140% on every seed, int8 2.597-2.604%, fp8 2.004-2.012%, int4 (experimental,
+# dominated by the blocks an outlier shares) 67.38-67.79%. Each limit sits just above the
+# worst; each floor is far below it but above what the next finer format gives (bf16's
+# rounding for bf16), so a format that silently stopped compressing fails too.
+ONE_STEP_ERROR = {"bf16": (1e-4, 0.0016), "int8": (0.005, 0.028), "fp8": (0.005, 0.022), "int4": (0.1, 0.70)}
 
 
-def test_int4_one_step_error_is_recorded():
-    """Experimental: measured 0.6 (60%) here (BENCHMARKS.md), dominated by the blocks an
-    outlier shares; asserted only to stay below 1 and finite, to catch regressions."""
-    assert _mean_update_error("int4") < 1.0
+@pytest.mark.parametrize("state_format", sorted(ONE_STEP_ERROR))
+def test_one_step_update_error_against_fp32(state_format):
+    floor, limit = ONE_STEP_ERROR[state_format]
+    assert floor < _mean_update_error(state_format) <= limit
 
 
-@pytest.mark.parametrize("state_format", ["int8", "fp8", "int4"])
-def test_adam_bound_holds_over_hundreds_of_steps(state_format):
+@functools.lru_cache(maxsize=None)
+def _largest_update(state_format: str) -> float:
+    """The largest |element| of the normalized update m_hat / (sqrt(v_hat) + eps) over 300 steps."""
     params = {"w": _params()["w"]}
     grads = _gradients(params, 300, seed=2)
     optimizer = optim.adamw(1.0, B1, B2, 1e-8, state_format=state_format)  # update = -m_hat / (sqrt(v_hat) + eps)
@@ -164,7 +169,27 @@ def test_adam_bound_holds_over_hundreds_of_steps(state_format):
     for g in grads:
         biggest, state = step(g, state)
         worst = max(worst, float(biggest))
+    return worst
+
+
+@pytest.mark.parametrize("state_format", ["int8", "fp8"])
+def test_adam_bound_holds_over_hundreds_of_steps(state_format):
+    """Adam's bound holds, and the largest update stays where fp32's is: measured over
+    gradient seeds 2-6 (the test runs seed 2), fp32 2.034-2.109, int8 2.041-2.147, fp8
+    2.019-2.110; the compressed formats at most 0.038 above fp32 on the same gradients. A
+    state that rounds v down (updates larger but still bounded) fails the second check."""
+    worst = _largest_update(state_format)
     assert np.isfinite(worst) and worst <= ADAM_BOUND
+    assert worst <= _largest_update("fp32") + 0.05
+
+
+def test_int4_largest_update_is_recorded():
+    """Experimental int4 does NOT keep Adam's bound: its 4-bit sqrt(v) rounds down by up
+    to a third in the coarsest octaves. Measured over gradient seeds 2-6: 6.48 (seed 2,
+    run here), 7.53 (seed 3: above the bound), 5.81, 5.96, 5.99. Asserted just above the
+    worst, to catch it growing."""
+    worst = _largest_update("int4")
+    assert np.isfinite(worst) and worst <= 7.6
 
 
 def test_nonfinite_gradient_poisons_only_its_block():
