@@ -397,3 +397,23 @@ def test_a_read_only_checkpoint_directory_exits_promptly_after_its_line(tmp_path
     assert len(errors) == 1 and errors[0].startswith("error: step 2 was not saved, writing it failed"), text[-2000:]
     assert errors[0].endswith(f"(library messages: {tmp_path}/logs/process_0.log)")
     assert exited_at - line_at < 5, (exited_at - started, exited_at - line_at)
+
+
+@pytest.mark.slow
+def test_a_data_problem_on_one_process_stops_every_process_after_one_save(tmp_path):
+    port = subprocess.run([sys.executable, "-c", "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); "
+                           "print(s.getsockname()[1])"], capture_output=True, text=True).stdout.strip()
+    workers = [subprocess.Popen([sys.executable, "-m", "tests.data_failure_worker", str(i), port, str(tmp_path)],
+                                cwd=ROOT, env=subprocess_env(devices=4), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    try:
+        outputs = [worker.communicate(timeout=240)[0] for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    lines = [[line for line in output.splitlines() if line.startswith("DataError: ")] for output in outputs]
+    assert [worker.returncode for worker in workers] == [2, 2], outputs
+    suffix = "; saved step 3, a rerun continues from there"
+    assert lines[1] == [f"DataError: shard-1.jsonl: line 7: not valid JSON{suffix}"], outputs[1][-2000:]
+    assert lines[0] == [f"DataError: process 1 of this run met a data problem (its own error line names it){suffix}"]
+    assert Checkpointer(os.path.join(tmp_path, "checkpoints"), keep=3, keep_every=0, async_save=False).steps() == [3]

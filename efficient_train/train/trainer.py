@@ -286,13 +286,22 @@ class Trainer:
         self._last_metrics = metrics
         return metrics
 
-    def _stop_requested(self) -> str | None:
-        """The signal any process got ("SIGTERM" wins), or None; every process gets the same answer."""
-        codes = {None: 0, "SIGINT": 1, "SIGTERM": 2}
-        code = codes[self._stop_signal]
+    def _agree(self, problem: BaseException | None) -> tuple[str | None, BaseException | None]:
+        """(the signal any process got, the data problem any process met), the same on every
+        process, so all of them stop together (one small gather per step when there are several)."""
+        signals = (None, "SIGINT", "SIGTERM")  # later wins
+        kinds = (None, StopIteration, DataReadError, DataError)  # later wins
+        signal_code = signals.index(self._stop_signal)
+        data_code = 0 if problem is None else max(i for i, kind in enumerate(kinds) if kind and isinstance(problem, kind))
         if jax.process_count() > 1:
-            code = int(np.max(multihost_utils.process_allgather(np.asarray(code, np.int32))))
-        return {value: name for name, value in codes.items()}[code]
+            codes = multihost_utils.process_allgather(np.asarray([signal_code, data_code], np.int32)).reshape(-1, 2)
+            signal_code = int(codes[:, 0].max())
+            if problem is None and codes[:, 1].max() > 0:
+                source = int(codes[:, 1].argmax())
+                kind = kinds[int(codes[:, 1].max())]
+                problem = StopIteration() if kind is StopIteration else kind(
+                    f"process {source} of this run met a data problem (its own error line names it)")
+        return signals[signal_code], problem
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
@@ -363,12 +372,23 @@ class Trainer:
             interval_start, interval_steps = time.perf_counter(), 0
             first_step = True
             while int(self.state.step) < train.steps:
+                step = int(self.state.step)
                 loader_state = None if self.loader is None else self.loader.state()  # before this batch
+                batch, problem = None, None
                 try:
                     batch = self._next_batch()
                 except (StopIteration, DataError, DataReadError) as error:
-                    self._stop_on_data(int(self.state.step), loader_state, error)
+                    problem = error
+                stop_signal, problem = self._agree(problem)
+                if problem is not None:
+                    self._stop_on_data(step, loader_state, problem)
                     self.stop_reason = "data_exhausted"
+                    break
+                if stop_signal is not None:  # at the step boundary: the last step's state is saved
+                    if self._last_saved_step != step:
+                        self.save(loader_state)
+                    self.writer.write({"event": "preempted", "signal": stop_signal, "step": step})
+                    self.stop_reason = stop_signal
                     break
                 metrics = self._run_step(batch)
                 step = int(self.state.step)
@@ -377,12 +397,10 @@ class Trainer:
                 first_step = False
                 interval_steps += 1
                 progress.update(1)
-                stop_signal = self._stop_requested()
-                preempted = stop_signal is not None
-                if preempted or step == train.steps or (every and step % every == 0):
+                if step == train.steps or (every and step % every == 0):
                     self.save()
                 due_hooks = [hook for hook in self.hooks if step % hook.every == 0]
-                if step % train.log_every and step != train.steps and not due_hooks and not preempted:
+                if step % train.log_every and step != train.steps and not due_hooks:
                     continue
                 self._check_state_finite(step)
                 fetched = {name: float(value) for name, value in jax.device_get(metrics).items()
@@ -408,10 +426,6 @@ class Trainer:
                 for hook in due_hooks:
                     hook.fn(self, step, record)
                 interval_start, interval_steps = time.perf_counter(), 0
-                if preempted:
-                    self.writer.write({"event": "preempted", "signal": stop_signal, "step": step})
-                    self.stop_reason = stop_signal
-                    break
         finally:
             progress.close()
             self.writer.close()
