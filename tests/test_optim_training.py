@@ -2,11 +2,17 @@
 
 One device, a plain jitted loop (the trainer's own equivalence is tested elsewhere), on
 the synthetic Markov source, whose best achievable loss is known so the run is seen to
-learn. Pass: final loss (mean of the last 20 steps) of int8 and fp8 within
-max(1.5%, 1.5 x the fp32 seed-to-seed spread) of fp32; no NaN; no element of the
-normalized update above Adam's bound at any step. int4 (experimental) is measured with
-the same function for BENCHMARKS.md, not asserted here. Four runs of 300 steps: about
+learn. Pass: final loss (mean of the last 20 steps) of int8 and fp8 within 0.8% of fp32's
+from the same initialisation; no NaN; no element of the normalized update above Adam's
+bound, nor above where it was measured, at any step. int4 (experimental) is measured with
+the same function for BENCHMARKS.md, not asserted here. Three runs of 300 steps: most of
 a minute on 2 cores, hence marked slow.
+
+Measured over initialisation seeds 0-3 (the test runs seed 0), final loss against fp32's
+on the same seed: int8 +0.016%, +0.220%, -0.533%, -0.743%; fp8 +0.132%, +0.228%, -0.547%,
+-0.063% (int4 +0.184%, +0.395%, -0.005%, +0.212%); fp32's own seed-to-seed spread 0.27%.
+Final over first loss 0.189-0.194. Largest normalized update: fp32 1.65-1.91, int8
+1.57-2.00, fp8 1.48-1.87 (int4 2.24-2.67).
 """
 from __future__ import annotations
 
@@ -82,8 +88,8 @@ def _train(state_format: str, seed: int) -> tuple[np.ndarray, float, int]:
 
 
 @pytest.fixture(scope="module")
-def fp32_runs() -> list:
-    return [_train("fp32", seed) for seed in (0, 1)]
+def fp32_run() -> tuple:
+    return _train("fp32", 0)
 
 
 def _final(losses: np.ndarray) -> float:
@@ -92,11 +98,11 @@ def _final(losses: np.ndarray) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("state_format", ["int8", "fp8"])
-def test_final_loss_matches_fp32(state_format, fp32_runs):
-    (ref, ref_bound, _), (other, _, _) = fp32_runs
+def test_final_loss_matches_fp32(state_format, fp32_run):
+    ref, ref_largest, _ = fp32_run
     losses, largest, compressed = _train(state_format, 0)
-    spread = abs(_final(ref) - _final(other))
     assert compressed == 8  # every matrix: embedding, q, k, v, o, gate, up, down
-    assert np.all(np.isfinite(losses)) and _final(losses) < 0.8 * losses[0]
-    assert abs(_final(losses) - _final(ref)) <= max(0.015 * _final(ref), 1.5 * spread)
-    assert largest <= ADAM_BOUND and ref_bound <= ADAM_BOUND
+    assert np.all(np.isfinite(losses)) and _final(losses) < 0.2 * losses[0]  # measured 0.189-0.194
+    assert abs(_final(losses) - _final(ref)) <= 0.008 * _final(ref)  # measured at most 0.743% (seeds 0-3)
+    assert largest <= ADAM_BOUND and ref_largest <= ADAM_BOUND
+    assert largest <= 2.2  # measured 1.48-2.00 (seeds 0-3)
