@@ -68,7 +68,7 @@ def test_user_module_trains_under_zero3(tmp_path):
     assert per_device_bytes(trainer.program.abstract_state.params, shardings) <= total / 8 + 4 * 4
     first = float(trainer.step()["loss"])
     final = trainer.fit()
-    assert final["step"] == 30 and final["loss"] < 0.5 * first
+    assert final["step"] == 30 and final["loss"] < 0.47 * first  # measured 0.411-0.435 (model and data seeds 0-2)
 
 
 def test_non_finite_step_is_skipped_and_state_untouched(tmp_path):
@@ -143,4 +143,5 @@ def test_learns_synthetic_data_toward_its_best_loss(tmp_path):
     best = SyntheticSource(config.model.vocab_size, config.data.seed).best_loss
     uniform = math.log(config.model.vocab_size)
     # Most of the gap from guessing to the best achievable loss is closed.
-    assert final["loss"] < best + 0.25 * (uniform - best), (final["loss"], best)
+    # measured 5.3% of the gap left (seed 0, run here); 3.5% and 7.3% with seeds 1 and 2
+    assert final["loss"] < best + 0.09 * (uniform - best), (final["loss"], best)
