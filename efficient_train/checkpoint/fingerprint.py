@@ -260,6 +260,8 @@ def _block_sums(block: np.ndarray, starts: Sequence[int], global_shape: Sequence
     """
     if block.ndim == 0:  # a scalar is word 0 of a one-word array
         block, starts, global_shape = block.reshape(1), (0,), (1,)
+    if block.size == 0:  # both sums over no words
+        return np.zeros(2, np.uint32)
     words = np.ascontiguousarray(block).view(_WORD[_word_type(block.dtype)][1])
     strides = [int(np.prod(global_shape[axis + 1:], dtype=object)) for axis in range(len(global_shape))]
     row_starts = np.full(words.shape[:-1], starts[-1], np.uint64)  # global index of each row's first word

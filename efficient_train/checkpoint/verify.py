@@ -33,7 +33,6 @@ from efficient_train.checkpoint.metadata import (
 from efficient_train.checkpoint.storage import STATE_DIR, UnreadableLeaf, read_leaf
 
 TREE_METADATA_FILE = "_METADATA"  # Orbax's description of the stored tree, inside state/
-EMPTY_FINGERPRINT = "0" * 16  # both sums over no words
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,11 +47,6 @@ class LeafDamaged(DamagedCheckpoint):
     def __init__(self, step_dir: str, problem: LeafProblem) -> None:
         super().__init__(f"{step_dir}: damaged leaf {problem.leaf}: {problem.problem}")
         self.problem = problem
-
-
-def leaf_fingerprint(array: np.ndarray) -> str:
-    """host_fingerprint, and for an empty array the all-zero sums a save records for it."""
-    return EMPTY_FINGERPRINT if array.size == 0 else host_fingerprint(array)
 
 
 def read_step_metadata(step_dir: str) -> CheckpointMetadata:
@@ -75,7 +69,7 @@ def check_leaf(step_dir: str, leaf: str, record: LeafRecord) -> tuple[np.ndarray
         return None, LeafProblem(
             leaf, f"stored as {array.dtype}{list(array.shape)}, expected {record.dtype}{list(record.shape)}")
     try:
-        fingerprint = leaf_fingerprint(array)
+        fingerprint = host_fingerprint(array)
     except MemoryError:
         raise CheckpointReadError(f"{step_dir}: leaf {leaf}: out of host memory fingerprinting it") from None
     if fingerprint != record.fingerprint:

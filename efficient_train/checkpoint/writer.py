@@ -37,9 +37,8 @@ import numpy as np
 from orbax.checkpoint import v1 as ocp
 from orbax.checkpoint.experimental.v1 import partial
 
-from efficient_train.checkpoint.fingerprint import device_fingerprint
+from efficient_train.checkpoint.fingerprint import device_fingerprint, host_fingerprint
 from efficient_train.checkpoint.tools import check_destination, first_missing_dir
-from efficient_train.checkpoint.verify import EMPTY_FINGERPRINT, leaf_fingerprint
 from efficient_train.checkpoint.manager import METADATA_FILE, METADATA_ITEM, STATE_ITEM
 from efficient_train.checkpoint.metadata import (
     FORMAT_VERSION,
@@ -135,9 +134,7 @@ def _return_freed_memory() -> None:
 
 
 def _fingerprint(value: Leaf) -> str:
-    if isinstance(value, jax.Array):
-        return device_fingerprint(value) if value.size else EMPTY_FINGERPRINT
-    return leaf_fingerprint(np.asarray(value))
+    return device_fingerprint(value) if isinstance(value, jax.Array) else host_fingerprint(np.asarray(value))
 
 
 def clean_unfinished(directory: str) -> None:
