@@ -468,9 +468,10 @@ def validate_fields(config: ml_collections.ConfigDict) -> None:
         "model.num_heads", "model.num_kv_heads", "model.head_dim", "model.rope_theta", "model.rms_norm_eps",
         "train.steps", "train.batch_size", "train.grad_accum", "train.learning_rate", "train.log_every",
         "train.max_grad_norm", "data.seq_len", "data.max_bytes",
+        "optimizer.eps",  # Adam divides by sqrt(v) + eps: with 0, a parameter whose gradient is 0 gets 0/0
     ):
         _check_positive(config, field)
-    for field in ("train.warmup_steps", "train.min_lr_ratio", "optimizer.weight_decay", "optimizer.eps",
+    for field in ("train.warmup_steps", "train.min_lr_ratio", "optimizer.weight_decay",
                   "optimizer.min_quantized_size", "checkpoint.every", "checkpoint.keep", "checkpoint.keep_every",
                   "data.seed"):
         _check_positive(config, field, allow_zero=True)

@@ -160,6 +160,7 @@ def test_workdir_that_is_a_file_is_refused(cli, tmp_path):
         ("train.batch_size=1099511627776", "train.batch_size x data.seq_len: 1099511627776 x 128"),
         ("data.seq_len=4294967296", "data.seq_len: 4294967296 exceeds the bound"),
         ("train.learning_rate=inf", "train.learning_rate: inf is not finite"),
+        ("optimizer.eps=0.0", "optimizer.eps: 0.0 must be a number > 0"),
         ("train.learning_rate=nan", "train.learning_rate: nan is not finite"),
         ("train.warmup_steps=inf", "train.warmup_steps: cannot read 'inf' as int"),
         ("train.log_every=0", "train.log_every: 0 must be a number > 0"),
