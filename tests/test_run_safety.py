@@ -28,6 +28,7 @@ from efficient_train.checkpoint.lock import LOCK_FILE, DirectoryInUse
 from efficient_train.checkpoint.manager import NoVerifiedCheckpoint
 from efficient_train.checkpoint.metadata import CheckpointReadError
 from efficient_train.checkpoint.verify import verify_step
+from efficient_train.errors import InputError
 from efficient_train.train.trainer import Hook, NonFiniteState
 from tests.subprocess_env import subprocess_env
 from tests.test_trainer import MLP, classification_batches, classification_loss
@@ -251,6 +252,8 @@ def test_the_end_of_a_users_data_ends_the_run_with_a_save(tmp_path, capsys):
     assert int(resumed.state.step) == 3
     resumed.fit()
     assert resumed.stop_reason is None and resumed.checkpointer.steps()[-1] == 10
+    with pytest.raises(InputError, match=r"^data: the iterator yielded no batch"):
+        Trainer(config, model=model, loss_fn=classification_loss, data=iter([]))
 
 
 def test_a_loss_weight_of_zero_is_refused(tmp_path):
@@ -417,3 +420,15 @@ def test_a_data_problem_on_one_process_stops_every_process_after_one_save(tmp_pa
     assert lines[1] == [f"DataError: shard-1.jsonl: line 7: not valid JSON{suffix}"], outputs[1][-2000:]
     assert lines[0] == [f"DataError: process 1 of this run met a data problem (its own error line names it){suffix}"]
     assert Checkpointer(os.path.join(tmp_path, "checkpoints"), keep=3, keep_every=0, async_save=False).steps() == [3]
+
+
+def test_resume_with_another_optimizer_state_format_names_the_setting_and_the_convert_command(tmp_path, two_steps):
+    workdir, checkpoints = _copy(two_steps, tmp_path)
+    before = tree_hash(checkpoints)
+    with pytest.raises(CheckpointError) as refused:
+        Trainer(_config(workdir, **{"optimizer.state_format": "int8"}))
+    message = str(refused.value)
+    assert message.startswith("step 2 holds optimizer states of another layout (optimizer.state_format: saved "
+                              "'fp32', this run 'int8')")
+    assert f"efficient-train checkpoint convert {checkpoints}/2 NEW_DIR --mesh data=N --state_format int8" in message
+    assert tree_hash(checkpoints) == before  # a refusal, not damage: nothing set aside

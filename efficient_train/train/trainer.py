@@ -124,7 +124,11 @@ class Trainer:
         else:
             self.loader = None
             self._data = iter(data)
-            self._first_batch = next(self._data)
+            try:
+                self._first_batch = next(self._data)
+            except StopIteration:
+                raise DataError("data: the iterator yielded no batch; give an iterable of batches (pytrees of "
+                                "arrays whose first dimension is this process's share of the batch)") from None
             global_batch = self._global_shapes(self._first_batch)
         self.program = build_program(
             config, self.mesh, model=model, loss_fn=loss_fn, shard_sequence=isinstance(global_batch, Batch)
