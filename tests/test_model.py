@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
+import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -281,15 +284,62 @@ def test_gqa_matches_repeated_kv_reference(kv_heads):
     np.testing.assert_allclose(part, out[:, 6:], rtol=1e-5, atol=1e-5)
 
 
-def test_attention_dispatch():
+ATTENTION_MODULE = importlib.import_module("efficient_train.models.attention")  # the package exports the function
+CUDNN_TARGET = "__cudnn$fmha"  # jax's cuDNN attention custom calls: ...Softmax (forward), ...SoftmaxBackward
+
+
+def _attention_program(impl: str, dtype, platform: str) -> tuple[str, str]:
+    """(jaxpr, text lowered for `platform`) of attention's forward and backward."""
+    q = jax.ShapeDtypeStruct((2, 16, 4, 64), dtype)
+    kv = jax.ShapeDtypeStruct((2, 16, 2, 64), dtype)
+    seg = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+
+    def loss(q, k, v, seg):
+        return jnp.sum(attention(q, k, v, segment_ids=seg, impl=impl).astype(jnp.float32))
+
+    traced = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, seg)
+    return str(traced.jaxpr), traced.lower(lowering_platforms=(platform,)).as_text()
+
+
+@pytest.fixture
+def on_nvidia_gpu(monkeypatch):
+    """attention() believes it runs on an NVIDIA GPU, and jax's cuDNN call finds a cuDNN
+    (9.10) to check its shapes against, so programs lower for CUDA on this CPU."""
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    monkeypatch.setattr(ATTENTION_MODULE, "_on_nvidia_gpu", lambda: True)
+    monkeypatch.setattr(fused_attention_stablehlo, "cuda_versions", types.SimpleNamespace(cudnn_get_version=lambda: 91000))
+
+
+def test_attention_dispatch_on_cpu():
+    """Each impl is in the program it builds: 'auto' on a CPU is exactly 'xla''s program,
+    'pallas' holds the Pallas kernel (interpreted here), neither holds a cuDNN call."""
+    xla_jaxpr, xla_text = _attention_program("xla", jnp.bfloat16, "cpu")
+    auto_jaxpr, _ = _attention_program("auto", jnp.bfloat16, "cpu")
+    pallas_jaxpr, _ = _attention_program("pallas", jnp.float32, "cpu")
+    assert auto_jaxpr == xla_jaxpr
+    assert "pallas_call" not in xla_jaxpr and CUDNN_TARGET not in xla_text
+    assert pallas_jaxpr.count("pallas_call") == 3  # the kernels: forward, dq, dkv
     q = jnp.ones((1, 4, 2, 8), jnp.bfloat16)
     seg = jnp.ones((1, 4), jnp.int32)
-    np.testing.assert_array_equal(attention(q, q, q, segment_ids=seg, impl="auto"),
-                                  attention(q, q, q, segment_ids=seg, impl="xla"))
-    with pytest.raises(ValueError, match="GPU"):
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU backend"):
         attention(q, q, q, segment_ids=seg, impl="cudnn")
     with pytest.raises(ValueError, match="must be one of"):
         attention(q, q, q, segment_ids=seg, impl="flash")
+
+
+def test_attention_dispatch_on_gpu(on_nvidia_gpu):
+    """Lowered for CUDA (here, on the CPU): 'cudnn' and, for bf16, 'auto' call cuDNN's
+    fused attention forward and backward; 'xla' and fp32 'auto' do not; 'cudnn' refuses
+    fp32 instead of falling back."""
+    for impl, dtype, cudnn in [("cudnn", jnp.bfloat16, True), ("auto", jnp.bfloat16, True),
+                               ("auto", jnp.float32, False), ("xla", jnp.bfloat16, False)]:
+        jaxpr, text = _attention_program(impl, dtype, "cuda")
+        calls = set(re.findall(re.escape(CUDNN_TARGET) + r"\w*", text))
+        assert len(calls) == (2 if cudnn else 0), (impl, dtype, calls)
+        assert "pallas_call" not in jaxpr
+    with pytest.raises(ValueError, match="needs bf16 or fp16"):
+        _attention_program("cudnn", jnp.float32, "cuda")
 
 
 # --- masking and positions ------------------------------------------------------------
