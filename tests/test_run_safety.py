@@ -432,3 +432,19 @@ def test_resume_with_another_optimizer_state_format_names_the_setting_and_the_co
                               "'fp32', this run 'int8')")
     assert f"efficient-train checkpoint convert {checkpoints}/2 NEW_DIR --mesh data=N --state_format int8" in message
     assert tree_hash(checkpoints) == before  # a refusal, not damage: nothing set aside
+
+
+def test_retention_deletes_only_after_a_newer_step_reads_back_verified(tmp_path, capsys):
+    state = {"w": jnp.arange(64 * 1024, dtype=jnp.float32).reshape(64, 1024)}
+    saving = dict(model={}, mesh={"data": 1}, zero_stage=0, optimizer={}, data=None, seed=0)
+    checkpointer = Checkpointer(str(tmp_path), keep=1, keep_every=0, async_save=False)
+    checkpointer.save(1, state, **saving)
+    checkpointer.save(2, state, **saving)
+    _flip_a_byte(str(tmp_path / "2"))  # step 2 went bad on its way to the disk
+    checkpointer.finish()
+    assert checkpointer.steps() == [1, 2]  # keep=1, yet step 1 stays: step 2 did not verify
+    assert "WARNING: step 2 did not verify when read back after writing" in capsys.readouterr().out
+    checkpointer.save(3, state, **saving)
+    checkpointer.close()
+    assert checkpointer.steps() == [3]  # step 3 verified: now the older steps go
+    assert os.listdir(tmp_path / "_deleted") == []

@@ -5,8 +5,7 @@ name and renamed when complete (so a crash leaves no half-listed step, and lefto
 are cleaned at the next start), arrays go to OCDBT in their canonical global form,
 saves run in a background thread, a new save first waits for the previous one (two
 never overlap) and re-raises its error, and every process of a multi-process run
-writes its own shards. Retention moves an old step out of the listing by a rename
-before its files are deleted, so a kill mid-deletion never leaves a listed ruin.
+writes its own shards.
 
 On top of that this module adds `metadata.json` (metadata.py) with a fingerprint per
 leaf (fingerprint.py), written as one more item of the same Orbax step so it commits
@@ -31,10 +30,14 @@ verdict loses data:
   (NoVerifiedCheckpoint), naming every step and its problem: starting from scratch is
   the user's explicit choice (move the checkpoint directory away, or point
   `checkpoint.dir` elsewhere).
-- Retention (Orbax's, after the newer step's commit has finished) moves old steps into
-  `_deleted/` and this module deletes them there. A `_deleted` that is a symlink or a
-  file is refused at start, and deleting never follows a link: a link is unlinked,
-  never its target emptied.
+- Retention (the newest `keep` steps and every `keep_every`-th) deletes an old step
+  only after a newer one has been committed *and read back and verified* against its
+  fingerprints (in a background thread, on process 0, only when something would be
+  deleted). A newer step that does not verify deletes nothing and is reported. An
+  expired step is renamed into `_deleted/` first (one atomic step out of the listing,
+  so a kill mid-deletion leaves no listed ruin), then deleted there. A `_deleted` that
+  is a symlink or a file is refused at start, and deleting never follows a link: a link
+  is unlinked, never its target emptied.
 
 Restoring builds its targets from the *current* program's abstract state (shapes,
 dtypes and shardings of this mesh), so any mesh loads any checkpoint.
@@ -163,15 +166,11 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         self._trash()  # refuse a `_deleted` link before Orbax could move steps through it
         self._async = async_save
+        self._keep, self._keep_every = keep, keep_every
+        # Retention is ours, not Orbax's: Orbax deletes old steps once a newer one is
+        # committed; we delete them only once a newer one has been read back and verified.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep or None,
-            keep_period=keep_every or None,
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
-            # Retention renames a step out of the listing first (atomic), then we delete
-            # it: deleting in place could leave a listed, half-deleted step on SIGKILL.
-            todelete_subdir=TRASH_DIR,
-            create=True,
+            enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True,
         )
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -184,6 +183,8 @@ class Checkpointer:
             },
         )
         self._writing: int | None = None  # the step of the save in flight
+        self._verifier = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="efficient_train_verify")
+        self._verifying: tuple[int, concurrent.futures.Future] | None = None  # (step, its read-back check)
         self._empty_trash()
 
     def _trash(self) -> str | None:
@@ -230,7 +231,7 @@ class Checkpointer:
         failed (this step is then not started).
         """
         self.wait()
-        self._empty_trash()
+        self._apply_retention(block=False)
         paths, arrays = zip(*leaf_paths(state))
         # An async save starts the fingerprints once Orbax has taken its copy of the
         # arrays, so that copy does not compete with them, and its background commit
@@ -265,12 +266,61 @@ class Checkpointer:
             raise
 
     def wait(self) -> None:
-        """Block until the background save is committed; raises CheckpointWriteError if it failed."""
+        """Block until the background save is committed; raises CheckpointWriteError if it failed.
+
+        A committed step that retention would make room for is then read back and
+        verified in the background; older steps are deleted only once it verifies."""
         step, self._writing = self._writing, None
         try:
             self._manager.wait_until_finished()
         except Exception as error:
             raise self._write_error(step, error) from error
+        if step is not None and jax.process_index() == 0 and self._expired(step):
+            self._apply_retention(block=True)  # one read-back at a time
+            self._verifying = (step, self._verifier.submit(verify_step, self.step_dir(step)))
+
+    def finish(self) -> None:
+        """wait(), then finish the read-back of the newest step and the retention it allows."""
+        self.wait()
+        self._apply_retention(block=True)
+
+    def _expired(self, verified: int) -> list[int]:
+        """The steps up to `verified` that `keep` newest and every `keep_every`-th leave out."""
+        steps = [step for step in self.steps() if step <= verified]
+        kept = set(steps[-self._keep:]) if self._keep else set(steps)
+        kept |= {step for step in steps if self._keep_every and step % self._keep_every == 0}
+        return [step for step in steps if step not in kept]
+
+    def _apply_retention(self, block: bool) -> None:
+        """Once the step being read back verifies, delete what it makes room for; if it does
+        not verify, delete nothing and say so."""
+        if self._verifying is None or (not block and not self._verifying[1].done()):
+            return
+        (step, check), self._verifying = self._verifying, None
+        try:
+            problems = check.result()
+        except Exception as error:  # unreadable, or the read failed: not verified either way
+            problems = error
+        if problems:
+            detail = describe(problems) if isinstance(problems, list) else _first_line(problems)
+            log.warning("step %d did not verify when read back: %s", step, detail)
+            print(f"WARNING: step {step} did not verify when read back after writing ({detail}); no older step "
+                  "is deleted", flush=True)
+            return
+        for expired in self._expired(step):
+            self._delete(expired)
+
+    def _delete(self, step: int) -> None:
+        """Rename the step into `_deleted/` (one atomic step out of the listing), then delete it."""
+        trash = self._trash() or os.path.join(self.directory, TRASH_DIR)
+        os.makedirs(trash, exist_ok=True)
+        target = os.path.join(trash, str(step))
+        if os.path.lexists(target):
+            shutil.rmtree(target)
+        os.rename(self.step_dir(step), target)
+        _fsync_directory(self.directory)
+        self._manager.reload()
+        self._empty_trash()
 
     def _write_error(self, step: int | None, error: Exception) -> CheckpointWriteError:
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -278,7 +328,11 @@ class Checkpointer:
                                     f"(newest saved step: {max(self.steps(), default=None)}): {detail}")
 
     def close(self) -> None:
-        self._manager.close()
+        try:
+            self.finish()
+        finally:
+            self._manager.close()
+            self._verifier.shutdown()
 
     def restore_step(self, step: int, abstract_state: Any, *, model: dict,
                      optimizer: dict | None = None) -> tuple[Any, CheckpointMetadata]:

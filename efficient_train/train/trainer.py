@@ -238,7 +238,7 @@ class Trainer:
     def close(self) -> None:
         """Wait for the background save and release the directories (fit() does both itself)."""
         try:
-            self.checkpointer.wait()
+            self.checkpointer.finish()
         finally:
             self._release_locks()
 
@@ -333,7 +333,7 @@ class Trainer:
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
             try:
-                self.checkpointer.wait()
+                self.checkpointer.finish()
             except CheckpointWriteError as error:
                 if failure is None:
                     raise
