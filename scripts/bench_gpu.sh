@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU measurement in one go; prints a short table last, full logs under $OUT (or /tmp).
+# Every GPU measurement in one go, after a check that the GPU's checkpoint fingerprints
+# equal the host's; prints a short table last, full logs under $OUT (or /tmp); exits 1 if
+# any run failed.
 #
 #   bash scripts/bench_gpu.sh
 #   BENCH_ONLY="mfu_llama1b_b8_pallas attention" bash scripts/bench_gpu.sh   # a subset
@@ -23,6 +25,7 @@ fi
 } 2>&1 | tee "$out/env.txt"
 
 OPT_IN=" attention_sweep "  # run only when BENCH_ONLY names them
+failed=""  # the runs that failed; the script exits 1 if any did
 run() {  # name, then the command; BENCH_ONLY="name1 name2" runs a subset
   local name=$1; shift
   if [[ -n "${BENCH_ONLY:-}" && " $BENCH_ONLY " != *" $name "* ]]; then return; fi
@@ -32,8 +35,13 @@ run() {  # name, then the command; BENCH_ONLY="name1 name2" runs a subset
     grep -v "it/s" "$out/$name.log" | tail -4 | tee -a "$out/summary.txt"
   else
     echo "FAILED (exit $?)" | tee -a "$out/summary.txt"; tail -25 "$out/$name.log"
+    failed="$failed $name"
   fi
 }
+
+# 0. Device fingerprints equal host fingerprints on the GPU, for every dtype a checkpoint
+#    holds (else every restore of a checkpoint saved here would look damaged). Seconds.
+run fingerprints env JAX_PLATFORMS=cuda $py scripts/check_fingerprints.py
 
 # 1. MFU of llama_1b-sized training on one GPU (bf16 compute, fp32 master weights).
 run mfu_llama1b_b8_savedots $py benchmarks/mfu.py --config configs/llama_1b.py --steps 15 \
@@ -71,3 +79,7 @@ run convert_memory env JAX_PLATFORMS=cpu $py benchmarks/convert_memory.py
 
 echo "=============== summary ==============="
 cat "$out/summary.txt"
+if [[ -n "$failed" ]]; then
+  echo "FAILED:$failed"
+  exit 1
+fi

@@ -1,9 +1,12 @@
 """Leaf fingerprints: numpy's equals the format's definition computed element by element,
 the devices' per-shard programs and numpy's sums of the blocks in place (CPU devices,
 host memory) equal numpy's over the saved bytes on every layout, and any flipped bit or
-moved element changes them."""
+moved element changes them. scripts/check_fingerprints.py, the same comparison for the
+GPU (scripts/bench_gpu.sh), passes here and fails when the device path is off."""
 from __future__ import annotations
 
+import importlib.util
+import os
 import threading
 
 import jax
@@ -119,3 +122,36 @@ def test_fingerprints_dispatched_now_are_fetched_from_another_thread(mesh, where
     worker.join()
     assert fetched == [host_fingerprint(np.asarray(a)) for a in arrays]
     assert len(set(fetched)) == 4
+
+
+def _fingerprint_check_script():
+    """scripts/check_fingerprints.py, which scripts/bench_gpu.sh runs on the GPU first."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "check_fingerprints.py")
+    spec = importlib.util.spec_from_file_location("check_fingerprints", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fingerprint_check_script_passes_on_the_cpu_devices():
+    """The GPU's check, here on the 8 CPU devices: every dtype and layout, device == host.
+    (Its large arrays stay small here; summing in pieces has its own test above.)"""
+    script = _fingerprint_check_script()
+    problems, checked = script.check(large_elements=3000)
+    assert problems == [] and checked == len(script.DTYPE_NAMES) * 12  # pinned_host works on CPU
+
+
+def test_fingerprint_check_script_names_what_differs(monkeypatch, capsys):
+    """A device path that disagrees with the host (here: its sums' fetch adds 1) fails the
+    check, naming each array the devices summed, and the script exits 1."""
+    def off_by_one(partials):
+        return _device_rows_sum(partials) + np.uint32(1)
+
+    _device_rows_sum = fingerprint._device_rows_sum
+    monkeypatch.setattr(fingerprint, "_device_rows_sum", off_by_one)
+    script = _fingerprint_check_script()
+    monkeypatch.setattr(script, "DTYPE_NAMES", ("bfloat16", "uint8"))
+    assert script.main(["--large-elements", "3000"]) == 1
+    mismatches = [line for line in capsys.readouterr().out.splitlines() if line.startswith("MISMATCH")]
+    # every array but the empty one and the one in host memory (summed on the host either way)
+    assert len(mismatches) == 2 * 10 and any(line.startswith("MISMATCH bfloat16[7] P()") for line in mismatches)
