@@ -67,6 +67,11 @@ def check(large_elements: int | None = None, seed: int = 0) -> tuple[list[str], 
     axis_type = jax.sharding.AxisType.Auto
     mesh = jax.make_mesh((data, tensor), ("data", "tensor"), axis_types=(axis_type, axis_type))
     large = fingerprint._PIECE_WORDS + 1 if large_elements is None else large_elements
+    host_memory = NamedSharding(mesh, PartitionSpec("data"), memory_kind="pinned_host")
+    try:
+        jax.device_put(np.zeros((data * 2,), np.float32), host_memory).block_until_ready()
+    except (ValueError, RuntimeError, NotImplementedError):  # this platform has no pinned host memory
+        host_memory = None
     rng = np.random.default_rng(seed)
     names, arrays, host_copies = [], [], []
     for dtype_name in DTYPE_NAMES:
@@ -77,12 +82,9 @@ def check(large_elements: int | None = None, seed: int = 0) -> tuple[list[str], 
             if spec == "":
                 sharding, where = SingleDeviceSharding(devices[-1]), f"on {devices[-1]}"
             elif spec == "host":
-                try:
-                    sharding = NamedSharding(mesh, PartitionSpec("data"), memory_kind="pinned_host")
-                    jax.device_put(np.zeros((data * 2,), np.float32), sharding).block_until_ready()
-                except Exception:  # this platform has no pinned host memory
+                if host_memory is None:
                     continue
-                where = "P('data') in pinned_host"
+                sharding, where = host_memory, "P('data') in pinned_host"
             else:
                 sharding, where = NamedSharding(mesh, PartitionSpec(*spec)), f"P{tuple(spec)}"
             names.append(f"{dtype_name}{list(shape)} {where}")

@@ -96,7 +96,7 @@ def test_sigkill_mid_write_never_lists_a_broken_step(tmp_path):
         newest = committed[-1]
     assert newest == len(PHASES) + 1
     last = subprocess.run([sys.executable, "-m", "tests.async_save_worker", directory, "--last", str(newest + 2)],
-                          cwd=ROOT, env=subprocess_env(devices=8), capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=subprocess_env(devices=8), capture_output=True, text=True, timeout=300, check=False)
     assert last.returncode == 0, last.stdout[-2000:] + last.stderr[-3000:]
     assert last.stdout.splitlines()[0] == f"resumed {newest}"  # restored, verified, and equal to the replay
     assert _steps_in(directory) == [newest + 1, newest + 2] and _unfinished_steps(directory) == []

@@ -152,7 +152,7 @@ def test_one_step_update_error_against_fp32(state_format):
     assert floor < _mean_update_error(state_format) <= limit
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _largest_update(state_format: str) -> float:
     """The largest |element| of the normalized update m_hat / (sqrt(v_hat) + eps) over 300 steps."""
     params = {"w": _params()["w"]}

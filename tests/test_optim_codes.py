@@ -100,7 +100,9 @@ def _round_trip_bound(code: reference.Code, r: np.ndarray, exponent: float | Non
     table = np.asarray(_by_definition(code)[: 2**code.mag_bits], np.float64)
     table = table[~np.isnan(table)]
     if code.family == "e4m3":
-        decode = lambda y: (y / 448.0) ** (1.0 / exponent)  # noqa: E731
+        def decode(y):
+            return (y / 448.0) ** (1.0 / exponent)
+
         above = np.clip(np.searchsorted(table, 448.0 * r**exponent, side="left"), 1, len(table) - 1)
         low, high = table[above - 1], table[above]
         middle = decode((low + high) / 2)
