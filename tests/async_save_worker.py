@@ -9,7 +9,8 @@ does, so the save must have copied them before `save()` returns. On start it res
 from the newest step that verifies and checks that the restored state is bit for bit the
 state that step's update made (replayed from the start); then it prints "resumed N"
 (0: fresh) and "saving N" as each save starts. A mismatch exits with status 3.
-`--last STEP` stops once STEP is committed (exit 0); otherwise it runs until killed.
+`--last STEP` stops once STEP is committed and retention settled (close(), exit 0);
+otherwise it runs until killed.
 
 `--hold PHASE --at STEP` makes the kill land at a known moment of the save of STEP:
 when that save reaches PHASE, the worker writes FILE (atomically: "PHASE STEP detail")
@@ -22,8 +23,10 @@ the test sends SIGKILL. The phases, in the order a save passes them:
                place inside the step's temporary directory
   step_commit  everything is written (commit_success.txt too); only the rename that
                commits the step is left
-  committed    the step was just renamed into place; retention has not run yet
-  trash        save() empties the trash of a retired step: half its files are deleted
+  committed    the step was just renamed into place (not yet read back and verified)
+  trash        retention deletes a retired step from the trash, half its files gone; this
+               happens in the first save at or after STEP that deletes, whose step the
+               signal names
 
 The holds wrap Orbax's and our functions from here (no hook in the library): Orbax's
 array serialization and its directory rename, the fingerprint start of
@@ -49,7 +52,7 @@ from efficient_train.checkpoint import Checkpointer, manager
 
 SHAPES = {"params": (512, 1024), "moment": (512, 1024), "codes": (1024, 1024)}  # 6 MiB: a save takes a while
 PHASES = ("arrays", "metadata", "item_commit", "step_commit", "committed", "trash")
-KEEP = 2  # few kept steps: every process retires one, so retention and the trash are exercised
+KEEP = 2  # few kept steps: processes retire steps, so retention and the trash are exercised
 
 
 def initial_state(mesh: jax.sharding.Mesh) -> dict:
@@ -143,10 +146,13 @@ def install(hold: Hold, directory: str) -> None:
         return finish_held
 
     def rmtree_held(path, *args, **kwargs):
-        if hold.phase == "trash" and hold.saving == hold.step and str(path).startswith(trash):
+        # Retention deletes once a newer step has been read back and verified, in a later save
+        # than the one that committed it: held in the first save at or after STEP that deletes.
+        if hold.phase == "trash" and (hold.saving or 0) >= hold.step and str(path).startswith(trash):
             files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
             for file in files[: len(files) // 2]:
                 os.remove(file)
+            hold.step = hold.saving
             hold.reached("trash", hold.saving, f"{os.path.basename(str(path))} {len(files) // 2}/{len(files)}")
         return rmtree(path, *args, **kwargs)
 
@@ -187,7 +193,7 @@ def main(argv: list[str]) -> int:
         hold.saving = step
         checkpointer.save(step, state, model={}, mesh={"data": 8}, zero_stage=3, optimizer={}, data=None, seed=0)
         hold.saving = None
-    checkpointer.wait()
+    checkpointer.close()  # the end of a run: the last save committed, retention settled
     print(f"saved {checkpointer.steps()}", flush=True)
     return 0
 

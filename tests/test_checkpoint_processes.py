@@ -16,7 +16,7 @@ import pytest
 from efficient_train.checkpoint import Checkpointer, read_metadata
 from efficient_train.checkpoint.manager import TRASH_DIR
 from efficient_train.checkpoint.verify import verify_step
-from tests.async_save_worker import PHASES
+from tests.async_save_worker import KEEP, PHASES
 from tests.subprocess_env import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,11 +63,12 @@ def test_sigkill_mid_write_never_lists_a_broken_step(tmp_path):
     """A process saving asynchronously after every step (tests/async_save_worker.py) is
     killed with SIGKILL at each phase of a save in turn: the worker holds the save of
     step S = newest + 2 at the phase and signals, and only then is the kill sent, so every
-    kill provably lands inside that save. After each: the directory lists exactly the
-    committed steps (S is listed only if its rename happened), each of them verifies, S's
-    unfinished write is left behind (or the trash's half-deleted step), and the next
-    process resumes from the newest step, finding it bit for bit the state that step
-    saved, and saves again. A last process resumes and carries on to two more steps."""
+    kill provably lands inside that save (for the trash, inside the deletion of a retired
+    step). After each: the newest listed step is the newest committed one (S only if its
+    rename happened), retention never dropped one of the newest KEEP, every listed step
+    verifies, S's unfinished write is left behind (or the half-deleted step in the trash),
+    and the next process resumes from the newest step, finding it bit for bit the state
+    that step saved, and saves again. A last process carries on two more steps and ends."""
     directory = str(tmp_path / "checkpoints")
     trash = os.path.join(directory, TRASH_DIR)
     newest, trashed = 0, None
@@ -77,24 +78,25 @@ def test_sigkill_mid_write_never_lists_a_broken_step(tmp_path):
         with open(output_file, "w") as output:
             process = _worker(directory, "--hold", phase, "--at", str(held), "--signal", str(signal_file), output=output)
             _wait_for(signal_file, process, output_file)
-            assert process.poll() is None  # held, not finished: the kill lands inside the save of `held`
+            assert process.poll() is None  # held, not finished: the kill lands inside the save
             process.send_signal(signal.SIGKILL)
             process.wait()
         printed = output_file.read_text()
         assert printed.startswith(f"resumed {newest}\n"), (phase, printed[-3000:])
-        assert signal_file.read_text().split()[:2] == [phase, str(held)]
+        reached, step, *detail = signal_file.read_text().split()
+        assert reached == phase and (int(step) == held or phase == "trash" and int(step) > held), (phase, step)
+        held = int(step)
         # What the kill left, looked at before a Checkpointer (which cleans both up) is made.
         if phase in ("arrays", "metadata", "item_commit", "step_commit"):
             assert _unfinished_steps(directory) == [held], phase  # the write the kill cut short
         if phase == "trash":  # a retired step, half deleted
-            trashed = signal_file.read_text().split()[2]
-            assert int(trashed) < held - 2 and trashed in os.listdir(trash)
-        committed = [step for step in (held - 2, held - 1) if step > 0] + ([held] if phase == "committed" else [])
-        assert _steps_in(directory) == committed, phase  # retention runs after a commit, so 3 are listed then
-        for step in committed:
+            trashed = detail[0]
+            assert int(trashed) < held - KEEP and trashed in os.listdir(trash)
+        listed = _steps_in(directory)
+        newest = held if phase == "committed" else held - 1
+        assert listed[-1] == newest and set(range(max(1, newest - KEEP + 1), newest + 1)) <= set(listed), (phase, listed)
+        for step in listed:
             assert verify_step(os.path.join(directory, str(step))) == [], (phase, step)
-        newest = committed[-1]
-    assert newest == len(PHASES) + 1
     last = subprocess.run([sys.executable, "-m", "tests.async_save_worker", directory, "--last", str(newest + 2)],
                           cwd=ROOT, env=subprocess_env(devices=8), capture_output=True, text=True, timeout=300, check=False)
     assert last.returncode == 0, last.stdout[-2000:] + last.stderr[-3000:]
