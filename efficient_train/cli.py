@@ -240,6 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now; a save in flight was awaited
+        sys.stderr.write("\naborted by a second Ctrl-C; the newest saved step is what a rerun resumes\n")
+        return 130
 
 
 def run() -> None:

@@ -9,7 +9,6 @@ Llama, and Hugging Face directories by `write_safetensors`: no training, no torc
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import os
@@ -31,6 +30,7 @@ from efficient_train.checkpoint.verify import verify_step
 from efficient_train.checkpoint.writer import write_checkpoint
 from efficient_train.hf import config_to_hf
 from efficient_train.models import ModelConfig
+from tests.damage import flip_a_byte
 
 CFG = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=8)
@@ -141,13 +141,7 @@ def copy_ckpt(two_steps: str, tmp_path) -> str:
 
 def damage(step_dir: str) -> list[str]:
     """Flip one byte in the middle of the step's largest array file; the leaves verify now names."""
-    files = [f for f in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True) if os.path.isfile(f)]
-    largest = max(files, key=os.path.getsize)
-    with open(largest, "r+b") as f:
-        f.seek(os.path.getsize(largest) // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0x10]))
+    flip_a_byte(step_dir)
     damaged = [problem.leaf for problem in verify_step(step_dir)]
     assert damaged
     return damaged

@@ -1,25 +1,23 @@
 """Checkpoints: bit-exact resume, restore onto other meshes and stages, retention,
-crash leftovers, damage detection with fallback, refusals, and SIGTERM preemption."""
+crash leftovers, damage detection with fallback, and refusals (signals: test_run_safety.py)."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 
 from efficient_train import Hook, Trainer
-from efficient_train.checkpoint import CheckpointError, Checkpointer, leaf_paths, read_metadata
+from efficient_train.checkpoint import CheckpointError, leaf_paths, read_metadata
 from efficient_train.checkpoint.manager import metadata_path
 from efficient_train.checkpoint.verify import verify_step
+from tests.damage import array_files, flip_a_byte
 from tests.subprocess_env import subprocess_env
 from tests.zero_setup import small_config
 
@@ -145,22 +143,13 @@ def _copy(workdir: str, tmp_path) -> tuple[str, str]:
     return str(tmp_path / "run"), str(tmp_path / "run" / "checkpoints")
 
 
-def _array_files(step_dir: str) -> list[str]:
-    return sorted(f for f in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True) if os.path.isfile(f))
-
-
 @pytest.mark.parametrize("damage", ["flip_bit", "truncate", "delete_data", "delete_metadata"])
 def test_damage_is_detected_and_restore_falls_back(tmp_path, damage, capsys, two_steps_saved):
     workdir, checkpoints = _copy(two_steps_saved, tmp_path)
     step_dir = os.path.join(checkpoints, "2")
-    files = _array_files(step_dir)
-    largest = max(files, key=os.path.getsize)
+    largest = max(array_files(step_dir), key=os.path.getsize)
     if damage == "flip_bit":
-        with open(largest, "r+b") as f:
-            f.seek(os.path.getsize(largest) // 2)
-            byte = f.read(1)
-            f.seek(-1, os.SEEK_CUR)
-            f.write(bytes([byte[0] ^ 0x10]))
+        flip_a_byte(step_dir)
     elif damage == "truncate":
         with open(largest, "r+b") as f:
             f.truncate(os.path.getsize(largest) // 2)
@@ -190,30 +179,6 @@ def test_newer_format_and_other_model_are_refused(tmp_path, two_steps_saved):
         Trainer(_config(workdir))
 
 
-@pytest.mark.slow
-def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path):
-    workdir = str(tmp_path)
-    args = ["--devices", "8", "--workdir", workdir, "--config.data.source=synthetic", "--config.data.seq_len=32",
-            "--config.model.hidden_size=64", "--config.model.intermediate_size=128", "--config.model.num_layers=2",
-            "--config.model.head_dim=16", "--config.train.steps=100000", "--config.train.log_every=1",
-            "--config.checkpoint.every=0", "--config.mesh.data=8", "--config.zero_stage=3"]
-    env = subprocess_env()
-    process = subprocess.Popen([sys.executable, "-m", "efficient_train.cli", "train", *args], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = os.path.join(workdir, "metrics.jsonl")
-    deadline = time.time() + 300
-    while time.time() < deadline and not (os.path.exists(metrics) and open(metrics).read().count('"loss"') >= 3):
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=300)
-    assert process.returncode == 0, output[-2000:]
-    records = [json.loads(line) for line in open(metrics)]
-    preempted = [r for r in records if r.get("event") == "preempted"]
-    assert len(preempted) == 1
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=3, keep_every=0, async_save=False)
-    assert checkpointer.steps() == [preempted[0]["step"]] and preempted[0]["step"] < 100000
-
-
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "efficient_train.cli", "checkpoint", *args], cwd=ROOT,
                           capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
@@ -225,12 +190,7 @@ def test_inspect_and_verify_commands(tmp_path, two_steps_saved):
     assert inspected.returncode == 0 and "step 2, format version 1" in inspected.stdout
     assert re.search(r"params/embed/embedding\s+\[256, 64\]\s+float32\s+65,536", inspected.stdout)
     assert _cli("verify", os.path.join(checkpoints, "2")).returncode == 0
-    largest = max(_array_files(os.path.join(checkpoints, "2")), key=os.path.getsize)
-    with open(largest, "r+b") as f:
-        f.seek(os.path.getsize(largest) // 3)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0x01]))
+    flip_a_byte(os.path.join(checkpoints, "2"), mask=0x01, where=1 / 3)
     verified = _cli("verify", checkpoints)
     assert verified.returncode == 1 and "DAMAGED: step 2" in verified.stdout
     assert re.search(r"^  (params|opt_state)/\S+: (fingerprint mismatch|unreadable)", verified.stdout, re.M)

@@ -21,6 +21,7 @@ from efficient_train.config import parse_mesh_flag
 from efficient_train.mesh import make_mesh
 from efficient_train.optim.convert import from_fp32, to_fp32
 from efficient_train.train.program import build_program
+from tests.damage import flip_a_byte
 from tests.subprocess_env import subprocess_env
 from tests.zero_setup import small_config
 
@@ -146,7 +147,6 @@ def test_every_problem_is_reported_before_anything_is_written(tmp_path, trained)
 def test_a_damaged_source_is_refused_naming_what_verify_names_and_nothing_is_written(tmp_path, trained):
     """Re-encoding reads every moment; each leaf is checked as it is read, so the damage
     is found, never laundered into a DST that verifies clean."""
-    import glob
     import shutil
 
     from efficient_train.checkpoint import DamagedCheckpoint
@@ -155,13 +155,7 @@ def test_a_damaged_source_is_refused_naming_what_verify_names_and_nothing_is_wri
     source, _ = trained
     shutil.copytree(source, tmp_path / "src")
     step_dir = str(tmp_path / "src" / "3")
-    files = [f for f in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True) if os.path.isfile(f)]
-    largest = max(files, key=os.path.getsize)
-    with open(largest, "r+b") as f:
-        f.seek(os.path.getsize(largest) // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0x04]))
+    flip_a_byte(step_dir, mask=0x04)
     damaged = sorted(problem.leaf for problem in verify_step(step_dir))
     assert damaged
     with pytest.raises(DamagedCheckpoint) as error:

@@ -30,6 +30,7 @@ from efficient_train.checkpoint.metadata import CheckpointReadError
 from efficient_train.checkpoint.verify import verify_step
 from efficient_train.errors import InputError
 from efficient_train.train.trainer import Hook, NonFiniteState
+from tests.damage import flip_a_byte
 from tests.subprocess_env import subprocess_env
 from tests.test_trainer import MLP, classification_batches, classification_loss
 from tests.zero_setup import small_config
@@ -76,20 +77,10 @@ def _copy(source: str, tmp_path) -> tuple[str, str]:
     return str(tmp_path / "run"), str(tmp_path / "run" / "checkpoints")
 
 
-def _flip_a_byte(step_dir: str) -> None:
-    files = [f for f in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True) if os.path.isfile(f)]
-    largest = max(files, key=os.path.getsize)
-    with open(largest, "r+b") as f:
-        f.seek(os.path.getsize(largest) // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0x10]))
-
-
 def test_every_step_damaged_refuses_and_changes_nothing(tmp_path, two_steps):
     workdir, checkpoints = _copy(two_steps, tmp_path)
     for step in (1, 2):
-        _flip_a_byte(os.path.join(checkpoints, str(step)))
+        flip_a_byte(os.path.join(checkpoints, str(step)))
     before = tree_hash(checkpoints)
     with pytest.raises(NoVerifiedCheckpoint) as refused:
         Trainer(_config(workdir, **{"train.steps": 3}))
@@ -111,7 +102,7 @@ def test_every_step_damaged_refuses_and_changes_nothing(tmp_path, two_steps):
 
 def test_a_damaged_newest_step_is_set_aside_and_the_run_continues_past_it(tmp_path, two_steps, capsys):
     workdir, checkpoints = _copy(two_steps, tmp_path)
-    _flip_a_byte(os.path.join(checkpoints, "2"))
+    flip_a_byte(os.path.join(checkpoints, "2"))
     damaged_bytes = tree_hash(os.path.join(checkpoints, "2"))
     trainer = Trainer(_config(workdir, **{"train.steps": 3, "checkpoint.every": 1}))
     assert int(trainer.state.step) == 1
@@ -273,24 +264,26 @@ def test_a_loss_weight_of_zero_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_at_the_next_step_and_exits_130(tmp_path):
+@pytest.mark.parametrize("signum, exit_code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_save_at_the_next_step_and_exit_cleanly(tmp_path, signum, exit_code):
     workdir = str(tmp_path)
     process = subprocess.Popen(
         [sys.executable, "-m", "efficient_train.cli", "train", "--devices", "8", "--workdir", workdir, *SMALL,
          "--config.train.steps=100000", "--config.train.log_every=1", "--config.checkpoint.every=0",
-         "--config.mesh.data=8"],
+         "--config.mesh.data=8", "--config.zero_stage=3"],
         cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + 300
     while time.time() < deadline and not (os.path.exists(metrics) and open(metrics).read().count('"loss"') >= 2):
         time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 130, stderr[-2000:]
-    assert "Traceback" not in stderr and "saving at the end of this step" in stderr
+    assert process.returncode == exit_code, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert ("saving at the end of this step" in stderr) == (signum == signal.SIGINT)
     records = [json.loads(line) for line in open(metrics)]
     stopped = [r for r in records if r.get("event") == "preempted"]
-    assert len(stopped) == 1 and stopped[0]["signal"] == "SIGINT"
+    assert len(stopped) == 1 and stopped[0]["signal"] == signal.Signals(signum).name
     assert Checkpointer(os.path.join(workdir, "checkpoints"), keep=3, keep_every=0,
                         async_save=False).steps() == [stopped[0]["step"]]
 
@@ -440,7 +433,7 @@ def test_retention_deletes_only_after_a_newer_step_reads_back_verified(tmp_path,
     checkpointer = Checkpointer(str(tmp_path), keep=1, keep_every=0, async_save=False)
     checkpointer.save(1, state, **saving)
     checkpointer.save(2, state, **saving)
-    _flip_a_byte(str(tmp_path / "2"))  # step 2 went bad on its way to the disk
+    flip_a_byte(str(tmp_path / "2"))  # step 2 went bad on its way to the disk
     checkpointer.finish()
     assert checkpointer.steps() == [1, 2]  # keep=1, yet step 1 stays: step 2 did not verify
     assert "WARNING: step 2 did not verify when read back after writing" in capsys.readouterr().out
