@@ -61,8 +61,8 @@ def test_resume_is_bit_exact_on_the_same_mesh(tmp_path):
 @pytest.mark.parametrize(
     "target",
     [
-        {"mesh.data": 2, "mesh.replica": 4, "zero_stage": 1},
-        {"mesh.data": 4, "mesh.tensor": 2, "zero_stage": 2},
+        pytest.param({"mesh.data": 2, "mesh.replica": 4, "zero_stage": 1}, marks=pytest.mark.slow),
+        pytest.param({"mesh.data": 4, "mesh.tensor": 2, "zero_stage": 2}, marks=pytest.mark.slow),
         {"mesh.data": 2, "mesh.sequence": 4, "zero_stage": 3},
     ],
     ids=["replica4xdata2", "data4xtensor2", "data2xseq4"],
@@ -100,6 +100,7 @@ def test_one_device_restore(tmp_path):
     assert restored["step"] == 3 and restored["fp"] == fingerprints
 
 
+@pytest.mark.slow
 def test_offloaded_optimizer_state_saves_verifies_and_resumes_bit_exactly(tmp_path):
     """Optimizer states in pinned host memory are fingerprinted where they lie."""
     offload = {"optimizer.offload": True, "optimizer.state_format": "int8"}

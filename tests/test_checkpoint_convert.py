@@ -50,6 +50,7 @@ def _host(tree) -> dict[str, np.ndarray]:
     return {path: np.asarray(jax.device_get(leaf)) for path, leaf in leaf_paths(tree)}
 
 
+@pytest.mark.slow
 def test_same_format_on_another_mesh_is_byte_identical_and_chunked_per_shard(tmp_path, trained):
     source, trainer = trained
     step_dir = convert(source, str(tmp_path / "dst"), mesh=parse_mesh_flag("data=4,tensor=2"), zero_stage=2)
@@ -86,6 +87,7 @@ def _restore(directory, **overrides):
     return state, program
 
 
+@pytest.mark.slow
 def test_int8_to_fp32_and_back_decode_and_encode_exactly_and_training_continues(tmp_path, trained):
     source, trainer = trained
     convert(source, str(tmp_path / "fp32"), mesh=parse_mesh_flag("data=8"), state_format="fp32")

@@ -219,6 +219,7 @@ print("steps", checkpointer.steps())
 _LIMITED = ["bash", "-c", "trap '' XFSZ; ulimit -f 64; exec \"$@\"", "limited"]
 
 
+@pytest.mark.slow
 def test_a_failed_background_write_surfaces_at_the_next_save(tmp_path):
     """A real write failure (files may not grow past 256 KiB: EFBIG from the kernel) in an
     async save: save() returns, the next save() raises naming the step, that step is never
@@ -238,8 +239,7 @@ def test_a_failed_background_write_surfaces_at_the_next_save(tmp_path):
         assert verify_step(os.path.join(directory, str(step))) == []
     assert _steps_in(directory) == [1, 4]
 
-    # The command line: the run stops with one error line naming the step, exit code 1 (Orbax's
-    # own log of the failure, from its threads, may come before or after it).
+    # The command line: the run stops with one error line naming the step, exit code 1.
     workdir = str(tmp_path / "train")
     train = subprocess.run([*_LIMITED, sys.executable, "-m", "efficient_train.cli", "train", "--devices", "8", "--workdir",
                             workdir, *SMALL, "--config.train.steps=4", "--config.checkpoint.every=2", "--config.mesh.data=8"],
@@ -248,4 +248,8 @@ def test_a_failed_background_write_surfaces_at_the_next_save(tmp_path):
     errors = [line for line in train.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith("error: step 2 was not saved, writing it failed"), train.stderr[-3000:]
     assert "File too large" in errors[0]
+    # The console keeps our line; Orbax's and tensorstore's tracebacks of the failure go to the log it names.
+    log = os.path.join(workdir, "logs", "process_0.log")
+    assert errors[0].endswith(f"(library messages: {log})") and "Traceback" not in train.stderr
+    assert "Traceback" in open(log).read()
     assert _steps(workdir) == []

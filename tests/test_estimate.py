@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.subprocess_env import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,6 +35,7 @@ def test_llama_8b_zero3_on_8_devices_holds_an_eighth():
     assert per_device["temp"] > 0 and per_device["total"] > per_device["params"] + per_device["opt_state"]
 
 
+@pytest.mark.slow
 def test_stage_and_mesh_change_the_estimate():
     small = ["--config.model.num_layers=2", "--config.data.seq_len=64"]
     zero0 = _estimate("--config.mesh.data=4", "--config.zero_stage=0", *small)

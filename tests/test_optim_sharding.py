@@ -122,6 +122,7 @@ def _one_device(state_format: str):
     return _train(_mesh(), 0, state_format)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("state_format", sorted(RUNS))
 def test_byte_identical_on_every_mesh_and_stage(state_format):
     reference = _one_device(state_format)

@@ -89,7 +89,13 @@ def test_every_step_damaged_refuses_and_changes_nothing(tmp_path, two_steps):
     assert "nothing was changed" in message and "\n" not in message
     assert tree_hash(checkpoints) == before
 
-    # The command line: one line, exit 1, still nothing changed.
+
+@pytest.mark.slow
+def test_every_step_damaged_is_one_line_on_the_command_line(tmp_path, two_steps):
+    workdir, checkpoints = _copy(two_steps, tmp_path)
+    for step in (1, 2):
+        flip_a_byte(os.path.join(checkpoints, str(step)))
+    before = tree_hash(checkpoints)
     run = subprocess.run([sys.executable, "-m", "efficient_train.cli", "train", "--devices", "8", "--workdir", workdir,
                           *SMALL, "--config.train.steps=3", "--config.mesh.data=8"],
                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)

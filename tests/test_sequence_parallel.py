@@ -128,6 +128,7 @@ def _temp_bytes(mode: str, size: int, seq_len: int) -> int:
     return estimate_memory(config)["per_device_bytes"]["temp"]
 
 
+@pytest.mark.slow
 def test_activation_memory_at_s8_is_at_most_a_fifth_of_s1():
     # One sequence of 1024 tokens per device at S=1; the same sequence over 8 devices at S=8.
     single = _temp_bytes("all_gather", 1, 1024)
