@@ -1,6 +1,6 @@
 """The device mesh from the config, and the multi-host start through jax.distributed.
 
-Axes, outer to inner: replica, data, sequence, tensor (DESIGN.md). Every axis is
+Axes, outer to inner: replica, data, sequence, tensor (ARCHITECTURE.md). Every axis is
 `AxisType.Auto`: the trainer states shardings on its inputs and outputs and lets the
 compiler propagate them through the model (the usual choice for a trainer); the few
 places that must state their collectives (ZeRO gradient reduction, attention under

@@ -1,4 +1,5 @@
-"""The ZeRO contract (DESIGN.md), proven on 8 simulated devices from the compiled step.
+"""The ZeRO contract (the stage table in efficient_train/sharding.py, the collectives in
+efficient_train/train/step.py), proven on 8 simulated devices from the compiled step.
 
 Equivalence: every stage, tensor parallelism, hybrid replica x data and gradient
 accumulation give the single-device losses. Memory: per-device state bytes follow
