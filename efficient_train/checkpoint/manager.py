@@ -72,6 +72,7 @@ from efficient_train.checkpoint.metadata import (
     read_metadata_file,
 )
 from efficient_train.errors import RunError
+from efficient_train.tree_paths import key_path_name
 
 log = logging.getLogger(__name__)
 
@@ -134,16 +135,7 @@ class _DeferredJsonSave(ocp.args.CheckpointArgs):
 
 def leaf_paths(tree: Any) -> list[tuple[str, Any]]:
     """("params/blocks/attn/q/kernel", leaf) pairs, a stable name per leaf."""
-    out = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        parts = []
-        for key in path:
-            for attr in ("key", "name", "idx"):
-                if hasattr(key, attr):
-                    parts.append(str(getattr(key, attr)))
-                    break
-        out.append(("/".join(parts), leaf))
-    return out
+    return [(key_path_name(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def metadata_path(step_dir: str) -> str:

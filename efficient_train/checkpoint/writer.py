@@ -48,6 +48,7 @@ from efficient_train.checkpoint.metadata import (
     LeafRecord,
 )
 from efficient_train.errors import InputError, RunError
+from efficient_train.tree_paths import key_name
 
 PYTREE_METADATA_FILE = "_METADATA"
 WRITING_PREFIX = ".writing-"
@@ -89,13 +90,6 @@ def _batches(leaves: Iterable[tuple[str, Leaf]]) -> Iterator[list[tuple[str, Lea
         yield batch
 
 
-def _key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    raise TypeError(f"unsupported pytree key {key!r}")
-
-
 def _is_empty(node: Any) -> bool:
     """None, or a container without leaves (optax's EmptyState): Orbax records these as None."""
     return node is None or (isinstance(node, (tuple, list, dict)) and len(node) == 0)
@@ -109,7 +103,7 @@ def _rewrite_tree_metadata(state_dir: str, template: Any) -> None:
     written = raw["tree_metadata"]
     entries = {}
     for keys, leaf in jax.tree_util.tree_flatten_with_path(template, is_leaf=_is_empty)[0]:
-        names = tuple(_key_name(key) for key in keys)
+        names = tuple(key_name(key) for key in keys)
         key_metadata = [
             {"key": name, "key_type": SEQUENCE_KEY_TYPE if isinstance(key, jax.tree_util.SequenceKey) else DICT_KEY_TYPE}
             for name, key in zip(names, keys)

@@ -23,6 +23,7 @@ import optax
 
 from efficient_train.optim.compressed import CompressedAdamState
 from efficient_train.optim.quant import Quantized, dequantize, quantize_blocks
+from efficient_train.tree_paths import key_path_name
 
 FORMAT_VERSION = 1
 
@@ -96,6 +97,5 @@ def describe(state: Any) -> dict[str, Any]:
     quantized = {}
     for (path, m), v in zip(paths, nus):
         if _is_quantized(m):
-            name = "/".join(str(getattr(key, "key", key)) for key in path)
-            quantized[name] = {"m": m.code.name, "v": v.code.name, "block": m.block}
+            quantized[key_path_name(path)] = {"m": m.code.name, "v": v.code.name, "block": m.block}
     return {"format_version": FORMAT_VERSION, "v_domain": "sqrt(v) where quantized, else v", "quantized": quantized}

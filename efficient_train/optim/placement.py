@@ -34,6 +34,7 @@ from efficient_train.optim.compressed import (
 )
 from efficient_train.optim.quant import Quantized
 from efficient_train.sharding import mesh_axes
+from efficient_train.tree_paths import key_path_name
 
 HOST = "pinned_host"
 DEVICE = "device"
@@ -45,10 +46,6 @@ def _is_adam(node: Any) -> bool:
 
 def _is_sharding(node: Any) -> bool:
     return isinstance(node, NamedSharding)
-
-
-def _path_name(path: tuple) -> str:
-    return "/".join(str(getattr(key, "key", getattr(key, "name", key))) for key in path)
 
 
 def state_shardings(abstract_state: Any, param_shardings: Any, *, offload: bool = False) -> Any:
@@ -72,7 +69,7 @@ def state_shardings(abstract_state: Any, param_shardings: Any, *, offload: bool 
     def moment(path: tuple, leaf: Any, sharding: NamedSharding) -> Any:
         if isinstance(leaf, Quantized):
             if not local_extent_is_aligned(leaf.shape, sharding, leaf.block):
-                misaligned.append(f"{_path_name(path)} {leaf.shape} {sharding.spec} (block {leaf.block})")
+                misaligned.append(f"{key_path_name(path)} {leaf.shape} {sharding.spec} (block {leaf.block})")
             return leaf.replace(
                 codes=fitted(sharding, leaf.codes.shape), scales=fitted(sharding, leaf.scales.shape),
                 exponents=None if leaf.exponents is None else fitted(sharding, leaf.exponents.shape),
