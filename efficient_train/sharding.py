@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from flax.traverse_util import unflatten_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MeshAxes = str | tuple[str, ...] | None
@@ -228,17 +229,7 @@ def plan_sharding(abstract_params: nnx.State, mesh: Mesh, zero_stage: int, rules
         return LeafPlan(shape, value.dtype, spec, choose_zero_dim(shape, spec, names, group))
 
     flat = {path: leaf(variable) for path, variable in nnx.to_flat_state(abstract_params)}
-    return ShardingPlan(mesh, zero_stage, _unflatten(flat))
-
-
-def _unflatten(flat: dict[tuple, Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
+    return ShardingPlan(mesh, zero_stage, unflatten_dict(flat))
 
 
 def batch_spec(ndim: int, shard_sequence: bool) -> P:

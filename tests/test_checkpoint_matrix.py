@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import unflatten_dict
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from efficient_train.checkpoint import Checkpointer, leaf_paths, read_metadata
-from efficient_train.checkpoint.writer import _nested
 
 MESHES = {  # name: (data, tensor)
     "1": (1, 1),
@@ -47,7 +47,7 @@ def _spec(shape: tuple, mesh: jax.sharding.Mesh) -> P:
 
 
 def _tree(leaves: dict) -> dict:
-    return _nested(list(leaves.items()))
+    return unflatten_dict(leaves, sep="/")
 
 
 def _shardings(mesh: jax.sharding.Mesh) -> dict:

@@ -34,6 +34,7 @@ from typing import Any, Iterable, Iterator
 
 import jax
 import numpy as np
+from flax.traverse_util import unflatten_dict
 from orbax.checkpoint import v1 as ocp
 from orbax.checkpoint.experimental.v1 import partial
 
@@ -56,18 +57,6 @@ BATCH_BYTES = 128 << 20  # leaves written per partial save, at most (unless one 
 SEQUENCE_KEY_TYPE, DICT_KEY_TYPE = 1, 2  # how Orbax's tree metadata tells keys apart
 
 Leaf = np.ndarray | jax.Array
-
-
-def _nested(batch: list[tuple[str, Leaf]]) -> dict:
-    """{"params": {"embed": {"embedding": x}}, ...} from [("params/embed/embedding", x), ...]."""
-    tree: dict = {}
-    for name, value in batch:
-        *parents, last = name.split("/")
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = value
-    return tree
 
 
 def _batches(leaves: Iterable[tuple[str, Leaf]]) -> Iterator[list[tuple[str, Leaf]]]:
@@ -255,14 +244,14 @@ def _write_staging(staging: str, step: int, leaves: Iterable[tuple[str, Leaf]], 
         for batch in _batches(leaves):  # what the leaves' iterator raises passes through
             for name, value in batch:
                 records[name] = LeafRecord(tuple(value.shape), str(value.dtype), _fingerprint(value))
-            orbax(partial.save, staging, _nested(batch))
+            orbax(partial.save, staging, unflatten_dict(dict(batch), sep="/"))
             del batch
             _return_freed_memory()
         for name in ("step", "skipped_steps"):
             if name not in records:
                 value = np.asarray(step if name == "step" else 0, np.int32)
                 records[name] = LeafRecord((), "int32", _fingerprint(value))
-                orbax(partial.save, staging, _nested([(name, value)]))
+                orbax(partial.save, staging, unflatten_dict({name: value}, sep="/"))
         orbax(partial.finalize, staging)
     if template is not None:
         orbax(_rewrite_tree_metadata, os.path.join(staging, STATE_ITEM), template)
