@@ -205,12 +205,8 @@ class Checkpointer:
                 os.unlink(path)
 
     def steps(self) -> list[int]:
-        """The committed steps, read from the directory: a step's directory gets its final
-        name only when it is complete. (Orbax's own list also holds a save still in flight.)"""
-        if not os.path.isdir(self.directory):
-            return []
-        return sorted(int(name) for name in os.listdir(self.directory)
-                      if name.isdigit() and os.path.isdir(os.path.join(self.directory, name)))
+        """The committed steps of this checkpoint directory (`committed_steps`)."""
+        return committed_steps(self.directory)
 
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
@@ -449,6 +445,17 @@ def _check_optimizer_layout(step: int, step_dir: str, saved: dict, current: dict
         f"checkpoint: efficient-train checkpoint convert {step_dir} NEW_DIR --mesh data=N --state_format "
         f"{current.get('state_format')} (or --drop_optimizer to start a fresh optimizer)"
     )
+
+
+def committed_steps(directory: str) -> list[int]:
+    """The committed steps of a checkpoint directory, oldest first, read from the directory:
+    a step's directory gets its final name (the step number) only when it is complete, so
+    this never lists a save still in flight (Orbax's own list does). Empty when `directory`
+    is not a directory; a directory that cannot be listed raises its OSError."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory)
+                  if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
 
 
 def damaged_steps(directory: str) -> list[str]:

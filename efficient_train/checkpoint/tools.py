@@ -23,7 +23,7 @@ import os
 
 import jax.numpy as jnp
 
-from efficient_train.checkpoint.manager import damaged_steps
+from efficient_train.checkpoint.manager import committed_steps, damaged_steps
 from efficient_train.checkpoint.metadata import CheckpointError, CheckpointMetadata
 from efficient_train.checkpoint.verify import (
     LeafProblem,
@@ -34,15 +34,6 @@ from efficient_train.checkpoint.verify import (
 )
 
 TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false"}
-
-
-def committed_steps(directory: str) -> list[int]:
-    """The committed steps of a checkpoint directory, oldest first."""
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return []
-    return sorted(int(name) for name in names if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
 
 
 def _is_step_dir(path: str) -> bool:
