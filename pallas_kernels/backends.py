@@ -30,3 +30,9 @@ def resolve_backend(backend: str, interpret: bool = False) -> str:
     if platform == "gpu" and "nvidia" in jax.devices()[0].device_kind.lower():
         return "triton"
     return "mosaic_tpu" if platform == "tpu" else "xla"
+
+
+def default_interpret() -> bool:
+    """The `interpret=` callers pass when they want a Pallas kernel wherever they run: True
+    on the CPU backend, which has no Pallas compiler, so the kernel runs in the interpreter."""
+    return jax.default_backend() == "cpu"

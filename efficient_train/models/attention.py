@@ -93,7 +93,9 @@ def _ring_block_backend(impl: str) -> tuple[str, bool]:
     jax's cuDNN call returns no log-sum-exp).
     """
     if impl == "pallas":
-        return "auto", jax.default_backend() == "cpu"
+        from pallas_kernels.backends import default_interpret
+
+        return "auto", default_interpret()
     return "xla", False
 
 
@@ -147,12 +149,13 @@ def _pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
     keys. On the CPU the kernel runs in the Pallas interpreter.
     """
     from pallas_kernels import flash_attention
+    from pallas_kernels.backends import default_interpret
 
     out = flash_attention(
         q, k, v, causal=causal, q_segment_ids=segment_ids,
         kv_segment_ids=segment_ids if kv_segment_ids is None else kv_segment_ids,
         q_offset=q_offset, kv_offset=0, sm_scale=scale,
-        interpret=jax.default_backend() == "cpu",
+        interpret=default_interpret(),
     )
     # The kernel treats segment 0 like any other; padding queries output zeros here.
     return jnp.where((segment_ids != 0)[:, :, None, None], out, jnp.zeros((), out.dtype))

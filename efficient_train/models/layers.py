@@ -101,9 +101,10 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.impl == "pallas":
             from pallas_kernels import rms_norm
+            from pallas_kernels.backends import default_interpret
 
             return rms_norm(x, self.scale.get_value(), eps=self.eps, out_dtype=self.dtype,
-                            backend="auto", interpret=jax.default_backend() == "cpu")
+                            backend="auto", interpret=default_interpret())
         x32 = x.astype(jnp.float32)
         inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         return (x32 * inv_rms * self.scale.get_value().astype(jnp.float32)).astype(self.dtype)

@@ -16,7 +16,13 @@ BACKENDS = ("auto", "xla", "triton", "mosaic_tpu")
 
 
 def resolve_backend(backend: str, interpret: bool = False) -> str:
-    """'auto' -> the kernel for the default device ('xla' on CPU unless interpreting)."""
+    """'auto' -> the kernel for the default device ('xla' on CPU unless interpreting).
+
+    Not pallas_kernels.backends.resolve_backend, whose rule differs: there 'auto' picks
+    Triton only on NVIDIA GPUs and always when interpreting (here: on any GPU, and
+    Mosaic on a TPU even when interpreting), and ('xla', interpret=True) is an error
+    (here the reference, which has nothing to interpret).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend: {backend!r} is not available; choose one of {', '.join(map(repr, BACKENDS))}")
     if backend != "auto":
