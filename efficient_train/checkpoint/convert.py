@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from efficient_train.checkpoint.manager import leaf_paths, metadata_path, without_optimizer
-from efficient_train.checkpoint.metadata import CheckpointError, CheckpointMetadata, DamagedCheckpoint
+from efficient_train.checkpoint.metadata import STATE_LAYOUT_FIELDS, CheckpointError, CheckpointMetadata, DamagedCheckpoint
 from efficient_train.checkpoint.tools import (
     check_destination,
     damaged_step_message,
@@ -46,7 +46,6 @@ from efficient_train.optim.convert import adam_node
 from efficient_train.optim.quant import Quantized, dequantize, quantize_blocks
 from efficient_train.sharding import DEFAULT_RULES, indivisible_dims, logical_axes
 
-FORMAT_FIELDS = ("state_format", "block_size", "min_quantized_size", "quantize_embeddings")
 # Logical axes the model needs split evenly under tensor parallelism (config.validate's rule);
 # others (kv heads, vocabulary) stay whole when the axis does not divide them, as in training.
 MUST_SPLIT = ("heads", "mlp")
@@ -247,7 +246,7 @@ def convert(src: str, dst: str, *, mesh: dict[str, int], zero_stage: int | None 
                               f"(e.g. {', '.join(differing[:3])})")
     shardings = dict(leaf_paths(jax.tree.map(lambda leaf: leaf.sharding, target)))
     same_format = target_optimizer is not None and all(
-        source_optimizer.get(key) == target_optimizer.get(key) for key in FORMAT_FIELDS)
+        source_optimizer.get(key) == target_optimizer.get(key) for key in STATE_LAYOUT_FIELDS)
     reader = VerifiedReader(step_dir, metadata)
 
     def leaves() -> Iterator[tuple[str, jax.Array]]:

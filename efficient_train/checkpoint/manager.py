@@ -66,6 +66,7 @@ from efficient_train.checkpoint.metadata import (
     CheckpointMetadata,
     CheckpointReadError,
     CheckpointWriteError,
+    STATE_LAYOUT_FIELDS,
     DamagedCheckpoint,
     LeafRecord,
     check_model_matches,
@@ -429,10 +430,6 @@ class Checkpointer:
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("efficient_train_set_aside_damaged_steps")
         self._manager.reload()
-
-
-# Optimizer fields that decide the shapes and dtypes of the stored state.
-STATE_LAYOUT_FIELDS = ("state_format", "block_size", "min_quantized_size", "quantize_embeddings")
 
 
 def _check_optimizer_layout(step: int, step_dir: str, saved: dict, current: dict) -> None:

@@ -46,6 +46,9 @@ _LEAF_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.
 _FINGERPRINT = re.compile(r"[0-9a-f]{16}")
 
 
+# Optimizer fields that decide the shapes and dtypes of the stored optimizer state.
+STATE_LAYOUT_FIELDS = ("state_format", "block_size", "min_quantized_size", "quantize_embeddings")
+
 class CheckpointError(InputError):
     """A checkpoint that cannot be used as asked, phrased as one line."""
 
