@@ -49,9 +49,9 @@ from efficient_train.data import Batch, DataError, DataReadError, LoaderState, b
 from efficient_train.errors import RunError
 from efficient_train.mesh import make_mesh
 from efficient_train.parallel import layout
-from efficient_train.sharding import per_device_bytes
+from efficient_train.train.memory import memory_record
 from efficient_train.train.metrics import MetricsWriter, peak_tflops, throughput
-from efficient_train.train.program import Program, build_program, init_state, lm_batch_shapes
+from efficient_train.train.program import build_program, init_state, lm_batch_shapes
 from efficient_train.train.state import TrainState
 from efficient_train.train.step import LossFn, build_train_step
 
@@ -74,16 +74,6 @@ GUARD_METRICS = ("loss_weight", "state_finite")
 
 class NonFiniteState(RunError):
     """The update made parameters or optimizer state non-finite; such a state is never saved."""
-
-
-def memory_record(program: Program, compiled: Any) -> dict[str, int]:
-    """Per-device bytes of the compiled step: state from its shardings, temp from XLA."""
-    analysis = compiled.memory_analysis()
-    params = per_device_bytes(program.abstract_state.params, program.state_shardings.params)
-    opt_state = per_device_bytes(program.abstract_state.opt_state, program.state_shardings.opt_state)
-    temp = int(analysis.temp_size_in_bytes)
-    total = int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes + temp)
-    return {"params": params, "opt_state": opt_state, "temp": temp, "total": total}
 
 
 class Trainer:
