@@ -41,6 +41,7 @@ from typing import Any
 import ml_collections
 
 from efficient_train.errors import InputError
+from efficient_train.parallel.heads import ulysses_head_problem
 
 ZERO_STAGES = (0, 1, 2, 3)
 REMAT_POLICIES = ("none", "full", "save_dots")
@@ -417,10 +418,11 @@ def _sequence_parallel_problem(config: ml_collections.ConfigDict, mode: str, siz
     if mode == "ring" and seq_len % (2 * size):
         return (f"data.seq_len: {seq_len} must be divisible by 2 x mesh.sequence = {2 * size} for the zigzag "
                 f"layout of sequence_parallel.mode 'ring'")
-    if mode == "ulysses" and heads % size:
+    head_problem = ulysses_head_problem(heads, kv_heads, size) if mode == "ulysses" else None
+    if head_problem == "num_heads":
         return (f"sequence_parallel.mode: 'ulysses' splits heads over mesh.sequence={size}, which does not "
                 f"divide model.num_heads={heads}")
-    if mode == "ulysses" and kv_heads % size and size % kv_heads:
+    if head_problem == "num_kv_heads":
         return (f"sequence_parallel.mode: 'ulysses' needs model.num_kv_heads={kv_heads} to divide or be a "
                 f"multiple of mesh.sequence={size}")
     return None

@@ -21,14 +21,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from efficient_train.parallel.heads import ulysses_head_problem
 from efficient_train.parallel.sequence import LocalAttention, SequenceParallel
 
 
 def check_heads(num_heads: int, num_kv_heads: int, size: int) -> str | None:
     """Why Ulysses cannot split these heads over `size` devices; None if it can."""
-    if num_heads % size:
+    problem = ulysses_head_problem(num_heads, num_kv_heads, size)
+    if problem == "num_heads":
         return f"model.num_heads={num_heads} is not divisible by mesh.sequence={size}"
-    if num_kv_heads % size and size % num_kv_heads:
+    if problem == "num_kv_heads":
         return (f"model.num_kv_heads={num_kv_heads} neither divides nor is divisible by "
                 f"mesh.sequence={size}")
     return None
