@@ -40,18 +40,18 @@ from typing import Any
 
 import ml_collections
 
+from efficient_train.data import SOURCES as DATA_SOURCES
+from efficient_train.data.sources import TOKEN_DTYPES
 from efficient_train.errors import InputError
 from efficient_train.parallel.heads import ulysses_head_problem
 
-ZERO_STAGES = (0, 1, 2, 3)
+ZERO_STAGES = (0, 1, 2, 3)  # the one list: checkpoint/metadata.py and checkpoint/convert.py import it
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 NORM_IMPLS = ("auto", "xla", "pallas")
 SEQUENCE_PARALLEL_MODES = ("ulysses", "ring", "all_gather")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16")
-DATA_SOURCES = ("synthetic", "text", "tokens", "jsonl")
-TOKEN_DTYPES = ("uint16", "uint32")
 STATE_FORMATS = ("fp32", "bf16", "int8", "fp8", "int4")
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # powers of two; the smallest is the last fallback
 OPTIMIZER_KERNELS = ("auto", "xla", "pallas")

@@ -28,6 +28,7 @@ import json
 import re
 from typing import Any
 
+from efficient_train.config import ZERO_STAGES
 from efficient_train.errors import InputError, RunError
 
 FORMAT_VERSION = 1
@@ -41,7 +42,6 @@ LEAF_DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2",
 MAX_LEAF_ELEMENTS = 2**48
 MAX_RANK = 32
 MAX_STEP = 2**62
-ZERO_STAGES = (0, 1, 2, 3)
 _LEAF_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)*")
 _FINGERPRINT = re.compile(r"[0-9a-f]{16}")
 

@@ -21,14 +21,13 @@ seq_len tokens, i.e. one document per row).
 from __future__ import annotations
 
 import stat
+from typing import TYPE_CHECKING
 
 import ml_collections
 import numpy as np
 
-from efficient_train.data.batch import Batch
+from efficient_train.lazy import lazy_attributes
 from efficient_train.data.errors import DataError, DataReadError, file_kind, stat_path
-from efficient_train.data.loader import DataLoader, LoaderState
-from efficient_train.data.packing import PackedWindows
 from efficient_train.data.sources import (
     TOKEN_DTYPES,
     JsonlSource,
@@ -53,7 +52,21 @@ __all__ = [
     "build_loader",
     "check_data_config",
 ]
+# Batch (a flax struct) and the packing and loader that build it are imported on first use, so
+# config.py can read SOURCES and TOKEN_DTYPES from this package without importing jax
+# (efficient_train/lazy.py).
+__getattr__, __dir__ = lazy_attributes(__name__, {
+    "Batch": "efficient_train.data.batch",
+    **dict.fromkeys(["DataLoader", "LoaderState"], "efficient_train.data.loader"),
+    "PackedWindows": "efficient_train.data.packing",
+})
 
+if TYPE_CHECKING:
+    from efficient_train.data.batch import Batch
+    from efficient_train.data.loader import DataLoader, LoaderState
+    from efficient_train.data.packing import PackedWindows
+
+# The allowed data.source names; config.py checks against this tuple (as DATA_SOURCES).
 SOURCES = ("synthetic", "text", "tokens", "jsonl")
 _SYNTHETIC_SUCCESSORS = 3
 
@@ -143,6 +156,8 @@ def build_loader(
 
     column_order: the sequence-parallel layout's reorder of every row (see DataLoader).
     """
+    from efficient_train.data.loader import DataLoader  # flax (Batch) loads with the loader, not with the package
+
     check_data_config(data_cfg, vocab_size)
     source: TokenSource
     if data_cfg.source == "synthetic":

@@ -55,6 +55,7 @@ from efficient_train.data.errors import DataError, DataReadError, file_kind, ope
 
 PathLike = str | os.PathLike
 DEFAULT_TEXT_MAX_BYTES = 4 << 20
+# The allowed data.token_dtype names; config.py and check_data_config check against this tuple.
 TOKEN_DTYPES = ("uint16", "uint32")
 _INT32_LIMIT = 2**31
 
