@@ -46,6 +46,8 @@ from efficient_train.errors import InputError
 from efficient_train.parallel.heads import ulysses_head_problem
 
 ZERO_STAGES = (0, 1, 2, 3)  # the one list: checkpoint/metadata.py and checkpoint/convert.py import it
+# The model's choices live here, not in models/ (whose __init__ loads jax): models/config.py,
+# models/layers.py and models/attention.py import them.
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 NORM_IMPLS = ("auto", "xla", "pallas")

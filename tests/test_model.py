@@ -498,3 +498,16 @@ def test_pallas_attention_equals_xla_with_segments_padding_and_gqa():
     np.testing.assert_allclose(pallas_out, xla_out, rtol=1e-5, atol=1e-5)
     for a, b in zip(pallas_grads, xla_grads):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_model_choice_literals_spell_the_config_tuples():
+    """models/config.py's Literal types repeat config.py's allowed names for type checkers only."""
+    import typing
+
+    from efficient_train import config
+    from efficient_train.models import config as model_config
+
+    assert typing.get_args(model_config.RematPolicy) == config.REMAT_POLICIES
+    assert typing.get_args(model_config.AttentionImpl) == config.ATTENTION_IMPLS
+    assert typing.get_args(model_config.NormImpl) == config.NORM_IMPLS
+    assert typing.get_args(model_config.DTypeName) == config.DTYPES

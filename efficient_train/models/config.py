@@ -17,17 +17,15 @@ import dataclasses
 import math
 from typing import Any, Literal
 
-from efficient_train.config import ConfigError
+from efficient_train.config import ATTENTION_IMPLS, NORM_IMPLS, REMAT_POLICIES, ConfigError
+from efficient_train.config import DTYPES as DTYPE_NAMES
 
+# The allowed names are config.py's tuples (imported above: config.py must not import
+# this package, which loads jax); these Literals only spell them again for type checkers.
 RematPolicy = Literal["none", "full", "save_dots"]
 AttentionImpl = Literal["auto", "xla", "cudnn", "pallas"]
 NormImpl = Literal["auto", "xla", "pallas"]
 DTypeName = Literal["float32", "bfloat16"]
-
-REMAT_POLICIES = ("none", "full", "save_dots")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
-NORM_IMPLS = ("auto", "xla", "pallas")
-DTYPE_NAMES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
