@@ -447,3 +447,27 @@ def test_retention_deletes_only_after_a_newer_step_reads_back_verified(tmp_path,
     checkpointer.close()
     assert checkpointer.steps() == [3]  # step 3 verified: now the older steps go
     assert os.listdir(tmp_path / "_deleted") == []
+
+
+_FILL_THE_LIBRARY_LOG = """
+import logging, resource, sys, threading
+from efficient_train.train.library_log import library_output_to_file
+resource.setrlimit(resource.RLIMIT_FSIZE, (2000, resource.RLIM_INFINITY))
+with library_output_to_file(sys.argv[1], 0) as path:
+    for i in range(100):
+        logging.getLogger("absl").error("a library's message %d about the failed write", i)
+    thread = threading.Thread(target=lambda: 1 / 0)
+    thread.start()
+    thread.join()
+print(path)
+"""
+
+
+def test_a_full_library_log_never_spills_onto_the_console(tmp_path):
+    """The disk that failed a checkpoint write often fills the log too: what cannot be
+    written there is dropped, never printed to the console, never raised."""
+    run = subprocess.run(["bash", "-c", "trap '' XFSZ; exec \"$@\"", "x", sys.executable, "-c", _FILL_THE_LIBRARY_LOG,
+                          str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    log = open(run.stdout.strip()).read()
+    assert log.count("about the failed write") > 5 and len(log) <= 2000

@@ -18,9 +18,35 @@ import os
 import sys
 import threading
 import traceback
-from typing import Any, Iterator, TextIO
+from typing import Any, Iterator
 
 _state: dict[str, Any] = {}
+
+
+class _BestEffortLog:
+    """The log file, written unbuffered, where a failed write is dropped: the log is kept for
+    whoever debugs a failure, and a full disk (the failure itself, often) must neither put
+    its messages back on the console nor replace the error the run stops with."""
+
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, text: str) -> None:
+        try:
+            os.write(self._fd, text.encode("utf-8", "replace"))
+        except OSError:
+            pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class _QuietHandler(logging.StreamHandler):
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        pass  # the stream already dropped what it could not write; never print to the console
 
 
 @contextlib.contextmanager
@@ -30,8 +56,8 @@ def library_output_to_file(workdir: str, process_index: int) -> Iterator[str]:
     handlers and hooks it replaced are put back after it."""
     path = os.path.join(os.path.abspath(workdir), "logs", f"process_{process_index}.log")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    stream: TextIO = open(path, "a", encoding="utf-8", buffering=1)
-    handler = logging.StreamHandler(stream)
+    stream = _BestEffortLog(path)
+    handler = _QuietHandler(stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"))
 
     def unraisable(event: Any) -> None:
