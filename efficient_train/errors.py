@@ -21,3 +21,10 @@ class InputError(ValueError):
 
 class RunError(RuntimeError):
     """A run that cannot continue for a reason other than bad input, as one line (exit 1)."""
+
+
+def first_line(error: BaseException, limit: int | None = None) -> str:
+    """The first line of `error`'s message (at most `limit` characters), or its type's name
+    when it has no message: how a library's multi-line error enters one of our lines."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__

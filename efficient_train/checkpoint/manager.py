@@ -72,7 +72,7 @@ from efficient_train.checkpoint.metadata import (
     check_model_matches,
     read_metadata_file,
 )
-from efficient_train.errors import RunError
+from efficient_train.errors import RunError, first_line
 from efficient_train.tree_paths import key_path_name
 
 log = logging.getLogger(__name__)
@@ -104,9 +104,9 @@ def _machine_error(error: BaseException | None) -> BaseException | None:
     return None
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
+def _named_first_line(error: BaseException) -> str:
+    """"OSError: <first line>" (the type says what failed, e.g. MemoryError), or the type alone."""
+    return f"{type(error).__name__}: {first_line(error, 300)}" if str(error).strip() else type(error).__name__
 
 
 class _DeferredJsonHandler(ocp.JsonCheckpointHandler):
@@ -291,7 +291,7 @@ class Checkpointer:
         except Exception as error:  # unreadable, or the read failed: not verified either way
             problems = error
         if problems:
-            detail = describe(problems) if isinstance(problems, list) else _first_line(problems)
+            detail = describe(problems) if isinstance(problems, list) else _named_first_line(problems)
             log.warning("step %d did not verify when read back: %s", step, detail)
             print(f"WARNING: step {step} did not verify when read back after writing ({detail}); no older step "
                   "is deleted", flush=True)
@@ -307,12 +307,12 @@ class Checkpointer:
         if os.path.lexists(target):
             shutil.rmtree(target)
         os.rename(self.step_dir(step), target)
-        _fsync_directory(self.directory)
+        fsync_path(self.directory, directory=True)
         self._manager.reload()
         self._empty_trash()
 
     def _write_error(self, step: int | None, error: Exception) -> CheckpointWriteError:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        detail = first_line(error)
         return CheckpointWriteError(f"step {step} was not saved, writing it failed "
                                     f"(newest saved step: {max(self.steps(), default=None)}): {detail}")
 
@@ -379,7 +379,7 @@ class Checkpointer:
                     return DamagedCheckpoint(f"step {step}: damaged leaves: {describe(problems)}")
         cause = machine or error
         return CheckpointReadError(
-            f"step {step} could not be restored ({_first_line(cause)}); its bytes were not proven damaged, "
+            f"step {step} could not be restored ({_named_first_line(cause)}); its bytes were not proven damaged, "
             "so nothing was changed: fix the cause and rerun"
         )
 
@@ -424,7 +424,7 @@ class Checkpointer:
                     suffix += 1
                     target = os.path.join(self.directory, f"{DAMAGED_PREFIX}{step}-{suffix}")
                 os.rename(self.step_dir(step), target)
-                _fsync_directory(self.directory)
+                fsync_path(self.directory, directory=True)
                 print(f"WARNING: set the damaged step {step} aside as {target}; it is kept, and training "
                       "continues from the newest step that verifies", flush=True)
         if jax.process_count() > 1:
@@ -462,8 +462,9 @@ def damaged_steps(directory: str) -> list[str]:
     return sorted(name for name in os.listdir(directory) if name.startswith(DAMAGED_PREFIX))
 
 
-def _fsync_directory(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: str, directory: bool = False) -> None:
+    """Put a file's (or a directory's entries') bytes on stable storage."""
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
     try:
         os.fsync(fd)
     finally:

@@ -19,6 +19,7 @@ import numpy as np
 import tensorstore as ts
 
 from efficient_train.checkpoint.metadata import CheckpointReadError, DamagedCheckpoint
+from efficient_train.errors import first_line
 
 STATE_DIR = "state"
 DAMAGE_STATUS = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE", "FAILED_PRECONDITION")
@@ -40,11 +41,6 @@ def _spec(step_dir: str, leaf: str) -> dict:
     }
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:200]
-
-
 def read_leaf(step_dir: str, leaf: str) -> np.ndarray:
     """The saved global array of `leaf` ("params/embed/embedding"), as numpy.
 
@@ -55,7 +51,7 @@ def read_leaf(step_dir: str, leaf: str) -> np.ndarray:
     except MemoryError:
         raise CheckpointReadError(f"{step_dir}: leaf {leaf}: out of host memory reading it") from None
     except (ValueError, RuntimeError, OSError) as error:  # tensorstore raises ValueError with a status code
-        line = _first_line(error)
+        line = first_line(error, 200)
         if line.split(":", 1)[0] in DAMAGE_STATUS:
             raise UnreadableLeaf(step_dir, leaf, f"unreadable ({line[:160]})") from None
         raise CheckpointReadError(f"{step_dir}: leaf {leaf}: cannot be read ({line}); "

@@ -40,7 +40,7 @@ from orbax.checkpoint.experimental.v1 import partial
 
 from efficient_train.checkpoint.fingerprint import device_fingerprint, host_fingerprint
 from efficient_train.checkpoint.tools import check_destination, first_missing_dir
-from efficient_train.checkpoint.manager import METADATA_FILE, METADATA_ITEM, STATE_ITEM
+from efficient_train.checkpoint.manager import METADATA_FILE, METADATA_ITEM, STATE_ITEM, fsync_path
 from efficient_train.checkpoint.metadata import (
     FORMAT_VERSION,
     CheckpointError,
@@ -48,7 +48,7 @@ from efficient_train.checkpoint.metadata import (
     CheckpointWriteError,
     LeafRecord,
 )
-from efficient_train.errors import InputError, RunError
+from efficient_train.errors import InputError, RunError, first_line
 from efficient_train.tree_paths import key_name
 
 PYTREE_METADATA_FILE = "_METADATA"
@@ -129,25 +129,16 @@ def clean_unfinished(directory: str) -> None:
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
-def _fsync(path: str, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: str) -> None:
     """Every file and directory under `root` on stable storage, children before parents."""
     for path, _, names in os.walk(root, topdown=False):
         for name in names:
-            _fsync(os.path.join(path, name))
-        _fsync(path, directory=True)
+            fsync_path(os.path.join(path, name))
+        fsync_path(path, directory=True)
 
 
 def _write_failed(step: int, directory: str, error: BaseException) -> CheckpointWriteError:
-    text = str(error).strip()
-    detail = text.splitlines()[0][:300] if text else type(error).__name__
+    detail = first_line(error, 300)
     return CheckpointWriteError(f"writing step {step} into {directory} failed, nothing was committed: {detail}")
 
 
@@ -212,11 +203,11 @@ def write_checkpoint(
         raise
     shutil.rmtree(wrapper, ignore_errors=True)
     try:
-        _fsync(directory, directory=True)  # the rename itself
+        fsync_path(directory, directory=True)  # the rename itself
         made = directory
         while created and made != os.path.dirname(created):  # and the entries of directories we made
             made = os.path.dirname(made)
-            _fsync(made, directory=True)
+            fsync_path(made, directory=True)
     except OSError as error:
         raise CheckpointWriteError(f"step {step} was renamed into {directory} but syncing the directory "
                                    f"failed ({error.strerror or error}); run `checkpoint verify` on it") from None
