@@ -296,17 +296,20 @@ class Checkpointer:
             print(f"WARNING: step {step} did not verify when read back after writing ({detail}); no older step "
                   "is deleted", flush=True)
             return
-        for expired in self._expired(step):
-            self._delete(expired)
+        self._delete(self._expired(step))
 
-    def _delete(self, step: int) -> None:
-        """Rename the step into `_deleted/` (one atomic step out of the listing), then delete it."""
+    def _delete(self, steps: list[int]) -> None:
+        """Rename the steps into `_deleted/` (each one atomic step out of the listing), then
+        delete them there."""
+        if not steps:
+            return
         trash = self._trash() or os.path.join(self.directory, TRASH_DIR)
         os.makedirs(trash, exist_ok=True)
-        target = os.path.join(trash, str(step))
-        if os.path.lexists(target):
-            shutil.rmtree(target)
-        os.rename(self.step_dir(step), target)
+        for step in steps:
+            target = os.path.join(trash, str(step))
+            if os.path.lexists(target):
+                shutil.rmtree(target)
+            os.rename(self.step_dir(step), target)
         fsync_path(self.directory, directory=True)
         self._manager.reload()
         self._empty_trash()
