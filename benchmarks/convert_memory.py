@@ -45,7 +45,7 @@ def write_source(args: argparse.Namespace, directory: str) -> dict:
 
     from efficient_train.checkpoint import leaf_paths
     from efficient_train.checkpoint.writer import write_checkpoint
-    from efficient_train.mesh import make_mesh
+    from efficient_train.parallel.mesh import make_mesh
     from efficient_train.train.program import build_program
 
     config = _config(args)

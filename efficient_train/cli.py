@@ -26,7 +26,6 @@ from typing import Sequence
 
 from efficient_train.config import (
     MAX_SIMULATED_DEVICES,
-    MESH_AXES,
     apply_overrides,
     get_config,
     parse_mesh_flag,
@@ -35,6 +34,7 @@ from efficient_train.config import (
     validate_paths,
 )
 from efficient_train.errors import InputError, RunError
+from efficient_train.parallel.axes import MESH_AXES
 
 
 class UsageError(InputError):
@@ -163,7 +163,7 @@ def _simulate_devices(count: int) -> None:
 
 
 def _train(args: argparse.Namespace, config) -> int:
-    from efficient_train.mesh import DistributedArgs, distributed_args_from_env, initialize_distributed
+    from efficient_train.parallel.mesh import DistributedArgs, distributed_args_from_env, initialize_distributed
 
     initialize_distributed(distributed_args_from_env(DistributedArgs(args.coordinator, args.num_processes, args.process_id)))
     import jax
@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         validate_fields(config)
         processes = 1
         if args.command == "train":
-            from efficient_train.mesh import DistributedArgs, distributed_args_from_env
+            from efficient_train.parallel.mesh import DistributedArgs, distributed_args_from_env
 
             processes = distributed_args_from_env(
                 DistributedArgs(args.coordinator, args.num_processes, args.process_id)).num_processes

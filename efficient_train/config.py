@@ -43,21 +43,19 @@ import ml_collections
 from efficient_train.data import SOURCES as DATA_SOURCES
 from efficient_train.data.sources import TOKEN_DTYPES
 from efficient_train.errors import InputError
+from efficient_train.parallel.axes import MESH_AXES, SEQUENCE_PARALLEL_MODES, ZERO_STAGES
 from efficient_train.parallel.heads import ulysses_head_problem
 
-ZERO_STAGES = (0, 1, 2, 3)  # the one list: checkpoint/metadata.py and checkpoint/convert.py import it
 # The model's choices live here, not in models/ (whose __init__ loads jax): models/config.py,
 # models/layers.py and models/attention.py import them.
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 NORM_IMPLS = ("auto", "xla", "pallas")
-SEQUENCE_PARALLEL_MODES = ("ulysses", "ring", "all_gather")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16")
 STATE_FORMATS = ("fp32", "bf16", "int8", "fp8", "int4")
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # powers of two; the smallest is the last fallback
 OPTIMIZER_KERNELS = ("auto", "xla", "pallas")
-MESH_AXES = ("replica", "data", "sequence", "tensor")
 MAX_DIMENSION = 2**31 - 1  # token ids, positions and dimensions are int32
 MAX_TOKENS_PER_STEP = 2**31 - 1
 MAX_STEP_BYTES = 2**50  # per device: 1 PiB, far beyond any accelerator

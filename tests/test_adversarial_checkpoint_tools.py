@@ -181,7 +181,7 @@ def test_convert_refuses_a_damaged_newest_step_then_converts_the_older_one(tmp_p
 
     from efficient_train.checkpoint.manager import leaf_paths
     from efficient_train.config import default_config
-    from efficient_train.mesh import make_mesh
+    from efficient_train.parallel.mesh import make_mesh
     from efficient_train.train.program import build_program
 
     config = default_config()

@@ -18,7 +18,7 @@ from efficient_train.checkpoint import CheckpointError, Checkpointer, leaf_paths
 from efficient_train.checkpoint.convert import convert
 from efficient_train.checkpoint.storage import _spec, read_leaf
 from efficient_train.config import parse_mesh_flag
-from efficient_train.mesh import make_mesh
+from efficient_train.parallel.mesh import make_mesh
 from efficient_train.optim.convert import from_fp32, to_fp32
 from efficient_train.train.program import build_program
 from tests.damage import flip_a_byte

@@ -25,8 +25,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from efficient_train import Trainer, optim
-from efficient_train.mesh import make_mesh
-from efficient_train.sharding import per_device_bytes, plan_sharding
+from efficient_train.parallel.mesh import make_mesh
+from efficient_train.parallel.sharding import per_device_bytes, plan_sharding
 from efficient_train.train.program import build_program
 from tests.hlo_utils import collectives
 from tests.zero_setup import small_config

@@ -16,7 +16,7 @@ from flax import nnx
 from efficient_train import Hook, Trainer, get_config
 from efficient_train.data import SyntheticSource
 from efficient_train.optim import decay_mask, make_schedule
-from efficient_train.sharding import per_device_bytes
+from efficient_train.parallel.sharding import per_device_bytes
 from tests.zero_setup import small_config
 
 

@@ -1,4 +1,4 @@
-"""The ZeRO contract (the stage table in efficient_train/sharding.py, the collectives in
+"""The ZeRO contract (the stage table in efficient_train/parallel/sharding.py, the collectives in
 efficient_train/train/step.py), proven on 8 simulated devices from the compiled step.
 
 Equivalence: every stage, tensor parallelism, hybrid replica x data and gradient
@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from efficient_train.sharding import per_device_bytes
+from efficient_train.parallel.sharding import per_device_bytes
 from tests.hlo_utils import collectives, ops
 from tests.zero_setup import losses_in_subprocess, run_losses
 

@@ -41,10 +41,11 @@ from efficient_train.checkpoint.tools import (
 )
 from efficient_train.checkpoint.verify import LeafDamaged, VerifiedReader, read_step_metadata
 from efficient_train.checkpoint.writer import write_checkpoint
-from efficient_train.config import BLOCK_SIZES, DTYPES, MESH_AXES, STATE_FORMATS, ZERO_STAGES, default_config
+from efficient_train.config import BLOCK_SIZES, DTYPES, STATE_FORMATS, default_config
 from efficient_train.optim.convert import adam_node
 from efficient_train.optim.quant import Quantized, dequantize, quantize_blocks
-from efficient_train.sharding import DEFAULT_RULES, indivisible_dims, logical_axes
+from efficient_train.parallel.axes import MESH_AXES, ZERO_STAGES
+from efficient_train.parallel.sharding import DEFAULT_RULES, indivisible_dims, logical_axes
 
 # Logical axes the model needs split evenly under tensor parallelism (config.validate's rule);
 # others (kv heads, vocabulary) stay whole when the axis does not divide them, as in training.
@@ -131,7 +132,7 @@ def _problems(metadata: CheckpointMetadata, config: ml_collections.ConfigDict, *
 
 
 def _abstract_state(config: ml_collections.ConfigDict) -> Any:
-    from efficient_train.mesh import make_mesh
+    from efficient_train.parallel.mesh import make_mesh
     from efficient_train.train.program import build_program
 
     size = math.prod(config.mesh[axis] for axis in MESH_AXES)

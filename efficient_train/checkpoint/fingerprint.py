@@ -35,7 +35,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from efficient_train.sharding import mesh_axes
+from efficient_train.parallel.sharding import mesh_axes
 
 _MULTIPLIERS = (0x9E3779B1, 0x85EBCA77)
 _OFFSETS = (0x27D4EB2F, 0x165667B1)

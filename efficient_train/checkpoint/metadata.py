@@ -28,8 +28,8 @@ import json
 import re
 from typing import Any
 
-from efficient_train.config import ZERO_STAGES
 from efficient_train.errors import InputError, RunError
+from efficient_train.parallel.axes import ZERO_STAGES
 
 FORMAT_VERSION = 1
 METADATA_NAME = "metadata.json"

@@ -2,7 +2,7 @@
 
 Every parameter is an `nnx.Param` carrying its logical axis names as the standard Flax
 metadata `out_sharding=(...)` (the key `nnx.with_partitioning` writes), one name per
-dimension, so `efficient_train.sharding` can map them to mesh axes with a rule table.
+dimension, so `efficient_train.parallel.sharding` can map them to mesh axes with a rule table.
 The names used across the model are 'vocab', 'embed', 'heads', 'kv_heads', 'head_dim',
 'mlp', 'norm', and 'layers' for the stacked layer axis.
 

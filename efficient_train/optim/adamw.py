@@ -26,7 +26,7 @@ from flax import nnx
 from efficient_train.config import OPTIMIZER_KERNELS
 from efficient_train.optim.compressed import CompressedAdamW
 from efficient_train.optim.quant import check_block_size, check_state_format
-from efficient_train.sharding import LAYER_AXIS, logical_axes
+from efficient_train.parallel.sharding import LAYER_AXIS, logical_axes
 
 
 def adamw(

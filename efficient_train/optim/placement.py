@@ -33,7 +33,7 @@ from efficient_train.optim.compressed import (
     local_extent_is_aligned,
 )
 from efficient_train.optim.quant import Quantized
-from efficient_train.sharding import mesh_axes
+from efficient_train.parallel.sharding import mesh_axes
 from efficient_train.tree_paths import key_path_name
 
 HOST = "pinned_host"

@@ -14,33 +14,24 @@ returns its input unchanged, so models stay usable on their own.
 """
 from __future__ import annotations
 
-import contextlib
-import threading
-from typing import Iterator, TypeVar
+from contextlib import AbstractContextManager
+from typing import TypeVar
 
 import jax
 from flax import nnx
+
+from efficient_train.parallel.context import TracingContext
 
 ZERO_DIM = "zero_dim"
 
 T = TypeVar("T")
 
-_context = threading.local()
+_GATHER_AXES: TracingContext[tuple[str, ...]] = TracingContext("ZeRO-3 gather axes")
 
 
-@contextlib.contextmanager
-def gathering(axes: tuple[str, ...]) -> Iterator[None]:
+def gathering(axes: tuple[str, ...]) -> AbstractContextManager[None]:
     """Within this context (while tracing the step), `gather` all-gathers over `axes`."""
-    previous = getattr(_context, "axes", None)
-    _context.axes = tuple(axes)
-    try:
-        yield
-    finally:
-        _context.axes = previous
-
-
-def active_axes() -> tuple[str, ...] | None:
-    return getattr(_context, "axes", None)
+    return _GATHER_AXES.holding(tuple(axes))
 
 
 def _gather_variable(variable: nnx.Variable, axes: tuple[str, ...], stacked_dims: int) -> nnx.Variable:
@@ -60,7 +51,7 @@ def gather(state: T, stacked_dims: int = 0) -> T:
     `stacked_dims` is how many leading dims of the stored parameter were sliced off
     before this call (1 inside a scan over stacked layers).
     """
-    axes = active_axes()
+    axes = _GATHER_AXES.current()
     if not axes:
         return state
     if isinstance(state, nnx.Module):

@@ -16,15 +16,13 @@ The token layout each mode expects its batches in is `parallel.layout`'s busines
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import threading
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 import jax
 
-_context = threading.local()
+from efficient_train.parallel.context import TracingContext
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,16 +44,13 @@ class LocalAttention(Protocol):
                  kv_positions: jax.Array | None, q_offset: int | jax.Array) -> jax.Array: ...
 
 
-@contextlib.contextmanager
-def sharding(axis: str, mode: str) -> Iterator[None]:
+_SPLIT: TracingContext[SequenceParallel] = TracingContext("sequence split")
+
+
+def sharding(axis: str, mode: str) -> AbstractContextManager[None]:
     """While tracing inside the step's shard_map: the sequence is split over `axis`."""
-    previous = getattr(_context, "value", None)
-    _context.value = SequenceParallel(axis, mode)
-    try:
-        yield
-    finally:
-        _context.value = previous
+    return _SPLIT.holding(SequenceParallel(axis, mode))
 
 
 def active() -> SequenceParallel | None:
-    return getattr(_context, "value", None)
+    return _SPLIT.current()

@@ -19,7 +19,7 @@ import jax
 import ml_collections
 
 from efficient_train.config import MAX_SIMULATED_DEVICES, ConfigError, validate
-from efficient_train.mesh import make_mesh
+from efficient_train.parallel.mesh import make_mesh
 from efficient_train.train.memory import memory_record
 from efficient_train.train.program import build_program, lm_batch_shapes
 from efficient_train.train.step import build_train_step

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from efficient_train.sharding import per_device_bytes
+from efficient_train.parallel.sharding import per_device_bytes
 from efficient_train.train.program import Program
 
 

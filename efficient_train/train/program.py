@@ -23,7 +23,7 @@ from efficient_train.models import Llama, ModelConfig
 from efficient_train.optim import adamw, decay_mask, make_schedule, quantize_mask
 from efficient_train.optim import state_shardings as optimizer_state_shardings
 from efficient_train.parallel.param_gather import ZERO_DIM
-from efficient_train.sharding import ShardingPlan, plan_sharding
+from efficient_train.parallel.sharding import ShardingPlan, plan_sharding
 from efficient_train.train.loss import next_token_loss
 from efficient_train.train.state import TrainState, set_metadata
 from efficient_train.train.step import LossFn, StepSpec

@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 from efficient_train.optim import apply_updates, device_shardings, is_offloaded
 from efficient_train.parallel import param_gather
 from efficient_train.parallel import sequence as sequence_parallel
-from efficient_train.sharding import MANUAL_AXES, ShardingPlan, batch_spec
+from efficient_train.parallel.sharding import MANUAL_AXES, ShardingPlan, batch_spec
 from efficient_train.train.state import TrainState, as_state, bind
 
 LossFn = Callable[[nnx.Module, Any], Any]

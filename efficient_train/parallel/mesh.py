@@ -18,7 +18,7 @@ import dataclasses
 import os
 from typing import TYPE_CHECKING
 
-from efficient_train.config import MESH_AXES
+from efficient_train.parallel.axes import MESH_AXES
 from efficient_train.errors import InputError
 
 if TYPE_CHECKING:
