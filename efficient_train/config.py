@@ -42,20 +42,12 @@ import ml_collections
 
 from efficient_train.data import SOURCES as DATA_SOURCES
 from efficient_train.data.sources import TOKEN_DTYPES
-from efficient_train.errors import InputError
+from efficient_train.errors import ConfigError, InputError
+from efficient_train.models.choices import ATTENTION_IMPLS, DTYPES, NORM_IMPLS, REMAT_POLICIES
+from efficient_train.optim.choices import BLOCK_SIZES, OPTIMIZER_KERNELS, SCHEDULES, STATE_FORMATS
 from efficient_train.parallel.axes import MESH_AXES, SEQUENCE_PARALLEL_MODES, ZERO_STAGES
 from efficient_train.parallel.heads import ulysses_head_problem
 
-# The model's choices live here, not in models/ (whose __init__ loads jax): models/config.py,
-# models/layers.py and models/attention.py import them.
-REMAT_POLICIES = ("none", "full", "save_dots")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
-NORM_IMPLS = ("auto", "xla", "pallas")
-SCHEDULES = ("cosine", "linear", "constant")
-DTYPES = ("float32", "bfloat16")
-STATE_FORMATS = ("fp32", "bf16", "int8", "fp8", "int4")
-BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # powers of two; the smallest is the last fallback
-OPTIMIZER_KERNELS = ("auto", "xla", "pallas")
 MAX_DIMENSION = 2**31 - 1  # token ids, positions and dimensions are int32
 MAX_TOKENS_PER_STEP = 2**31 - 1
 MAX_STEP_BYTES = 2**50  # per device: 1 PiB, far beyond any accelerator
@@ -64,10 +56,6 @@ MAX_SEED = 2**32 - 1
 # devices (beyond, XLA refuses: "Multiprocess computations aren't implemented"), and
 # starting it takes seconds per thousand devices.
 MAX_SIMULATED_DEVICES = 2048
-
-
-class ConfigError(InputError):
-    """A configuration problem, phrased as one line naming the field."""
 
 
 def default_config() -> ml_collections.ConfigDict:

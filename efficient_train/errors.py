@@ -23,6 +23,10 @@ class RunError(RuntimeError):
     """A run that cannot continue for a reason other than bad input, as one line (exit 1)."""
 
 
+class ConfigError(InputError):
+    """A configuration problem, phrased as one line naming the field (config.validate, ModelConfig)."""
+
+
 def first_line(error: BaseException, limit: int | None = None) -> str:
     """The first line of `error`'s message (at most `limit` characters), or its type's name
     when it has no message: how a library's multi-line error enters one of our lines."""

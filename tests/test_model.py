@@ -21,7 +21,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from efficient_train.models import Llama, ModelConfig, attention
+from efficient_train.models import Llama, ModelConfig
+from efficient_train.models.attention import attention
 from efficient_train.models.layers import apply_rope, rope_angles
 from efficient_train.parallel import param_gather
 
@@ -500,14 +501,14 @@ def test_pallas_attention_equals_xla_with_segments_padding_and_gqa():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_model_choice_literals_spell_the_config_tuples():
-    """models/config.py's Literal types repeat config.py's allowed names for type checkers only."""
+def test_model_choice_literals_spell_the_choice_tuples():
+    """models/config.py's Literal types repeat models/choices.py's allowed names for type checkers only."""
     import typing
 
-    from efficient_train import config
+    from efficient_train.models import choices
     from efficient_train.models import config as model_config
 
-    assert typing.get_args(model_config.RematPolicy) == config.REMAT_POLICIES
-    assert typing.get_args(model_config.AttentionImpl) == config.ATTENTION_IMPLS
-    assert typing.get_args(model_config.NormImpl) == config.NORM_IMPLS
-    assert typing.get_args(model_config.DTypeName) == config.DTYPES
+    assert typing.get_args(model_config.RematPolicy) == choices.REMAT_POLICIES
+    assert typing.get_args(model_config.AttentionImpl) == choices.ATTENTION_IMPLS
+    assert typing.get_args(model_config.NormImpl) == choices.NORM_IMPLS
+    assert typing.get_args(model_config.DTypeName) == choices.DTYPES

@@ -1,4 +1,4 @@
-"""`efficient_train.optim.adamw` as an optax transformation: fp32 is optax, compressed
+"""`efficient_train.optim.optimizer` as an optax transformation: fp32 is optax, compressed
 formats track fp32 AdamW closely, respect Adam's update bound, convert both ways, and
 report bad input in one line.
 

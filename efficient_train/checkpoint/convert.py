@@ -41,7 +41,9 @@ from efficient_train.checkpoint.tools import (
 )
 from efficient_train.checkpoint.verify import LeafDamaged, VerifiedReader, read_step_metadata
 from efficient_train.checkpoint.writer import write_checkpoint
-from efficient_train.config import BLOCK_SIZES, DTYPES, STATE_FORMATS, default_config
+from efficient_train.config import default_config
+from efficient_train.models.choices import DTYPES
+from efficient_train.optim.choices import BLOCK_SIZES, STATE_FORMATS
 from efficient_train.optim.convert import adam_node
 from efficient_train.optim.quant import Quantized, dequantize, quantize_blocks
 from efficient_train.parallel.axes import MESH_AXES, ZERO_STAGES

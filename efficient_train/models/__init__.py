@@ -1,6 +1,21 @@
-"""Llama-family decoder in Flax NNX and the attention dispatch it calls."""
-from efficient_train.models.attention import attention
-from efficient_train.models.config import ModelConfig
-from efficient_train.models.llama import Llama
+"""Model families in Flax NNX and the attention dispatch they call.
 
-__all__ = ["Llama", "ModelConfig", "attention"]
+`choices` (allowed remat/attention/norm/dtype names) and `config` (`ModelConfig`) load
+no jax, so `config.validate` can use them; the names below are imported on first use
+(efficient_train/lazy.py). The attention dispatch is `models.attention.attention`.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from efficient_train.lazy import lazy_attributes
+
+__all__ = ["Llama", "ModelConfig"]
+__getattr__, __dir__ = lazy_attributes(__name__, {
+    "ModelConfig": "efficient_train.models.config",
+    "Llama": "efficient_train.models.llama",
+})
+
+if TYPE_CHECKING:
+    from efficient_train.models.config import ModelConfig
+    from efficient_train.models.llama import Llama

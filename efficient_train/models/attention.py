@@ -37,7 +37,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from efficient_train.models.config import ATTENTION_IMPLS
+from efficient_train.models.choices import ATTENTION_IMPLS
 from efficient_train.parallel import all_gather, ring, ulysses
 from efficient_train.parallel import sequence as sequence_parallel
 

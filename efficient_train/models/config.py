@@ -17,11 +17,12 @@ import dataclasses
 import math
 from typing import Any, Literal
 
-from efficient_train.config import ATTENTION_IMPLS, NORM_IMPLS, REMAT_POLICIES, ConfigError
-from efficient_train.config import DTYPES as DTYPE_NAMES
+from efficient_train.errors import ConfigError
+from efficient_train.models.choices import ATTENTION_IMPLS, NORM_IMPLS, REMAT_POLICIES
+from efficient_train.models.choices import DTYPES as DTYPE_NAMES
 
-# The allowed names are config.py's tuples (imported above: config.py must not import
-# this package, which loads jax); these Literals only spell them again for type checkers.
+# The allowed names are models/choices.py's tuples; these Literals only spell them again
+# for type checkers (a test holds them equal).
 RematPolicy = Literal["none", "full", "save_dots"]
 AttentionImpl = Literal["auto", "xla", "cudnn", "pallas"]
 NormImpl = Literal["auto", "xla", "pallas"]

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efficient_train.models.config import NORM_IMPLS
+from efficient_train.models.choices import NORM_IMPLS
 
 Axes = tuple[str, ...]
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_train.config import BLOCK_SIZES, STATE_FORMATS
+from efficient_train.optim.choices import BLOCK_SIZES, STATE_FORMATS
 from efficient_train.optim.codes import TABLES
 from pallas_kernels.fused_adamw import reference
 from pallas_kernels.fused_adamw.reference import Blocks, Code

@@ -23,7 +23,7 @@ import jax
 import optax
 from flax import nnx
 
-from efficient_train.config import OPTIMIZER_KERNELS
+from efficient_train.optim.choices import OPTIMIZER_KERNELS
 from efficient_train.optim.compressed import CompressedAdamW
 from efficient_train.optim.quant import check_block_size, check_state_format
 from efficient_train.parallel.sharding import LAYER_AXIS, logical_axes

@@ -1,0 +1,12 @@
+"""The model's allowed values: remat policies, attention and norm implementations, dtypes. Plain names, no imports.
+
+`ModelConfig`, the attention dispatch and `RMSNorm` check against these, and
+`config.validate` refuses the same values by field name before jax starts, so they
+live in a module that loads nothing. Every model family shares them.
+"""
+from __future__ import annotations
+
+REMAT_POLICIES = ("none", "full", "save_dots")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
+NORM_IMPLS = ("auto", "xla", "pallas")
+DTYPES = ("float32", "bfloat16")
