@@ -48,7 +48,8 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from efficient_train.checkpoint import Checkpointer, leaf_paths
     from efficient_train.checkpoint.verify import verify_step

@@ -77,7 +77,7 @@ from efficient_train.config import parse_mesh_flag
 mesh = parse_mesh_flag(options.pop("mesh"))
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={{math.prod(mesh.values())}}"
 os.environ["JAX_PLATFORMS"] = "cpu"
-from efficient_train.checkpoint.convert import convert
+from efficient_train.tools.convert import convert
 import jax; jax.devices()
 def status(key):
     for line in open("/proc/self/status"):

@@ -166,7 +166,8 @@ def comm(seq_len: int, batch: int = 1) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import Mesh, PartitionSpec as P
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
 
     from efficient_train.models.attention import attention
     from efficient_train.parallel import sequence as sequence_parallel

@@ -33,6 +33,7 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
     import optax
+
     from efficient_train import Trainer, get_config
     from efficient_train.cli import _split_overrides
     from efficient_train.config import apply_overrides

@@ -108,11 +108,11 @@ def _checkpoint(args: argparse.Namespace) -> int:
     """The checkpoint tools. Each reports its failures as InputError/RunError lines; an
     OSError or MemoryError that still escapes one becomes a one-line RunError (exit 1)."""
     from efficient_train.checkpoint.metadata import CheckpointReadError
-    from efficient_train.checkpoint.tools import inspect_text, verify_text
+    from efficient_train.tools.report import inspect_text, verify_text
 
     try:
         if args.tool == "import-hf":
-            from efficient_train import hf
+            from efficient_train.tools import hf
 
             step_dir = hf.import_hf(args.hf_dir, args.out, param_dtype=args.param_dtype, scan_layers=args.scan_layers)
             print(f"wrote {step_dir}: parameters only, step 0")
@@ -120,7 +120,7 @@ def _checkpoint(args: argparse.Namespace) -> int:
                   f"--config.checkpoint.dir={os.path.dirname(step_dir)} {' '.join(hf.train_overrides(step_dir))}")
             return 0
         if args.tool == "export-hf":
-            from efficient_train import hf
+            from efficient_train.tools import hf
 
             files = hf.export_hf(args.ckpt, args.out_dir, dtype=args.dtype)
             print(f"wrote {os.path.abspath(args.out_dir)}: config.json and {len(files)} safetensors file(s)")
@@ -128,7 +128,7 @@ def _checkpoint(args: argparse.Namespace) -> int:
         if args.tool == "convert":
             mesh = parse_mesh_flag(args.mesh)
             _simulate_devices(math.prod(mesh.values()))
-            from efficient_train.checkpoint.convert import convert
+            from efficient_train.tools.convert import convert
 
             step_dir = convert(args.src, args.dst, mesh=mesh, zero_stage=args.zero_stage,
                                state_format=args.state_format, drop_optimizer=args.drop_optimizer, dtype=args.dtype)

@@ -44,6 +44,7 @@ from efficient_train.data import SOURCES as DATA_SOURCES
 from efficient_train.data.sources import TOKEN_DTYPES
 from efficient_train.errors import ConfigError, InputError
 from efficient_train.models.choices import ATTENTION_IMPLS, DTYPES, NORM_IMPLS, REMAT_POLICIES
+from efficient_train.models.llama.config import parameter_count
 from efficient_train.optim.choices import BLOCK_SIZES, OPTIMIZER_KERNELS, SCHEDULES, STATE_FORMATS
 from efficient_train.parallel.axes import MESH_AXES, SEQUENCE_PARALLEL_MODES, ZERO_STAGES
 from efficient_train.parallel.heads import ulysses_head_problem
@@ -332,17 +333,10 @@ def _check_upper(config: ml_collections.ConfigDict, field: str, bound: int, why:
         raise ConfigError(f"{field}: {value} exceeds the bound {bound} ({why})")
 
 
-def _model_params(model: ml_collections.ConfigDict) -> int:
-    """Parameter count (as ModelConfig.num_params, in Python ints: no overflow for absurd sizes)."""
-    e, d = model.hidden_size, model.head_dim
-    per_layer = e * d * (2 * model.num_heads + 2 * model.num_kv_heads) + 3 * e * model.intermediate_size + 2 * e
-    return model.vocab_size * e * (1 if model.tie_embeddings else 2) + model.num_layers * per_layer + e
-
-
 def _check_step_size(config: ml_collections.ConfigDict, mesh: dict[str, int]) -> None:
     """Refuse a step whose rough bytes per device are beyond any device (XLA would abort, not raise)."""
     model, batch, seq_len = config.model, config.train.batch_size, config.data.seq_len
-    params = _model_params(model)
+    params = parameter_count(model)
     param_bytes = 16 * params  # fp32 parameters, gradients and two Adam moments, not sharded (an upper bound)
     if param_bytes > MAX_STEP_BYTES:
         raise ConfigError(

@@ -1,4 +1,4 @@
-"""Which implementation a kernel runs: one rule shared by every `pallas_kernels.<op>`.
+"""Which implementation a kernel runs: one rule shared by every `pallas_kernels.<op>` (flash attention, RMSNorm, fused AdamW).
 
 Each op takes `backend=` ('auto', 'triton', 'mosaic_tpu', 'xla') and `interpret=`;
 the choice is the same for all of them, so it lives here once: 'auto' means the Pallas
@@ -19,7 +19,7 @@ def resolve_backend(backend: str, interpret: bool = False) -> str:
     that it can be lowered for another one (`.lower(lowering_platforms=('cuda',))`).
     """
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise ValueError(f"backend: {backend!r} is not available; choose one of {', '.join(map(repr, BACKENDS))}")
     if interpret:
         if backend == "xla":
             raise ValueError("interpret=True runs a Pallas kernel; backend 'xla' has none")

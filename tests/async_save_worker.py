@@ -46,9 +46,11 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from efficient_train.checkpoint import Checkpointer, manager
+from efficient_train.checkpoint.metadata import STATE_ITEM
 
 SHAPES = {"params": (512, 1024), "moment": (512, 1024), "codes": (1024, 1024)}  # 6 MiB: a save takes a while
 PHASES = ("arrays", "metadata", "item_commit", "step_commit", "committed", "trash")
@@ -129,7 +131,7 @@ def install(hold: Hold, directory: str) -> None:
 
     async def rename_held(src, dst):
         committing = str(dst) if os.path.dirname(str(dst)) == directory else ""  # the step's own rename
-        hold.reached("item_commit", step_of(str(dst), item=manager.STATE_ITEM))
+        hold.reached("item_commit", step_of(str(dst), item=STATE_ITEM))
         hold.reached("step_commit", step_of(committing))
         result = await rename(src, dst)
         hold.reached("committed", step_of(committing))

@@ -21,15 +21,21 @@ import pytest
 from efficient_train import cli
 from efficient_train.checkpoint import metadata as metadata_module
 from efficient_train.checkpoint import storage, writer
-from efficient_train.checkpoint.hf_layout import INDEX_FILE, SINGLE_FILE, SafetensorsDir, TensorSpec, tensor_maps, \
-    write_safetensors
-from efficient_train.checkpoint.manager import Checkpointer, metadata_path
-from efficient_train.checkpoint.metadata import CheckpointReadError, read_metadata_file
+from efficient_train.checkpoint.manager import Checkpointer
+from efficient_train.checkpoint.metadata import CheckpointReadError, metadata_path, read_metadata_file
 from efficient_train.checkpoint.storage import read_leaf
 from efficient_train.checkpoint.verify import verify_step
 from efficient_train.checkpoint.writer import write_checkpoint
-from efficient_train.hf import config_to_hf
 from efficient_train.models import ModelConfig
+from efficient_train.tools.hf import config_to_hf
+from efficient_train.tools.safetensors import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    SafetensorsDir,
+    TensorSpec,
+    tensor_maps,
+    write_safetensors,
+)
 from tests.damage import flip_a_byte
 
 CFG = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -34,7 +34,12 @@ from efficient_train.data import (
     build_loader,
 )
 from efficient_train.errors import InputError
-from efficient_train.parallel.mesh import DistributedArgs, LaunchError, distributed_args_from_env, initialize_distributed
+from efficient_train.parallel.mesh import (
+    DistributedArgs,
+    LaunchError,
+    distributed_args_from_env,
+    initialize_distributed,
+)
 from tests.subprocess_env import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,7 +15,7 @@ import pytest
 
 from efficient_train import Hook, Trainer
 from efficient_train.checkpoint import CheckpointError, leaf_paths, read_metadata
-from efficient_train.checkpoint.manager import metadata_path
+from efficient_train.checkpoint.metadata import metadata_path
 from efficient_train.checkpoint.verify import verify_step
 from tests.damage import array_files, flip_a_byte
 from tests.subprocess_env import subprocess_env

@@ -8,7 +8,8 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from efficient_train.checkpoint import Checkpointer
 from efficient_train.checkpoint.verify import verify_step

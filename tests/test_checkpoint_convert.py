@@ -14,12 +14,12 @@ import pytest
 import tensorstore as ts
 
 from efficient_train import Trainer
-from efficient_train.checkpoint import CheckpointError, Checkpointer, leaf_paths, read_metadata
-from efficient_train.checkpoint.convert import convert
+from efficient_train.checkpoint import Checkpointer, CheckpointError, leaf_paths, read_metadata
 from efficient_train.checkpoint.storage import _spec, read_leaf
 from efficient_train.config import parse_mesh_flag
-from efficient_train.parallel.mesh import make_mesh
 from efficient_train.optim.convert import from_fp32, to_fp32
+from efficient_train.parallel.mesh import make_mesh
+from efficient_train.tools.convert import convert
 from efficient_train.train.program import build_program
 from tests.damage import flip_a_byte
 from tests.subprocess_env import subprocess_env

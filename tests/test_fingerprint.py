@@ -12,7 +12,8 @@ import threading
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 
 from efficient_train.checkpoint import fingerprint
 from efficient_train.checkpoint.fingerprint import device_fingerprint, host_fingerprint, start_fingerprints

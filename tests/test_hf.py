@@ -19,8 +19,8 @@ from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 from efficient_train import cli
 from efficient_train.checkpoint import CheckpointError, read_metadata
 from efficient_train.checkpoint.storage import read_leaf
-from efficient_train.hf import config_from_hf, config_to_hf, export_hf, import_hf, load_llama
 from efficient_train.models import ModelConfig
+from efficient_train.tools.hf import config_from_hf, config_to_hf, export_hf, import_hf, load_llama
 
 torch.set_num_threads(1)  # the test machine has 2 cores shared with other workers
 

@@ -502,11 +502,11 @@ def test_pallas_attention_equals_xla_with_segments_padding_and_gqa():
 
 
 def test_model_choice_literals_spell_the_choice_tuples():
-    """models/config.py's Literal types repeat models/choices.py's allowed names for type checkers only."""
+    """models/llama/config.py's Literal types repeat models/choices.py's allowed names for type checkers only."""
     import typing
 
     from efficient_train.models import choices
-    from efficient_train.models import config as model_config
+    from efficient_train.models.llama import config as model_config
 
     assert typing.get_args(model_config.RematPolicy) == choices.REMAT_POLICIES
     assert typing.get_args(model_config.AttentionImpl) == choices.ATTENTION_IMPLS

@@ -69,5 +69,5 @@ def test_kernel_lowers_for_accelerators(platform, backend):
 
 def test_bad_backend_lists_the_options():
     g, p, m, v, scalars, m_code, v_code = _inputs("int8")
-    with pytest.raises(ValueError, match="backend: 'cuda' is not available; choose one of 'auto', 'xla', 'triton', 'mosaic_tpu'"):
+    with pytest.raises(ValueError, match="backend: 'cuda' is not available; choose one of 'auto', 'triton', 'mosaic_tpu', 'xla'"):
         fused_adamw(g, p, m, v, scalars, m_code=m_code, v_code=v_code, hyper=HYPER, backend="cuda")

@@ -23,7 +23,7 @@ import pytest
 from flax import nnx
 
 from efficient_train import Trainer, cli, get_config
-from efficient_train.checkpoint import CheckpointError, Checkpointer, DamagedCheckpoint
+from efficient_train.checkpoint import Checkpointer, CheckpointError, DamagedCheckpoint
 from efficient_train.checkpoint.lock import LOCK_FILE, DirectoryInUse
 from efficient_train.checkpoint.manager import NoVerifiedCheckpoint
 from efficient_train.checkpoint.metadata import CheckpointReadError

@@ -15,15 +15,20 @@ __all__ = [
     "leaf_paths", "read_metadata",
 ]
 __getattr__, __dir__ = lazy_attributes(__name__, {
-    **dict.fromkeys(["Checkpointer", "leaf_paths", "read_metadata"],
-                    "efficient_train.checkpoint.manager"),
+    **dict.fromkeys(["Checkpointer", "read_metadata"], "efficient_train.checkpoint.manager"),
+    "leaf_paths": "efficient_train.tree_paths",
     **dict.fromkeys(["FORMAT_VERSION", "CheckpointError", "CheckpointMetadata", "CheckpointWriteError",
                      "DamagedCheckpoint"],
                     "efficient_train.checkpoint.metadata"),
 })
 
 if TYPE_CHECKING:
-    from efficient_train.checkpoint.manager import Checkpointer, leaf_paths, read_metadata
+    from efficient_train.checkpoint.manager import Checkpointer, read_metadata
     from efficient_train.checkpoint.metadata import (
-        FORMAT_VERSION, CheckpointError, CheckpointMetadata, CheckpointWriteError, DamagedCheckpoint,
+        FORMAT_VERSION,
+        CheckpointError,
+        CheckpointMetadata,
+        CheckpointWriteError,
+        DamagedCheckpoint,
     )
+    from efficient_train.tree_paths import leaf_paths

@@ -59,27 +59,28 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from efficient_train.checkpoint.fingerprint import start_fingerprints
-from efficient_train.checkpoint.verify import describe, verify_step
 from efficient_train.checkpoint.metadata import (
     FORMAT_VERSION,
+    METADATA_FILE,
+    METADATA_ITEM,
+    STATE_ITEM,
+    STATE_LAYOUT_FIELDS,
     CheckpointError,
     CheckpointMetadata,
     CheckpointReadError,
     CheckpointWriteError,
-    STATE_LAYOUT_FIELDS,
     DamagedCheckpoint,
     LeafRecord,
     check_model_matches,
+    metadata_path,
     read_metadata_file,
 )
+from efficient_train.checkpoint.verify import describe, verify_step
 from efficient_train.errors import RunError, first_line
-from efficient_train.tree_paths import key_path_name
+from efficient_train.tree_paths import leaf_paths
 
 log = logging.getLogger(__name__)
 
-STATE_ITEM = "state"
-METADATA_ITEM = "metadata"
-METADATA_FILE = "metadata.json"
 TRASH_DIR = "_deleted"
 DAMAGED_PREFIX = "damaged-"
 
@@ -133,14 +134,6 @@ class _DeferredJsonHandler(ocp.JsonCheckpointHandler):
 class _DeferredJsonSave(ocp.args.CheckpointArgs):
     produce: Callable[[], dict]
 
-
-def leaf_paths(tree: Any) -> list[tuple[str, Any]]:
-    """("params/blocks/attn/q/kernel", leaf) pairs, a stable name per leaf."""
-    return [(key_path_name(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def metadata_path(step_dir: str) -> str:
-    return os.path.join(step_dir, METADATA_ITEM, METADATA_FILE)
 
 
 def read_metadata(step_dir: str) -> CheckpointMetadata:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from typing import Any
 
@@ -32,7 +33,16 @@ from efficient_train.errors import InputError, RunError
 from efficient_train.parallel.axes import ZERO_STAGES
 
 FORMAT_VERSION = 1
-METADATA_NAME = "metadata.json"
+# The names inside a step directory, spelled once: <step>/state/ (Orbax's PyTree, with
+# its tree description _METADATA) and <step>/metadata/metadata.json (ours).
+STATE_ITEM = "state"
+METADATA_ITEM = "metadata"
+METADATA_FILE = "metadata.json"
+ORBAX_TREE_FILE = "_METADATA"
+
+
+def metadata_path(step_dir: str) -> str:
+    return os.path.join(step_dir, METADATA_ITEM, METADATA_FILE)
 
 # The dtypes a saved leaf may have: what the trainer and the tools write (fp32 and bf16
 # weights and moments, uint8 codes, int32 counters) and the other types the fingerprint
@@ -164,7 +174,7 @@ class CheckpointMetadata:
         return out
 
     @classmethod
-    def from_json(cls, raw: Any, source: str = METADATA_NAME) -> "CheckpointMetadata":
+    def from_json(cls, raw: Any, source: str = METADATA_FILE) -> "CheckpointMetadata":
         """Parse and check a loaded metadata.json; `source` names the file in errors."""
         check = _Checker(source)
         if not isinstance(raw, dict):

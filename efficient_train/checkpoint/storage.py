@@ -18,10 +18,9 @@ import os
 import numpy as np
 import tensorstore as ts
 
-from efficient_train.checkpoint.metadata import CheckpointReadError, DamagedCheckpoint
+from efficient_train.checkpoint.metadata import STATE_ITEM, CheckpointReadError, DamagedCheckpoint
 from efficient_train.errors import first_line
 
-STATE_DIR = "state"
 DAMAGE_STATUS = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE", "FAILED_PRECONDITION")
 
 
@@ -34,7 +33,7 @@ class UnreadableLeaf(DamagedCheckpoint):
 
 
 def _spec(step_dir: str, leaf: str) -> dict:
-    base = os.path.abspath(os.path.join(step_dir, STATE_DIR))
+    base = os.path.abspath(os.path.join(step_dir, STATE_ITEM))
     return {
         "driver": "zarr",
         "kvstore": {"driver": "ocdbt", "base": f"file://{base}", "path": leaf.replace("/", ".") + "/"},

@@ -23,16 +23,17 @@ import numpy as np
 
 from efficient_train.checkpoint.fingerprint import host_fingerprint
 from efficient_train.checkpoint.metadata import (
+    ORBAX_TREE_FILE,
+    STATE_ITEM,
     CheckpointError,
     CheckpointMetadata,
     CheckpointReadError,
     DamagedCheckpoint,
     LeafRecord,
+    metadata_path,
     read_metadata_file,
 )
-from efficient_train.checkpoint.storage import STATE_DIR, UnreadableLeaf, read_leaf
-
-TREE_METADATA_FILE = "_METADATA"  # Orbax's description of the stored tree, inside state/
+from efficient_train.checkpoint.storage import UnreadableLeaf, read_leaf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +52,6 @@ class LeafDamaged(DamagedCheckpoint):
 
 def read_step_metadata(step_dir: str) -> CheckpointMetadata:
     """The checked metadata.json of a step (see metadata.read_metadata_file)."""
-    from efficient_train.checkpoint.manager import metadata_path
-
     return read_metadata_file(metadata_path(step_dir))
 
 
@@ -91,8 +90,8 @@ def verify_step(step_dir: str) -> list[LeafProblem]:
 
 def stored_leaves(step_dir: str) -> list[str]:
     """The leaves Orbax stored in the step, from its tree metadata (empty nodes left out)."""
-    path = os.path.join(step_dir, STATE_DIR, TREE_METADATA_FILE)
-    where = f"{STATE_DIR}/{TREE_METADATA_FILE}"
+    path = os.path.join(step_dir, STATE_ITEM, ORBAX_TREE_FILE)
+    where = f"{STATE_ITEM}/{ORBAX_TREE_FILE}"
     try:
         with open(path, "rb") as f:
             raw = json.loads(f.read())

@@ -39,19 +39,22 @@ from orbax.checkpoint import v1 as ocp
 from orbax.checkpoint.experimental.v1 import partial
 
 from efficient_train.checkpoint.fingerprint import device_fingerprint, host_fingerprint
-from efficient_train.checkpoint.tools import check_destination, first_missing_dir
-from efficient_train.checkpoint.manager import METADATA_FILE, METADATA_ITEM, STATE_ITEM, fsync_path
+from efficient_train.checkpoint.manager import fsync_path
 from efficient_train.checkpoint.metadata import (
     FORMAT_VERSION,
+    METADATA_FILE,
+    METADATA_ITEM,
+    ORBAX_TREE_FILE,
+    STATE_ITEM,
     CheckpointError,
     CheckpointMetadata,
     CheckpointWriteError,
     LeafRecord,
 )
+from efficient_train.checkpoint.paths import check_destination, first_missing_dir
 from efficient_train.errors import InputError, RunError, first_line
 from efficient_train.tree_paths import key_name
 
-PYTREE_METADATA_FILE = "_METADATA"
 WRITING_PREFIX = ".writing-"
 BATCH_BYTES = 128 << 20  # leaves written per partial save, at most (unless one leaf is larger)
 SEQUENCE_KEY_TYPE, DICT_KEY_TYPE = 1, 2  # how Orbax's tree metadata tells keys apart
@@ -86,7 +89,7 @@ def _is_empty(node: Any) -> bool:
 
 def _rewrite_tree_metadata(state_dir: str, template: Any) -> None:
     """Make Orbax's tree metadata describe `template`: its key kinds and its empty nodes."""
-    path = os.path.join(state_dir, PYTREE_METADATA_FILE)
+    path = os.path.join(state_dir, ORBAX_TREE_FILE)
     with open(path, encoding="utf-8") as f:
         raw = json.load(f)
     written = raw["tree_metadata"]

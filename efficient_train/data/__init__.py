@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 import ml_collections
 import numpy as np
 
-from efficient_train.lazy import lazy_attributes
 from efficient_train.data.errors import DataError, DataReadError, file_kind, stat_path
 from efficient_train.data.sources import (
     TOKEN_DTYPES,
@@ -36,6 +35,7 @@ from efficient_train.data.sources import (
     TokenFileSource,
     TokenSource,
 )
+from efficient_train.lazy import lazy_attributes
 
 __all__ = [
     "Batch",

@@ -12,10 +12,10 @@ from efficient_train.lazy import lazy_attributes
 
 __all__ = ["Llama", "ModelConfig"]
 __getattr__, __dir__ = lazy_attributes(__name__, {
-    "ModelConfig": "efficient_train.models.config",
-    "Llama": "efficient_train.models.llama",
+    "ModelConfig": "efficient_train.models.llama.config",
+    "Llama": "efficient_train.models.llama.model",
 })
 
 if TYPE_CHECKING:
-    from efficient_train.models.config import ModelConfig
-    from efficient_train.models.llama import Llama
+    from efficient_train.models.llama.config import ModelConfig
+    from efficient_train.models.llama.model import Llama

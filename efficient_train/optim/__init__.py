@@ -27,9 +27,9 @@ __getattr__, __dir__ = lazy_attributes(__name__, {
 })
 
 if TYPE_CHECKING:
-    from efficient_train.optim.optimizer import adamw, apply_updates, decay_mask, quantize_mask
     from efficient_train.optim.compressed import CompressedAdamState
     from efficient_train.optim.convert import describe, from_fp32, to_fp32
+    from efficient_train.optim.optimizer import adamw, apply_updates, decay_mask, quantize_mask
     from efficient_train.optim.placement import device_shardings, is_offloaded, state_shardings
     from efficient_train.optim.quant import Quantized
     from efficient_train.optim.schedules import make_schedule

@@ -47,6 +47,7 @@ from jax.sharding import PartitionSpec as P
 
 from efficient_train.optim import quant
 from efficient_train.optim.quant import Quantized
+from pallas_kernels.backends import default_interpret, resolve_backend
 from pallas_kernels.fused_adamw import api as fused_api
 from pallas_kernels.fused_adamw import reference
 from pallas_kernels.fused_adamw.reference import Blocks, Hyper, Scalars
@@ -137,11 +138,10 @@ class CompressedAdamW:
 
     def _use_kernel(self) -> tuple[bool, str, bool]:
         """(use the Pallas kernel, its backend, interpret)."""
-        platform = jax.default_backend()
-        if self.kernel == "xla" or (self.kernel == "auto" and platform not in ("gpu", "tpu")):
+        interpret = default_interpret()
+        if self.kernel == "xla" or (self.kernel == "auto" and interpret):
             return False, "xla", False
-        interpret = platform not in ("gpu", "tpu")
-        return True, fused_api.resolve_backend("auto", interpret), interpret
+        return True, resolve_backend("auto", interpret), interpret
 
     def _dense_leaf(self, g: jax.Array, p: jax.Array, m: jax.Array, v: jax.Array, hyper: Hyper, s: Scalars,
                     emit_params: bool) -> LeafStep:

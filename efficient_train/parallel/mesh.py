@@ -18,8 +18,8 @@ import dataclasses
 import os
 from typing import TYPE_CHECKING
 
-from efficient_train.parallel.axes import MESH_AXES
 from efficient_train.errors import InputError
+from efficient_train.parallel.axes import MESH_AXES
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh

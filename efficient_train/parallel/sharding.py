@@ -32,7 +32,8 @@ import jax
 import numpy as np
 from flax import nnx
 from flax.traverse_util import unflatten_dict
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]

@@ -47,8 +47,8 @@ from efficient_train.checkpoint.lock import DirectoryInUse, DirectoryLock
 from efficient_train.config import ConfigError, validate
 from efficient_train.data import Batch, DataError, DataReadError, LoaderState, build_loader
 from efficient_train.errors import RunError
-from efficient_train.parallel.mesh import make_mesh
 from efficient_train.parallel import layout
+from efficient_train.parallel.mesh import make_mesh
 from efficient_train.train.memory import memory_record
 from efficient_train.train.metrics import MetricsWriter, peak_tflops, throughput
 from efficient_train.train.program import build_program, init_state, lm_batch_shapes

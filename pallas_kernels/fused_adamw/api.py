@@ -1,6 +1,6 @@
 """`fused_adamw`: one AdamW step on quantized blocks, with backend selection.
 
-Owns the choice of backend and the argument checks; gpu.py and tpu.py hold the launch
+Owns the argument checks (the backend rule is pallas_kernels/backends.py's, as for every op); gpu.py and tpu.py hold the launch
 parameters, kernel.py the body, reference.py the arithmetic. The 'xla' backend is the
 reference itself (what `efficient_train.optim` runs where no kernel applies), so every
 backend computes the same function; in interpret mode the kernels match it bit for bit.
@@ -9,28 +9,9 @@ from __future__ import annotations
 
 import jax
 
+from pallas_kernels.backends import resolve_backend
 from pallas_kernels.fused_adamw import gpu, reference, tpu
 from pallas_kernels.fused_adamw.reference import Blocks, Code, Hyper, Scalars
-
-BACKENDS = ("auto", "xla", "triton", "mosaic_tpu")
-
-
-def resolve_backend(backend: str, interpret: bool = False) -> str:
-    """'auto' -> the kernel for the default device ('xla' on CPU unless interpreting).
-
-    Not pallas_kernels.backends.resolve_backend, whose rule differs: there 'auto' picks
-    Triton only on NVIDIA GPUs and always when interpreting (here: on any GPU, and
-    Mosaic on a TPU even when interpreting), and ('xla', interpret=True) is an error
-    (here the reference, which has nothing to interpret).
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: {backend!r} is not available; choose one of {', '.join(map(repr, BACKENDS))}")
-    if backend != "auto":
-        return backend
-    platform = jax.default_backend()
-    if platform == "tpu":
-        return "mosaic_tpu"
-    return "triton" if platform == "gpu" or interpret else "xla"
 
 
 def fused_adamw(

@@ -30,15 +30,15 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from efficient_train.checkpoint.manager import leaf_paths, metadata_path, without_optimizer
-from efficient_train.checkpoint.metadata import STATE_LAYOUT_FIELDS, CheckpointError, CheckpointMetadata, DamagedCheckpoint
-from efficient_train.checkpoint.tools import (
-    check_destination,
-    damaged_step_message,
-    existing_steps_problem,
-    model_config,
-    resolve_step,
+from efficient_train.checkpoint.manager import without_optimizer
+from efficient_train.checkpoint.metadata import (
+    STATE_LAYOUT_FIELDS,
+    CheckpointError,
+    CheckpointMetadata,
+    DamagedCheckpoint,
+    metadata_path,
 )
+from efficient_train.checkpoint.paths import check_destination, existing_steps_problem, resolve_step
 from efficient_train.checkpoint.verify import LeafDamaged, VerifiedReader, read_step_metadata
 from efficient_train.checkpoint.writer import write_checkpoint
 from efficient_train.config import default_config
@@ -48,6 +48,8 @@ from efficient_train.optim.convert import adam_node
 from efficient_train.optim.quant import Quantized, dequantize, quantize_blocks
 from efficient_train.parallel.axes import MESH_AXES, ZERO_STAGES
 from efficient_train.parallel.sharding import DEFAULT_RULES, indivisible_dims, logical_axes
+from efficient_train.tools.report import damaged_step_message, model_config
+from efficient_train.tree_paths import leaf_paths
 
 # Logical axes the model needs split evenly under tensor parallelism (config.validate's rule);
 # others (kv heads, vocabulary) stay whole when the axis does not divide them, as in training.

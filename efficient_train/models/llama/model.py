@@ -33,11 +33,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efficient_train.models.attention import attention
-from efficient_train.models.config import ModelConfig
 from efficient_train.models.layers import Embed, Linear, RMSNorm, apply_rope, rope_angles
+from efficient_train.models.llama.config import ModelConfig
 from efficient_train.parallel import param_gather
-
-LAYERS_AXIS = "layers"
+from efficient_train.parallel.sharding import LAYER_AXIS
 
 
 def _dtypes(cfg: ModelConfig) -> dict[str, jnp.dtype]:
@@ -107,7 +106,7 @@ def _stacked_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
     state = jax.vmap(init_layer)(jax.random.split(rngs.params(), cfg.num_layers))
     for variable in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
         axes = tuple(variable.get_metadata()["out_sharding"])
-        variable.set_metadata(out_sharding=(LAYERS_AXIS,) + axes)
+        variable.set_metadata(out_sharding=(LAYER_AXIS,) + axes)
     return nnx.merge(graphdefs[0], state)
 
 

@@ -107,18 +107,9 @@ class ModelConfig:
             raise ConfigError(f"model config is missing required keys: {missing}")
         return cls(**values)
 
-    def _layer_matmul_params(self) -> int:
-        e, d = self.hidden_size, self.head_dim
-        attention = e * d * (2 * self.num_heads + 2 * self.num_kv_heads)  # q, o, k, v
-        mlp = 3 * e * self.intermediate_size  # gate, up, down
-        return attention + mlp
-
     def num_params(self) -> int:
         """Exact number of parameters of `Llama(self)` (every element of every Param)."""
-        e, v = self.hidden_size, self.vocab_size
-        per_layer = self._layer_matmul_params() + 2 * e  # two RMSNorm scales
-        embeddings = v * e * (1 if self.tie_embeddings else 2)
-        return embeddings + self.num_layers * per_layer + e  # + final norm
+        return parameter_count(self)
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token (forward + backward) at sequence length `seq_len`.
@@ -135,6 +126,23 @@ class ModelConfig:
         seq_len; causal masking halves it on average (each query sees half the keys).
         Segment masking of packed documents is not counted (it depends on the data).
         """
-        n_matmul = self.num_layers * self._layer_matmul_params() + self.vocab_size * self.hidden_size
+        n_matmul = self.num_layers * layer_matmul_params(self) + self.vocab_size * self.hidden_size
         attention = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len // 2
         return 6 * n_matmul + attention
+
+
+def layer_matmul_params(model: Any) -> int:
+    """Parameters of one decoder block's matmuls: q, o, k, v and the SwiGLU gate, up, down."""
+    e, d = model.hidden_size, model.head_dim
+    attention = e * d * (2 * model.num_heads + 2 * model.num_kv_heads)
+    mlp = 3 * e * model.intermediate_size
+    return attention + mlp
+
+
+def parameter_count(model: Any) -> int:
+    """Exact parameter count of a Llama with `model`'s fields (a ModelConfig, or the run config's
+    `model` section, which config.validate sizes before any ModelConfig exists), in Python ints."""
+    e = model.hidden_size
+    per_layer = layer_matmul_params(model) + 2 * e  # two RMSNorm scales
+    embeddings = model.vocab_size * e * (1 if model.tie_embeddings else 2)
+    return embeddings + model.num_layers * per_layer + e  # + final norm

@@ -1,0 +1,316 @@
+"""Hugging Face Llama interop: configs, loading weights, and streaming checkpoint conversion.
+
+- `config_from_hf` / `config_to_hf` translate config.json <-> `ModelConfig`. A feature
+  our model cannot compute (another activation, biases, RoPE scaling, sliding windows,
+  quantized weights) is refused with one line naming the field and what is allowed,
+  never silently dropped: the loaded model would otherwise produce wrong logits.
+  Both the transformers 4 keys (`rope_theta`, `rope_scaling`, `torch_dtype`) and the
+  transformers 5 ones (`rope_parameters`, `dtype`) are read, and both are written, so
+  either version reads an exported directory natively.
+- `load_llama(hf_dir)` returns our `Llama` holding the HF weights, ready to call on
+  token ids (positions and segment ids default to one unpadded document per row).
+- `import_hf` writes a params-only checkpoint (step 0, no optimizer state) that the
+  trainer fine-tunes from when its config has the same model fields; `export_hf` writes
+  a checkpoint's parameters as safetensors shards plus config.json. Both stream: one
+  parameter (for scanned layers, one [layers, ...] stack) is in host memory at a time,
+  never the model, so a model larger than host memory converts.
+
+The name and shape mapping and the safetensors files live in `tools/safetensors.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from efficient_train.checkpoint.metadata import CheckpointWriteError, DamagedCheckpoint
+from efficient_train.checkpoint.paths import check_destination, first_missing_dir, refuse_existing_steps, resolve_step
+from efficient_train.checkpoint.verify import LeafDamaged, VerifiedReader, read_step_metadata
+from efficient_train.checkpoint.writer import write_checkpoint
+from efficient_train.models import Llama, ModelConfig
+from efficient_train.tools.report import damaged_step_message, model_config
+from efficient_train.tools.safetensors import (
+    DEFAULT_MAX_SHARD_BYTES,
+    INDEX_FILE,
+    HFError,
+    SafetensorsDir,
+    TensorSpec,
+    shard_files,
+    tensor_maps,
+    write_safetensors,
+)
+
+__all__ = [
+    "HFError", "config_from_hf", "config_to_hf", "export_hf", "import_hf", "load_llama", "read_hf_config",
+    "train_overrides",
+]
+
+CONFIG_FILE = "config.json"
+MODEL_TYPES = ("llama", "mistral")  # mistral: only without a sliding window
+MISTRAL_DEFAULT_WINDOW = 4096
+NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16)}
+# The ModelConfig fields that decide what a checkpoint stores (config.json's, plus how).
+STORED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "rope_theta", "rms_norm_eps", "tie_embeddings", "param_dtype", "scan_layers")
+# transformers' own defaults (LlamaConfig) for keys a config.json may leave out.
+HF_DEFAULTS = {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+
+
+class ExportWriteError(CheckpointWriteError):
+    """Writing the exported Hugging Face directory failed (disk full, I/O error)."""
+
+
+def _refuse(field: str, value: Any, allowed: str) -> HFError:
+    return HFError(f"config.json: {field}={value!r} is not supported; allowed: {allowed}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(hf: dict, field: str, nullable: bool = False) -> int | None:
+    value = hf.get(field)
+    if value is None and nullable:
+        return None
+    if not _is_int(value) or value <= 0:
+        raise _refuse(field, value, "a positive integer" + (" or null" if nullable else ""))
+    return value
+
+
+def _positive_number(value: Any, field: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+        raise _refuse(field, value, "a positive number")
+    return float(value)
+
+
+def _rope_theta(hf: dict) -> float:
+    """RoPE's base from either generation of keys; any scaling is refused."""
+    scaling = hf.get("rope_scaling")  # transformers 4
+    if scaling is not None and (not isinstance(scaling, dict)
+                                or scaling.get("rope_type", scaling.get("type")) != "default"):
+        raise _refuse("rope_scaling", scaling, "null (plain RoPE)")
+    parameters = hf.get("rope_parameters")  # transformers >= 5
+    if parameters is not None and not isinstance(parameters, dict):
+        raise _refuse("rope_parameters", parameters, "an object with rope_type 'default' (plain RoPE), or null")
+    parameters = parameters or {}
+    if parameters.get("rope_type", "default") != "default":
+        raise _refuse("rope_parameters", parameters, "rope_type 'default' (plain RoPE)")
+    if "rope_theta" in parameters:
+        return _positive_number(parameters["rope_theta"], "rope_parameters.rope_theta")
+    return _positive_number(hf.get("rope_theta", HF_DEFAULTS["rope_theta"]), "rope_theta")
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """The `ModelConfig` of a HF config.json dict; refuses what the model cannot compute,
+    and any field of the wrong type or out of range, naming it and what is allowed."""
+    if not isinstance(hf, dict):
+        raise HFError(f"{CONFIG_FILE}: is a {type(hf).__name__}; allowed: a JSON object")
+    if not isinstance(hf.get("model_type"), str) or hf["model_type"] not in MODEL_TYPES:
+        raise _refuse("model_type", hf.get("model_type"), " or ".join(map(repr, MODEL_TYPES)))
+    # Absent, a mistral config means MistralConfig's default window of 4096 tokens.
+    window = hf.get("sliding_window", MISTRAL_DEFAULT_WINDOW if hf["model_type"] == "mistral" else None)
+    if window is not None:
+        raise _refuse("sliding_window", window, "null (full causal attention)")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise _refuse("hidden_act", hf["hidden_act"], "'silu' (SwiGLU)")
+    for field in ("attention_bias", "mlp_bias"):
+        if hf.get(field):
+            raise _refuse(field, hf[field], "false (bias-free projections)")
+    if hf.get("quantization_config") is not None:
+        raise _refuse("quantization_config", hf["quantization_config"], "absent (plain float weights)")
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if field not in hf:
+            raise HFError(f"config.json: {field} is missing")
+        _positive_int(hf, field)
+    heads = hf["num_attention_heads"]
+    tie = hf.get("tie_word_embeddings", HF_DEFAULTS["tie_word_embeddings"])
+    if not isinstance(tie, bool):
+        raise _refuse("tie_word_embeddings", tie, "true or false")
+    try:
+        return ModelConfig(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=_positive_int(hf, "num_key_value_heads", nullable=True) or heads,
+            head_dim=_positive_int(hf, "head_dim", nullable=True) or hf["hidden_size"] // heads,
+            rope_theta=_rope_theta(hf),
+            rms_norm_eps=_positive_number(hf.get("rms_norm_eps", HF_DEFAULTS["rms_norm_eps"]), "rms_norm_eps"),
+            tie_embeddings=tie,
+        )
+    except ValueError as error:  # ModelConfig's own validation, already one line
+        raise HFError(f"config.json: {error}") from None
+
+
+def config_to_hf(cfg: ModelConfig, dtype: str | None = None) -> dict:
+    """config.json for `cfg`; `dtype` (default: cfg.param_dtype) names the stored weights."""
+    dtype = dtype or cfg.param_dtype
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,  # transformers 4
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # transformers 5
+        "rope_scaling": None,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "torch_dtype": dtype,  # transformers 4
+        "dtype": dtype,  # transformers 5
+    }
+
+
+def read_hf_config(hf_dir: str) -> ModelConfig:
+    path = os.path.join(hf_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise HFError(f"{CONFIG_FILE}: not found in {hf_dir!r}; give a Hugging Face model directory")
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except OSError as error:
+        raise HFError(f"{CONFIG_FILE}: cannot be read ({error.strerror or error})") from None
+    except (ValueError, RecursionError) as error:  # not JSON, or not UTF-8
+        raise HFError(f"{CONFIG_FILE}: not valid JSON ({str(error)[:120]})") from None
+    return config_from_hf(hf)
+
+
+def _dtype(name: str, field: str) -> np.dtype:
+    if name not in NUMPY_DTYPES:
+        raise HFError(f"{field}: {name!r} is not allowed; choose one of {', '.join(NUMPY_DTYPES)}")
+    return NUMPY_DTYPES[name]
+
+
+def load_llama(hf_dir: str, *, dtype: str = "float32", attention_impl: str = "xla") -> Llama:
+    """Our `Llama` with the weights of a HF directory, parameters and compute in `dtype`.
+
+    `model(ids)` on int token ids [batch, seq] gives fp32 logits [batch, seq, vocab].
+    """
+    np_dtype = _dtype(dtype, "dtype")
+    cfg = dataclasses.replace(read_hf_config(hf_dir), dtype=dtype, param_dtype=dtype,
+                              attention_impl=attention_impl)
+    files = SafetensorsDir(hf_dir)
+    maps = {m.leaf: m for m in tensor_maps(cfg)}
+    files.check(list(maps.values()))
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    loaded = [
+        (path, variable.replace(jnp.asarray(files.read_leaf(maps["/".join(map(str, path))], np_dtype))))
+        for path, variable in nnx.to_flat_state(params)
+    ]
+    return nnx.merge(graphdef, nnx.from_flat_state(loaded), rest)
+
+
+def import_hf(hf_dir: str, out: str, *, param_dtype: str = "float32", scan_layers: bool = True) -> str:
+    """Write HF weights as step 0 of checkpoint directory `out` (parameters only).
+
+    The recorded model config is `config_from_hf` with `param_dtype` and `scan_layers`;
+    training from it needs a config with the same model fields (the command prints them).
+    Returns the step directory.
+
+    `out` must hold no committed step at all, not only no step 0: `train` resumes the
+    newest step of its checkpoint directory, so an import beside a step 5 would never
+    be trained from, and retention would delete it as the oldest. Refused with the steps
+    named, before any weight is read.
+    """
+    np_dtype = _dtype(param_dtype, "param_dtype")
+    check_destination(out, "OUT")
+    refuse_existing_steps(out, "OUT")
+    cfg = dataclasses.replace(read_hf_config(hf_dir), param_dtype=param_dtype, scan_layers=scan_layers)
+    files = SafetensorsDir(hf_dir)
+    maps = tensor_maps(cfg)
+    files.check(maps)
+    leaves = (("params/" + m.leaf, files.read_leaf(m, np_dtype)) for m in maps)
+    return write_checkpoint(out, 0, leaves, model=dataclasses.asdict(cfg), optimizer=None, flag="OUT")
+
+
+def train_overrides(step_dir: str) -> list[str]:
+    """The `--config.model.*` flags under which the trainer accepts imported `step_dir`."""
+    model = read_step_metadata(step_dir).model
+    return [f"--config.model.{field}={model[field]}" for field in STORED_FIELDS if field in model]
+
+
+def _remove_output(out_dir: str, created: str | None, names: list[str]) -> None:
+    """Undo a failed export: the directories this call created, else the files it wrote."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    for name in names:
+        try:
+            os.remove(os.path.join(out_dir, name))
+        except FileNotFoundError:
+            pass
+
+
+def export_hf(ckpt: str, out_dir: str, *, dtype: str | None = None,
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+    """Write the parameters of checkpoint `ckpt` (a step, or its newest) as a HF directory.
+
+    `dtype` (default: the checkpoint's param_dtype) is the dtype of the written tensors.
+    Returns the safetensors file names written into `out_dir`.
+
+    Every parameter is checked against its fingerprint as it is read. A damaged one
+    stops the export, which then removes what it wrote (OUT_DIR itself when it created
+    it) and raises DamagedCheckpoint naming every damaged parameter and the older steps
+    the user could export instead.
+    """
+    step_dir, older = resolve_step(ckpt)
+    metadata = read_step_metadata(step_dir)
+    if not metadata.model:
+        raise HFError(f"{step_dir}: holds a user's own module, not the built-in Llama; nothing to export")
+    cfg = model_config(metadata, step_dir)
+    dtype = dtype or cfg.param_dtype
+    out_dtype = _dtype(dtype, "dtype")
+    maps = tensor_maps(cfg)
+    for m in maps:
+        record = metadata.leaves.get("params/" + m.leaf)
+        if record is None or tuple(record.shape) != m.leaf_shape:
+            raise HFError(f"{step_dir}: leaf params/{m.leaf} is missing or not shaped {list(m.leaf_shape)}")
+    check_destination(out_dir, "OUT_DIR")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise HFError(f"OUT_DIR: {out_dir!r} is not empty; choose a new directory")
+    created = first_missing_dir(out_dir)
+    reader = VerifiedReader(step_dir, metadata)
+
+    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+        for m in maps:
+            value = reader.read("params/" + m.leaf)
+            for name, part in zip(m.hf_names, value if m.stacked else [value]):
+                yield name, m.to_hf(part).astype(out_dtype)
+
+    plan = [TensorSpec(name, m.hf_shape, out_dtype) for m in maps for name in m.hf_names]
+    written = shard_files(plan, max_shard_bytes) + [INDEX_FILE, CONFIG_FILE]
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        files = write_safetensors(out_dir, plan, tensors(), max_shard_bytes)
+        with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(config_to_hf(cfg, dtype), f, indent=2)
+    except LeafDamaged:
+        _remove_output(out_dir, created, written)
+        damaged = reader.damaged("params/" + m.leaf for m in maps)
+        raise DamagedCheckpoint("CKPT: " + damaged_step_message(
+            step_dir, metadata, damaged, older, "nothing was written to OUT_DIR")) from None
+    except OSError as error:
+        _remove_output(out_dir, created, written)
+        raise ExportWriteError(f"OUT_DIR: writing {out_dir} failed, nothing was left there "
+                               f"({error.strerror or error})") from None
+    except BaseException:
+        _remove_output(out_dir, created, written)
+        raise
+    return files
