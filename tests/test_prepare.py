@@ -342,3 +342,134 @@ def test_chat_errors(tok: Path, tmp_path: Path) -> None:
     sneaky = make_tokenizer(tmp_path / "sneaky", config={"chat_template": "{{ ''.__class__.__mro__ }}"})
     with pytest.raises(DataError, match=r"the chat template failed: SecurityError"):
         prepare([str(path)], tmp_path / "out4", tokenizer=str(sneaky), fmt="chat", progress=False)
+
+
+# ------------------------------------------------------------------------------ mixtures
+
+
+@pytest.fixture(scope="module")
+def two_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two byte-level prepared directories whose tokens say which one they came from ('a' or 'b')."""
+    root = tmp_path_factory.mktemp("mix")
+    for name, size in (("a", 40), ("b", 25)):
+        write_jsonl(root / f"{name}.jsonl", [name * (10 + i % 9) for i in range(size)])
+        prepare([str(root / f"{name}.jsonl")], root / name, fmt="jsonl", shard_bytes=200, progress=False)
+    return root / "a", root / "b"
+
+
+def mixture_loader(dirs: tuple[Path, Path], weights: str, **kwargs):
+    spec = ",".join(f"{d}:{w}" for d, w in zip(dirs, weights.split(",")))
+    return build_loader(data_config(mixture=spec, seq_len=8), vocab_size=256, **{"global_batch_size": 8, **kwargs})
+
+
+def test_mixture_realizes_its_weights(two_dirs: tuple[Path, Path]) -> None:
+    loader = mixture_loader(two_dirs, "0.7,0.3")
+    rows_from_a = 0
+    for _ in range(1000):
+        batch = next(loader)
+        from_a = (batch.inputs == ord("a")).any(1)
+        assert np.all(from_a != (batch.inputs == ord("b")).any(1))  # each row from one source
+        rows_from_a += int(from_a.sum())
+    assert abs(rows_from_a / 8000 - 0.7) < 0.01
+    metrics = loader.metrics()
+    assert metrics == {"mixture/a": rows_from_a / 8000, "mixture/b": (8000 - rows_from_a) / 8000}
+
+
+def test_mixture_resumes_exactly_and_splits_over_processes(two_dirs: tuple[Path, Path]) -> None:
+    straight = mixture_loader(two_dirs, "0.6,0.4")
+    batches = [next(straight) for _ in range(9)]
+    cut = mixture_loader(two_dirs, "0.6,0.4")
+    for _ in range(4):
+        next(cut)
+    state = json.loads(json.dumps(cut.state().to_dict()))  # through the checkpoint's JSON
+    from efficient_train.data import LoaderState
+
+    halves = [mixture_loader(two_dirs, "0.6,0.4", process_index=p, process_count=2) for p in range(2)]
+    for half in halves:
+        half.restore(LoaderState.from_dict(state))
+    for expected in batches[4:]:
+        got = [next(h) for h in halves]
+        for name, value in expected.fields().items():
+            np.testing.assert_array_equal(np.concatenate([getattr(g, name) for g in got]), value)
+
+
+def test_mixture_weights_change_on_resume(two_dirs: tuple[Path, Path]) -> None:
+    """New weights apply from the resumed step on; each source continues its own stream where it was."""
+    first = mixture_loader(two_dirs, "0.7,0.3")
+    for _ in range(600):  # past a block boundary (4096 samples)
+        next(first)
+    second = mixture_loader(two_dirs, "0.2,0.8")
+    second.restore(first.state())
+    samples = np.arange(600 * 8, 1600 * 8)
+    source, _ = second.locate(samples)
+    assert abs((source == 0).mean() - 0.2) < 0.01
+    before = first.locate(np.arange(600 * 8))
+    after = second.locate(samples)
+    for s in (0, 1):
+        used = np.concatenate([before[1][before[0] == s], after[1][after[0] == s]])
+        np.testing.assert_array_equal(np.sort(used), np.arange(len(used)))  # no sample repeated or skipped
+    assert second.state().mixture["start"] == 600 * 8
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(mixture="a:0.7,b"), r"^data\.mixture: entry 'b' must be DIR:WEIGHT with a weight > 0"),
+    (dict(mixture="a:0.7,b:-1"), r"^data\.mixture: entry 'b:-1' must be DIR:WEIGHT"),
+    (dict(mixture="/nonexistent:1"), r"^data\.mixture: '/nonexistent' does not exist"),
+    (dict(source="jsonl", mixture="a:1"), r"^data\.mixture: mixes prepared directories; set data\.source=prepared"),
+    (dict(), r"^data\.path: source 'prepared' reads one directory \(data\.path\) or a mixture"),
+    (dict(source="tokens", tokenizer="/"), r"^data\.tokenizer: applies to the 'text', 'jsonl' and 'prepared'"),
+])
+def test_data_config_errors_name_the_field(overrides: dict, message: str) -> None:
+    from efficient_train.data import check_data_config
+
+    with pytest.raises(DataError, match=message):
+        check_data_config(data_config(**overrides), 300)
+
+
+# ----------------------------------------------------------------------------------- CLI
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "efficient_train.cli", *args], capture_output=True, text=True,
+                          env=subprocess_env(1), cwd=ROOT, timeout=600)
+
+
+def test_cli_prepare_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": "ok", \n')
+    for args, message in (
+        (["--input", str(bad), "--format", "jsonl"], f"error: '{bad}' line 2: not valid JSON"),
+        (["--input", str(bad), "--format", "csv"], "error: --format: 'csv' is not one of text, jsonl, parquet, chat"),
+        (["--input", str(bad), "--tokenizer", str(tmp_path)], f"error: --tokenizer: '{tmp_path}' has no tokenizer.json"),
+    ):
+        result = cli("prepare", *args, "--output", str(tmp_path / "out"))
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and lines[-1].startswith(message), result.stderr
+        assert "Traceback" not in result.stderr and lines[-1].count("error:") == 1
+
+
+@pytest.mark.slow
+def test_cli_trains_on_a_mixture_and_changes_weights_on_resume(tok: Path, tmp_path: Path) -> None:
+    for name in ("web", "code"):
+        write_jsonl(tmp_path / f"{name}.jsonl", [f"{name} {t}" for t in TEXTS])
+        result = cli("prepare", "--input", str(tmp_path / f"{name}.jsonl"), "--output", str(tmp_path / name),
+                     "--tokenizer", str(tok), "--format", "jsonl", "--workers", "2")
+        assert result.returncode == 0 and "train 120 documents" in result.stdout, result.stderr
+    common = ["--workdir", str(tmp_path / "run"), "--config.data.source=prepared", f"--config.data.tokenizer={tok}",
+              "--config.model.vocab_size=320", "--config.data.seq_len=32", "--config.train.log_every=2",
+              "--config.train.batch_size=8",
+              "--config.checkpoint.every=2"]
+    mixture = f"--config.data.mixture={tmp_path / 'web'}:0.75,{tmp_path / 'code'}:0.25"
+    result = cli("train", *common, mixture, "--config.train.steps=4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = cli("train", *common, f"--config.data.mixture={tmp_path / 'web'}:0.1,{tmp_path / 'code'}:0.9",
+                 "--config.train.steps=6")
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    shares = [(r["step"], r["mixture/web"]) for r in records if "mixture/web" in r]
+    assert [step for step, _ in shares] == [2, 4, 6]
+    web_after_resume = (shares[2][1] * 6 * 8 - shares[1][1] * 4 * 8) / (2 * 8)
+    assert shares[1][1] > 0.5 > web_after_resume  # the new weights took over from step 5 on
+    for record in records:
+        if "mixture/web" in record:
+            assert record["mixture/web"] + record["mixture/code"] == pytest.approx(1.0)
