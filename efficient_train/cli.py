@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--format", default="text", help="text (a document per file), jsonl, parquet, chat")
     prepare.add_argument("--field", default=None, help="the JSON field / parquet column (default: text; chat: messages)")
     prepare.add_argument("--validation_fraction", type=float, default=0.0, help="share of documents held out")
-    prepare.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes (default: cores)")
+    prepare.add_argument("--workers", type=int, default=None, help="processes (default: the cores available)")
     prepare.add_argument("--on_error", default="fatal", help="a bad record: fatal (default) or skip (counted)")
     prepare.add_argument("--shard_bytes", type=int, default=None, help="input bytes per shard (default 16 MiB)")
     checkpoint = commands.add_parser("checkpoint", help="inspect, verify or convert a saved checkpoint")

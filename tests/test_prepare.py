@@ -446,6 +446,10 @@ def test_cli_prepare_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and lines[-1].startswith(message), result.stderr
         assert "Traceback" not in result.stderr and lines[-1].count("error:") == 1
+    result = cli("train", "--config.data.source=prepared", f"--config.data.mixture={tmp_path}:0.5,{bad}:x")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: data.mixture: entry '{bad}:x' must be DIR:WEIGHT with a "
+                                                  "weight > 0, e.g. 'data/web:0.7,data/code:0.3'"]
 
 
 @pytest.mark.slow

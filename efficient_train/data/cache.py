@@ -57,8 +57,7 @@ def cached_source(source: str, path: str, field: str, max_bytes: int, tokenizer:
         raise DataWriteError(f"data.tokenizer: cannot create the token cache '{cache_dir}': {error.strerror}") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        prepare([str(f) for f in files], directory, tokenizer=tokenizer_path, fmt=fmt, field=field,
-                workers=len(os.sched_getaffinity(0)), progress=True)
+        prepare([str(f) for f in files], directory, tokenizer=tokenizer_path, fmt=fmt, field=field, progress=True)
     finally:
         os.close(lock)
     return PreparedSource(directory, vocab_size=vocab_size)

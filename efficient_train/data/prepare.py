@@ -448,12 +448,17 @@ def prepare(
     fmt: str = "text",
     field: str | None = None,
     validation_fraction: float = 0.0,
-    workers: int = 1,
+    workers: int | None = None,
     on_error: str = "fatal",
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Prepare (or resume preparing) `output` from `inputs`; returns the complete manifest."""
+    """Prepare (or resume preparing) `output` from `inputs`; returns the complete manifest.
+
+    workers: processes (default: the cores this process may run on; one runs in this process).
+    """
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if fmt not in FORMATS:
         raise DataError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
     if on_error not in ON_ERROR:
