@@ -1,9 +1,11 @@
-"""The `efficient-train` command: `train`, `estimate` and `checkpoint` tools.
+"""The `efficient-train` command: `train`, `estimate`, `prepare` and `checkpoint` tools.
 
     efficient-train train [--config FILE] [--config.FIELD=VALUE ...] [--workdir DIR]
                           [--coordinator HOST:PORT --num_processes N --process_id I]
                           [--devices N]
     efficient-train estimate [--config FILE] [--config.FIELD=VALUE ...] [--devices N] [--json]
+    efficient-train prepare --input FILES_OR_GLOBS --output DIR [--tokenizer T] [--format text|jsonl|parquet|chat]
+                          [--field F] [--validation_fraction F] [--workers N] [--on_error fatal|skip]
     efficient-train checkpoint inspect|verify CKPT
     efficient-train checkpoint import-hf HF_DIR OUT [--param_dtype float32|bfloat16] [--no_scan_layers]
     efficient-train checkpoint export-hf CKPT OUT_DIR [--dtype float32|bfloat16]
@@ -72,6 +74,16 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--coordinator", default="", help="host:port of process 0 for multi-process runs")
             sub.add_argument("--num_processes", type=int, default=1)
             sub.add_argument("--process_id", type=int, default=0)
+    prepare = commands.add_parser("prepare", help="tokenize raw text once into token shards (parallel, resumable)")
+    prepare.add_argument("--input", nargs="+", required=True, help="files, globs or directories")
+    prepare.add_argument("--output", required=True, help="the prepared directory (new, empty, or one to resume)")
+    prepare.add_argument("--tokenizer", default="", help="tokenizer.json or a model directory (default: bytes)")
+    prepare.add_argument("--format", default="text", help="text (a document per file), jsonl, parquet, chat")
+    prepare.add_argument("--field", default=None, help="the JSON field / parquet column (default: text; chat: messages)")
+    prepare.add_argument("--validation_fraction", type=float, default=0.0, help="share of documents held out")
+    prepare.add_argument("--workers", type=int, default=None, help="processes (default: the cores available)")
+    prepare.add_argument("--on_error", default="fatal", help="a bad record: fatal (default) or skip (counted)")
+    prepare.add_argument("--shard_bytes", type=int, default=None, help="input bytes per shard (default 16 MiB)")
     checkpoint = commands.add_parser("checkpoint", help="inspect, verify or convert a saved checkpoint")
     tools = checkpoint.add_subparsers(dest="tool", required=True)
     ckpt = ("ckpt", "a checkpoint directory or one step in it")
@@ -147,6 +159,23 @@ def _checkpoint(args: argparse.Namespace) -> int:
         raise CheckpointReadError(f"checkpoint {args.tool}: out of host memory") from None
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from efficient_train.data.prepare import DEFAULT_SHARD_BYTES, prepare
+
+    try:
+        manifest = prepare(args.input, args.output, tokenizer=args.tokenizer, fmt=args.format, field=args.field,
+                           validation_fraction=args.validation_fraction, workers=args.workers,
+                           on_error=args.on_error, shard_bytes=args.shard_bytes or DEFAULT_SHARD_BYTES)
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted: the committed shards are kept; rerun the same command to resume\n")
+        return 130
+    totals = manifest["totals"]
+    print(f"prepared {args.output}: " + "; ".join(
+        f"{split} {totals[split]['documents']} documents, {totals[split]['tokens']} tokens"
+        for split in ("train", "validation")) + f"; {totals['skipped']} bad records skipped")
+    return 0
+
+
 def with_device_count(xla_flags: str, count: int | None) -> str:
     """`xla_flags` with its simulated CPU device count replaced by `count` (None: removed)."""
     flag = "--xla_force_host_platform_device_count"
@@ -207,10 +236,10 @@ def _device_count(args: argparse.Namespace, config) -> int | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args, extra = _parser().parse_known_args(argv)
     try:
-        if args.command == "checkpoint":
+        if args.command in ("checkpoint", "prepare"):
             if extra:
                 raise UsageError(f"unrecognized arguments {' '.join(extra)}")
-            return _checkpoint(args)
+            return _checkpoint(args) if args.command == "checkpoint" else _prepare(args)
         config = get_config(args.config)
         apply_overrides(config, _split_overrides(extra))
         if args.command == "train" and args.workdir is not None:

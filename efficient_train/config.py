@@ -131,6 +131,11 @@ def default_config() -> ml_collections.ConfigDict:
             token_dtype="uint16",
             eos_id=-1,
             jsonl_field="text",
+            # A tokenizer.json or model directory ("": bytes). On text/jsonl: a token cache in
+            # <workdir>/data_cache, prepared on first use; on prepared: must be the one it was made with.
+            tokenizer="",
+            # source=prepared: "DIR:WEIGHT,DIR:WEIGHT" mixes prepared directories (instead of path).
+            mixture="",
         )
     )
     # `async` is a Python keyword: read it as config.checkpoint["async"].
@@ -444,7 +449,7 @@ def validate_fields(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"zero_stage: {config.zero_stage!r} is out of range; allowed 0, 1, 2, 3")
     if not config.workdir.strip():
         raise ConfigError(f"workdir: {config.workdir!r} is empty; give a directory for metrics and checkpoints")
-    for field in ("workdir", "checkpoint.dir", "data.path"):
+    for field in ("workdir", "checkpoint.dir", "data.path", "data.tokenizer", "data.mixture"):
         if "\0" in _get(config, field):
             raise ConfigError(f"{field}: {_get(config, field)!r} contains a NUL byte, which no path may hold")
     for field in (

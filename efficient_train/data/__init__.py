@@ -16,10 +16,14 @@ matches the last step that trained.
 
 Optional fields read with defaults (not required in the config): `eos_id` (tokens
 source: split documents after this id; unset or negative: fixed-length documents of
-seq_len tokens, i.e. one document per row).
+seq_len tokens, i.e. one document per row); `tokenizer` (a tokenizer.json or model
+directory: a `text` or `jsonl` source is tokenized with it into a cache under
+`cache_dir` on first use, cache.py; a `prepared` source must have been made with it);
+`mixture` (`prepared` only: "DIR:WEIGHT,..." instead of `path`, mixture.py).
 """
 from __future__ import annotations
 
+import math
 import stat
 from typing import TYPE_CHECKING
 
@@ -67,7 +71,7 @@ if TYPE_CHECKING:
     from efficient_train.data.packing import PackedWindows
 
 # The allowed data.source names; config.py checks against this tuple (as DATA_SOURCES).
-SOURCES = ("synthetic", "text", "tokens", "jsonl")
+SOURCES = ("synthetic", "text", "tokens", "jsonl", "prepared")
 _SYNTHETIC_SUCCESSORS = 3
 
 
@@ -86,6 +90,23 @@ def _eos_id(data_cfg: ml_collections.ConfigDict) -> int | None:
     return None if eos is None or eos < 0 else int(eos)
 
 
+def parse_mixture(text: str) -> list[tuple[str, float]]:
+    """"dirA:0.7,dirB:0.3" -> [(dirA, 0.7), (dirB, 0.3)]; DataError naming the entry when malformed."""
+    entries = [entry.strip() for entry in text.split(",")]
+    parsed = []
+    for entry in entries:
+        path, sep, weight = entry.rpartition(":")
+        try:
+            value = float(weight) if sep and path else math.nan
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise DataError(f"data.mixture: entry {entry!r} must be DIR:WEIGHT with a weight > 0, e.g. "
+                            "'data/web:0.7,data/code:0.3'")
+        parsed.append((path, value))
+    return parsed
+
+
 def check_data_config(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> None:
     """Raise DataError("data.<field>: ...") for the first invalid field; reads no data."""
     source = _get(data_cfg, "source")
@@ -102,7 +123,31 @@ def check_data_config(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> N
     path = _get(data_cfg, "path")
     if not isinstance(path, str):
         raise DataError(f"data.path: {path!r} must be a string")
+    tokenizer = data_cfg.get("tokenizer", "")
+    if not isinstance(tokenizer, str):
+        raise DataError(f"data.tokenizer: {tokenizer!r} must be a string")
+    if tokenizer:
+        if source not in ("text", "jsonl", "prepared"):
+            raise DataError(f"data.tokenizer: applies to the 'text', 'jsonl' and 'prepared' sources, not {source!r}")
+        mode = stat_path(tokenizer, "data.tokenizer").st_mode
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+            raise DataError(f"data.tokenizer: '{tokenizer}' is {file_kind(mode)}; give a tokenizer.json or a "
+                            "model directory")
+    mixture = data_cfg.get("mixture", "")
+    if mixture and source != "prepared":
+        raise DataError(f"data.mixture: mixes prepared directories; set data.source=prepared (not {source!r})")
 
+    if source == "prepared":
+        if bool(path) == bool(mixture):
+            raise DataError("data.path: source 'prepared' reads one directory (data.path) or a mixture "
+                            "(data.mixture='DIR:WEIGHT,...'); set exactly one of them")
+        dirs = [d for d, _ in parse_mixture(mixture)] if mixture else [path]
+        for directory in dirs:
+            what = "data.mixture" if mixture else "data.path"
+            if not stat.S_ISDIR(stat_path(directory, what).st_mode):
+                raise DataError(f"{what}: '{directory}' is not a directory; give what `efficient-train prepare` "
+                                "wrote")
+        return
     if source == "synthetic":
         if vocab_size < _SYNTHETIC_SUCCESSORS:
             raise DataError(
@@ -111,7 +156,7 @@ def check_data_config(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> N
             )
         return
     if source == "text":
-        if vocab_size < 256:
+        if vocab_size < 256 and not tokenizer:
             raise DataError(
                 f"data.source: 'text' is byte-level and needs vocab_size >= 256; the model has {vocab_size}"
             )
@@ -151,16 +196,54 @@ def build_loader(
     process_index: int = 0,
     process_count: int = 1,
     column_order: np.ndarray | None = None,
+    cache_dir: str | None = None,
 ) -> DataLoader:
     """The loader `data_cfg` describes, yielding this process's rows of each global batch.
 
     column_order: the sequence-parallel layout's reorder of every row (see DataLoader).
+    cache_dir: where a raw-text source with `data.tokenizer` keeps its tokens (cache.py).
     """
     from efficient_train.data.loader import DataLoader  # flax (Batch) loads with the loader, not with the package
 
     check_data_config(data_cfg, vocab_size)
+    common = dict(seq_len=data_cfg.seq_len, global_batch_size=global_batch_size, seed=data_cfg.seed,
+                  process_index=process_index, process_count=process_count, shuffle=data_cfg.shuffle,
+                  column_order=column_order)
+    tokenizer_path = data_cfg.get("tokenizer", "")
+    tokenizer = None
+    if tokenizer_path:
+        from efficient_train.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_path, "data.tokenizer")
+        if tokenizer.vocab_size > vocab_size:
+            raise DataError(f"data.tokenizer: '{tokenizer_path}' has {tokenizer.vocab_size} tokens; model.vocab_size "
+                            f"{vocab_size} is smaller; set model.vocab_size >= {tokenizer.vocab_size}")
     source: TokenSource
-    if data_cfg.source == "synthetic":
+    if data_cfg.source == "prepared":
+        from efficient_train.data.prepared import PreparedSource
+
+        mixture = data_cfg.get("mixture", "")
+        entries = parse_mixture(mixture) if mixture else [(data_cfg.path, 1.0)]
+        what = "data.mixture" if mixture else "data.path"
+        sources = [PreparedSource(d, vocab_size=vocab_size, what=what) for d, _ in entries]
+        for (directory, _), prepared in zip(entries, sources):
+            if tokenizer is not None and prepared.tokenizer_fingerprint != tokenizer.fingerprint:
+                raise DataError(f"data.tokenizer: '{directory}' was prepared with another tokenizer than "
+                                f"'{tokenizer_path}'; prepare it with this one, or leave data.tokenizer empty")
+        if not mixture:
+            return DataLoader(sources[0], **common)
+        from efficient_train.data.mixture import MixtureLoader
+
+        return MixtureLoader(sources, [d for d, _ in entries], [w for _, w in entries], **common)
+    if tokenizer is not None:
+        from efficient_train.data.cache import cached_source
+
+        if cache_dir is None:
+            raise DataError("data.tokenizer: a raw-text source with a tokenizer needs a cache directory "
+                            "(build_loader(cache_dir=...); the trainer uses <workdir>/data_cache)")
+        source = cached_source(data_cfg.source, data_cfg.path, data_cfg.jsonl_field, data_cfg.max_bytes,
+                               tokenizer, tokenizer_path, cache_dir, vocab_size)
+    elif data_cfg.source == "synthetic":
         source = SyntheticSource(vocab_size, data_cfg.seed, successors=_SYNTHETIC_SUCCESSORS)
     elif data_cfg.source == "text":
         source = TextSource(data_cfg.path, max_bytes=data_cfg.max_bytes)
@@ -174,13 +257,4 @@ def build_loader(
         )
     else:
         source = JsonlSource(data_cfg.path, data_cfg.jsonl_field, vocab_size=vocab_size)
-    return DataLoader(
-        source,
-        seq_len=data_cfg.seq_len,
-        global_batch_size=global_batch_size,
-        seed=data_cfg.seed,
-        process_index=process_index,
-        process_count=process_count,
-        shuffle=data_cfg.shuffle,
-        column_order=column_order,
-    )
+    return DataLoader(source, **common)

@@ -4,7 +4,7 @@ A data problem is a `DataError`, an `InputError` (the CLI prints one line, exit 
 2) whose message names the file and the position in it: the line of a JSONL file, the
 token offset of a token file, the path of a directory entry. An operating-system
 failure to read (EIO) is a `DataReadError`, a `RunError` (exit status 1): the data may
-be fine.
+be fine; failing to write prepared shards is a `DataWriteError` (also exit 1).
 
 Files are met only through `stat_regular` / `open_regular`: `os.stat` first, and a
 path that is not a regular file (a FIFO, a socket, a device) is refused without being
@@ -26,6 +26,10 @@ class DataError(InputError):
 
 class DataReadError(RunError):
     """Reading data failed in the operating system (an I/O error), not because of its content; exit 1."""
+
+
+class DataWriteError(RunError):
+    """Writing prepared data failed in the operating system (a full disk, EIO); exit 1."""
 
 
 _KINDS = {

@@ -69,9 +69,25 @@ def feistel_permute(indices: np.ndarray, size: int, seed: int, epoch: int) -> np
     return y.astype(np.int64)
 
 
+def sample_windows(samples: np.ndarray, num_windows: int, seed: int, shuffle: bool) -> np.ndarray:
+    """The window of each sample of a stream that visits all `num_windows` windows once per epoch,
+    each epoch in a fresh seeded order (or in order without shuffle)."""
+    epochs, offsets = np.divmod(samples, num_windows)
+    if not shuffle:
+        return offsets
+    windows = np.empty_like(offsets)
+    for epoch in np.unique(epochs).tolist():
+        where = epochs == epoch
+        windows[where] = feistel_permute(offsets[where], num_windows, seed, epoch)
+    return windows
+
+
 @dataclasses.dataclass(frozen=True)
 class LoaderState:
-    """Everything needed to continue a loader's stream; JSON-serializable via to_dict()."""
+    """Everything needed to continue a loader's stream; JSON-serializable via to_dict().
+
+    `mixture` is None for one source; a mixture's per-source position (mixture.py) otherwise.
+    """
 
     step: int
     seed: int
@@ -79,15 +95,19 @@ class LoaderState:
     seq_len: int
     global_batch_size: int
     shuffle: bool
+    mixture: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if self.mixture is None:  # one source: the same record as before mixtures existed
+            del out["mixture"]
+        return out
 
     @classmethod
     def from_dict(cls, d: Any) -> LoaderState:
         """The state a checkpoint's metadata holds; DataError naming the key when it is malformed."""
-        names = {f.name: f.type for f in dataclasses.fields(cls)}
-        if not isinstance(d, dict) or set(d) != set(names):
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict) or set(d) not in (names, names - {"mixture"}):
             keys = sorted(d) if isinstance(d, dict) else type(d).__name__
             raise DataError(f"data loader state: checkpoint holds {keys}, expected keys {sorted(names)}")
         for name, kind in (("step", int), ("seed", int), ("seq_len", int), ("global_batch_size", int),
@@ -95,6 +115,8 @@ class LoaderState:
             value = d[name]
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise DataError(f"data loader state {name}: checkpoint has {value!r}, expected {kind.__name__}")
+        if not isinstance(d.get("mixture", {}), (dict, type(None))):
+            raise DataError(f"data loader state mixture: checkpoint has {d['mixture']!r}, expected an object")
         return cls(**d)
 
 
@@ -113,6 +135,14 @@ class DataLoader:
         shuffle: bool = True,
         column_order: np.ndarray | None = None,
     ) -> None:
+        self._setup(seq_len=seq_len, global_batch_size=global_batch_size, seed=seed, process_index=process_index,
+                    process_count=process_count, shuffle=shuffle, column_order=column_order)
+        self._windows = PackedWindows(source, seq_len)
+        self._fingerprint = source.fingerprint()
+
+    def _setup(self, *, seq_len: int, global_batch_size: int, seed: int, process_index: int, process_count: int,
+               shuffle: bool, column_order: np.ndarray | None) -> None:
+        """Check and keep what every loader has: the batch, this process's rows, seed, layout."""
         if global_batch_size < 1:
             raise DataError(f"global_batch_size: {global_batch_size} must be >= 1")
         if process_count < 1 or not 0 <= process_index < process_count:
@@ -127,8 +157,6 @@ class DataLoader:
             raise DataError(f"seed: {seed} must be >= 0")
         if column_order is not None and sorted(np.asarray(column_order).tolist()) != list(range(seq_len)):
             raise DataError(f"column_order: must be a permutation of the {seq_len} columns of a row")
-        self._windows = PackedWindows(source, seq_len)
-        self._fingerprint = source.fingerprint()
         self.seq_len = seq_len
         self.global_batch_size = global_batch_size
         self.seed = seed
@@ -151,18 +179,12 @@ class DataLoader:
     def batch_at(self, step: int) -> Batch:
         """This process's rows of global batch `step` (does not move the iterator)."""
         samples = step * self.global_batch_size + self._first_row + np.arange(self.local_batch_size)
-        rows = self._windows.rows(self._windows_at(samples))
+        rows = self._rows(samples)
         return rows if self.column_order is None else rows.take_columns(self.column_order)
 
-    def _windows_at(self, samples: np.ndarray) -> np.ndarray:
-        epochs, offsets = np.divmod(samples, self.num_windows)
-        if not self.shuffle:
-            return offsets
-        windows = np.empty_like(offsets)
-        for epoch in np.unique(epochs).tolist():
-            where = epochs == epoch
-            windows[where] = feistel_permute(offsets[where], self.num_windows, self.seed, epoch)
-        return windows
+    def _rows(self, samples: np.ndarray) -> Batch:
+        """The packed rows of global samples `samples`."""
+        return self._windows.rows(sample_windows(samples, self.num_windows, self.seed, self.shuffle))
 
     def __iter__(self) -> DataLoader:
         return self
@@ -173,6 +195,10 @@ class DataLoader:
         batch = self.batch_at(self.step)
         self.step += 1
         return batch
+
+    def metrics(self) -> dict[str, float]:
+        """What the data adds to a log step's record (a mixture: each source's realized share)."""
+        return {}
 
     def state(self) -> LoaderState:
         return LoaderState(

@@ -11,7 +11,11 @@ Per row (all int32, loss_weights float32):
 - positions count from a document's first token, across windows: a document continued
   from the previous window keeps counting (rotary embeddings see true offsets);
 - loss_weights are 1 where the target is the next token of the same document, 0 where
-  the input is its document's last token (the target would be another document's first).
+  the input is its document's last token (the target would be another document's first);
+  a source with a loss mask (`has_loss_mask`, chat data) also zeroes them where the
+  target token is masked (a prompt token): the mask travels with the tokens through
+  packing, as the third per-token array beside segment ids and positions, and the loss
+  is (sum of weighted token losses, sum of weights).
 
 Window i is computed from a precomputed document offset table alone (searchsorted), so
 any window can be built at any time: the loader's random access and resume rest on it.
@@ -57,6 +61,8 @@ class PackedWindows:
         within = stream - self._doc_starts[doc]
 
         tokens = np.empty(stream.shape, dtype=np.int32)
+        masked = self.source.has_loss_mask
+        mask = np.empty(stream.shape, dtype=np.float32) if masked else None
         for row, (first, last) in enumerate(zip(doc[:, 0].tolist(), doc[:, -1].tolist())):
             col = 0
             for d in range(first, last + 1):
@@ -66,12 +72,17 @@ class PackedWindows:
                 else:
                     stop = int(self._doc_starts[d + 1] - self._doc_starts[d])
                 tokens[row, col : col + stop - start] = self.source.read(d, start, stop)
+                if mask is not None:
+                    mask[row, col : col + stop - start] = self.source.read_mask(d, start, stop)
                 col += stop - start
 
+        loss_weights = (doc[:, 1:] == doc[:, :-1]).astype(np.float32)
+        if mask is not None:
+            loss_weights *= mask[:, 1:]  # a target that is not the assistant's (chat) teaches nothing
         return Batch(
             inputs=np.ascontiguousarray(tokens[:, :-1]),
             targets=np.ascontiguousarray(tokens[:, 1:]),
             positions=within[:, :-1].astype(np.int32),
             segment_ids=(doc[:, :-1] - doc[:, :1] + 1).astype(np.int32),
-            loss_weights=(doc[:, 1:] == doc[:, :-1]).astype(np.float32),
+            loss_weights=loss_weights,
         )

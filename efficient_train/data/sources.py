@@ -10,7 +10,9 @@ loader can treat them alike:
   touching the rest of it (a memory-mapped document may be gigabytes long), and checks
   that each id it returns lies in [0, vocab_size); `source[doc]` is the whole document;
 - `fingerprint()` is a short string that changes when the data changes but not when the
-  files move, so a checkpoint can tell whether it resumes the same data.
+  files move, so a checkpoint can tell whether it resumes the same data;
+- `read_mask(doc, start, stop)` says which tokens are training targets (a chat dataset's
+  assistant tokens; every token elsewhere), when `has_loss_mask` is set.
 
 Documents are never empty: empty files, lines and lists are skipped.
 Ids are checked where they are read (every slice, so a bad id found mid-run names its
@@ -65,6 +67,8 @@ class TokenSource(abc.ABC):
 
     _lengths: np.ndarray
     vocab_size: int | None
+    # True when some tokens are never targets (chat: prompts); read_mask then says which.
+    has_loss_mask = False
 
     def document_lengths(self) -> np.ndarray:
         """int64 length of every document, in document order."""
@@ -93,6 +97,11 @@ class TokenSource(abc.ABC):
             raise DataError(f"{self._position(index, start + at)}: token id {int(raw[at])} is outside "
                             f"[0, {limit}); {_id_rule(self.vocab_size)}")
         return raw.astype(np.int32)
+
+    def read_mask(self, index: int, start: int, stop: int) -> np.ndarray:
+        """float32 loss mask of tokens [start, stop) of document `index`: 1 where the token is
+        a training target (all of them unless `has_loss_mask`)."""
+        return np.ones(stop - start, dtype=np.float32)
 
     def _position(self, index: int, offset: int) -> str:
         """Where token `offset` of document `index` lives, for error messages."""
@@ -295,6 +304,31 @@ def _listing(directory: Path) -> Iterator[os.DirEntry]:
         raise DataError(f"data.path: directory '{directory}' cannot be listed: {error.strerror}") from None
 
 
+def text_roots(paths: PathLike | Sequence[PathLike]) -> list[Path]:
+    """The files and directories a text source reads ("": the standard library), each checked by os.stat."""
+    if isinstance(paths, (str, os.PathLike)) and str(paths) == "":
+        return [Path(sysconfig.get_paths()["stdlib"])]
+    roots = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    for root in roots:
+        mode = stat_path(root, "data.path").st_mode
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+            raise DataError(f"data.path: '{root}' is {file_kind(mode)}; give a regular file or a directory")
+    return roots
+
+
+def text_files(paths: PathLike | Sequence[PathLike]) -> Iterator[Path]:
+    """The files of a text source in reading order: directories recursively, sorted; "" is the
+    standard library's `*.py` sources (site-packages excluded)."""
+    stdlib = isinstance(paths, (str, os.PathLike)) and str(paths) == ""
+    suffix = ".py" if stdlib else None
+    skip = frozenset({"site-packages", "dist-packages", "__pycache__"}) if stdlib else frozenset()
+    for root in text_roots(paths):
+        if root.is_dir():
+            yield from _sorted_files(root, suffix, skip)
+        else:
+            yield root
+
+
 class TextSource(_BufferSource):
     """Byte-level tokens (vocab 256), one document per file, at most `max_bytes` in all.
 
@@ -310,21 +344,11 @@ class TextSource(_BufferSource):
     ) -> None:
         if max_bytes < 1:
             raise DataError(f"data.max_bytes: {max_bytes} must be >= 1")
-        if isinstance(paths, (str, os.PathLike)) and str(paths) == "":
-            roots = [Path(sysconfig.get_paths()["stdlib"])]
-            suffix, skip = ".py", frozenset({"site-packages", "dist-packages", "__pycache__"})
-        else:
-            roots = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
-            suffix, skip = None, frozenset()
-        for root in roots:
-            mode = stat_path(root, "data.path").st_mode
-            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
-                raise DataError(f"data.path: '{root}' is {file_kind(mode)}; give a regular file or a directory")
-
+        roots = text_roots(paths)
         self.files: list[Path] = []
         docs: list[np.ndarray] = []
         remaining = max_bytes
-        for path in self._expand(roots, suffix, skip):
+        for path in text_files(paths):
             data = read_regular(path, "data.path", remaining)
             if data:
                 self.files.append(path)
@@ -336,14 +360,6 @@ class TextSource(_BufferSource):
             raise DataError(f"data.path: no non-empty files under {', '.join(repr(str(r)) for r in roots)}")
         self._where = str(roots[0]) if len(roots) == 1 else f"{len(roots)} paths"
         super().__init__(docs, np.uint8, 256)
-
-    @staticmethod
-    def _expand(roots: list[Path], suffix: str | None, skip: frozenset[str]) -> Iterator[Path]:
-        for root in roots:
-            if root.is_dir():
-                yield from _sorted_files(root, suffix, skip)
-            else:
-                yield root
 
     def _describe(self) -> str:
         return f"'{self._where}'"

@@ -106,6 +106,7 @@ class Trainer:
                     column_order=layout.column_order(
                         config.sequence_parallel.mode, config.data.seq_len, mesh_shape["sequence"]
                     ),
+                    cache_dir=os.path.join(config.workdir, "data_cache"),  # data.tokenizer on raw text
                 )
             except ValueError as error:
                 raise ConfigError(str(error)) from None
@@ -410,6 +411,8 @@ class Trainer:
                         peak=peak,
                     )
                 )
+                if self.loader is not None:
+                    record.update(self.loader.metrics())  # a mixture's realized shares
                 self.writer.write(record)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
                 if self.is_main:
