@@ -46,12 +46,12 @@ def write_source(args: argparse.Namespace, directory: str) -> dict:
     from efficient_train.checkpoint import leaf_paths
     from efficient_train.checkpoint.writer import write_checkpoint
     from efficient_train.parallel.mesh import make_mesh
-    from efficient_train.train.program import build_program
+    from efficient_train.train.training_setup import build_setup
 
     config = _config(args)
-    program = build_program(config, make_mesh(dict(config.mesh), devices=jax.devices()[:1]))
+    setup = build_setup(config, make_mesh(dict(config.mesh), devices=jax.devices()[:1]))
     rng = np.random.default_rng(0)
-    leaves = leaf_paths(program.abstract_state)
+    leaves = leaf_paths(setup.abstract_state)
 
     def values():
         for name, leaf in leaves:
@@ -61,8 +61,8 @@ def write_source(args: argparse.Namespace, directory: str) -> dict:
                 value = rng.standard_normal(leaf.shape, np.float32)
                 yield name, np.abs(value) * 1e-4 if "/nu/" in name else value * 1e-2
 
-    write_checkpoint(directory, 100, values(), model=dataclasses.asdict(program.model_config),
-                     optimizer=config.optimizer.to_dict(), template=program.abstract_state)
+    write_checkpoint(directory, 100, values(), model=dataclasses.asdict(setup.model_config),
+                     optimizer=config.optimizer.to_dict(), structure=setup.abstract_state)
     sizes = [int(np.prod(leaf.shape)) * leaf.dtype.itemsize for _, leaf in leaves]
     return {"largest_tensor_bytes": max(sizes), "state_bytes": sum(sizes)}
 

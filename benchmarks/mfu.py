@@ -57,7 +57,7 @@ def main() -> None:
     result = throughput(
         tokens_per_step=trainer.tokens_per_step,
         step_time_s=step_time,
-        flops_per_token=trainer.program.flops_per_token(config.data.seq_len),
+        flops_per_token=trainer.setup.flops_per_token(config.data.seq_len),
         num_devices=jax.device_count(),
         peak=peak_tflops(jax.devices()[0]),
     )

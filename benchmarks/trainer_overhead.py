@@ -47,18 +47,18 @@ def main() -> None:
     config.train.steps = 10**6
     config.workdir = "/tmp/efficient_train_overhead"
     trainer = Trainer(config)
-    program, spec = trainer.program, trainer.program.spec
+    setup, step_def = trainer.setup, trainer.setup.step_def
     train = config.train
 
     baseline_opt = optax.chain(
         optax.clip_by_global_norm(train.max_grad_norm),
-        optax.adamw(spec.schedule, b1=config.optimizer.b1, b2=config.optimizer.b2, eps=config.optimizer.eps,
-                    weight_decay=config.optimizer.weight_decay, mask=decay_mask(spec.template)),
+        optax.adamw(step_def.schedule, b1=config.optimizer.b1, b2=config.optimizer.b2, eps=config.optimizer.eps,
+                    weight_decay=config.optimizer.weight_decay, mask=decay_mask(step_def.param_structure)),
     )
 
     def baseline_step(params, opt_state, batch):
         def loss(p):
-            total, weight = next_token_loss(bind(spec.graphdef, spec.template, p), batch)
+            total, weight = next_token_loss(bind(step_def.graphdef, step_def.param_structure, p), batch)
             return total / weight
 
         value, grads = jax.value_and_grad(loss)(params)
@@ -91,7 +91,7 @@ def main() -> None:
         base += [time_baseline() for _ in range(args.steps)]
     ours_median, base_median = statistics.median(ours), statistics.median(base)
     print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}, mesh {dict(trainer.mesh.shape)}, "
-          f"{program.num_params / 1e6:.2f}M params, batch {train.batch_size} x {config.data.seq_len}")
+          f"{setup.num_params / 1e6:.2f}M params, batch {train.batch_size} x {config.data.seq_len}")
     print(f"ours     median step {ours_median * 1e3:9.3f} ms over {len(ours)} steps")
     print(f"baseline median step {base_median * 1e3:9.3f} ms over {len(base)} steps")
     print(f"ratio ours/baseline: {ours_median / base_median:.3f} (target <= 1.03)")

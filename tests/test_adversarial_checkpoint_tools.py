@@ -188,15 +188,15 @@ def test_convert_refuses_a_damaged_newest_step_then_converts_the_older_one(tmp_p
     from efficient_train.checkpoint.manager import leaf_paths
     from efficient_train.config import default_config
     from efficient_train.parallel.mesh import make_mesh
-    from efficient_train.train.program import build_program
+    from efficient_train.train.training_setup import build_setup
 
     config = default_config()
     config.model.update({k: v for k, v in dataclasses.asdict(CFG).items() if k in config.model})
     config.mesh.update(data=2, tensor=2)
     mesh = make_mesh({"replica": 1, "data": 2, "sequence": 1, "tensor": 2}, devices=jax.devices()[:4])
-    program = build_program(config, mesh)
+    setup = build_setup(config, mesh)
     state, _ = Checkpointer(str(dst), keep=1, keep_every=0, async_save=False).restore_step(
-        1, program.abstract_state, model=dataclasses.asdict(program.model_config))
+        1, setup.abstract_state, model=dataclasses.asdict(setup.model_config))
     restored = {"params/" + name: np.asarray(jax.device_get(leaf)) for name, leaf in leaf_paths(state.params)}
     for name, value in random_params(1):
         np.testing.assert_array_equal(restored[name], value, err_msg=name)

@@ -114,16 +114,16 @@ def test_every_package_imports_only_what_its_layer_allows():
 def test_the_checker_sees_an_upward_import(tmp_path):
     """The rule above reads function-level and relative imports: a checkpoint module reaching into train is caught."""
     path = tmp_path / "probe.py"
-    path.write_text("def f():\n    from ..train import program\n    from efficient_train.models import Llama\n")
+    path.write_text("def f():\n    from ..train import training_setup\n    from efficient_train.models import Llama\n")
     found = _imports("efficient_train.checkpoint.probe", str(path))
-    assert {"efficient_train.train", "efficient_train.train.program", "efficient_train.models.Llama"} <= found
+    assert {"efficient_train.train", "efficient_train.train.training_setup", "efficient_train.models.Llama"} <= found
     assert _unit(_known("efficient_train.models.Llama", {"efficient_train.models"})) not in ALLOWED[
         "efficient_train.checkpoint"]
 
 
 @pytest.mark.parametrize("package", ["efficient_train", "efficient_train.parallel", "efficient_train.models",
                                      "efficient_train.models.llama", "efficient_train.optim", "efficient_train.data",
-                                     "efficient_train.checkpoint"])
+                                     "efficient_train.checkpoint", "efficient_train.train"])
 def test_no_lazy_name_is_shadowed_by_a_submodule(package):
     """A lazily exported name equal to a submodule's name would turn into that module once the
     submodule is imported (Python sets the package attribute), so none may be."""

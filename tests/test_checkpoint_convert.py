@@ -20,7 +20,7 @@ from efficient_train.config import parse_mesh_flag
 from efficient_train.optim.convert import from_fp32, to_fp32
 from efficient_train.parallel.mesh import make_mesh
 from efficient_train.tools.convert import convert
-from efficient_train.train.program import build_program
+from efficient_train.train.training_setup import build_setup
 from tests.damage import flip_a_byte
 from tests.subprocess_env import subprocess_env
 from tests.zero_setup import small_config
@@ -81,10 +81,10 @@ def test_same_format_on_another_mesh_is_byte_identical_and_chunked_per_shard(tmp
 def _restore(directory, **overrides):
     """Restore a converted step onto a program of `overrides` (abstract: nothing is compiled)."""
     config = _config(directory, directory, **overrides)
-    program = build_program(config, make_mesh(dict(config.mesh)))
+    setup = build_setup(config, make_mesh(dict(config.mesh)))
     checkpointer = Checkpointer(str(directory), keep=1, keep_every=0, async_save=False)
-    state, _ = checkpointer.restore_step(3, program.abstract_state, model=dataclasses.asdict(program.model_config))
-    return state, program
+    state, _ = checkpointer.restore_step(3, setup.abstract_state, model=dataclasses.asdict(setup.model_config))
+    return state, setup
 
 
 @pytest.mark.slow
@@ -100,8 +100,8 @@ def test_int8_to_fp32_and_back_decode_and_encode_exactly_and_training_continues(
 
     # fp32 -> int8 on another mesh equals encoding those fp32 moments in memory.
     convert(str(tmp_path / "fp32"), str(tmp_path / "int8"), mesh=parse_mesh_flag("data=2,tensor=4"), state_format="int8")
-    int8, program = _restore(tmp_path / "int8", **{"mesh.data": 2, "mesh.tensor": 4})
-    expected = from_fp32(restored, program.spec.optimizer, resumed.state.params)
+    int8, setup = _restore(tmp_path / "int8", **{"mesh.data": 2, "mesh.tensor": 4})
+    expected = from_fp32(restored, setup.step_def.optimizer, resumed.state.params)
     for (name, a), (_, b) in zip(leaf_paths(expected), leaf_paths(int8.opt_state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
 

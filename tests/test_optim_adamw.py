@@ -255,6 +255,6 @@ def test_conversion_between_fp32_and_compressed_states():
     # Training continues from the converted state.
     new_params, _ = jax.jit(lambda g, s, p: optim.apply_updates(int8, g, s, p))(grads[0], state, params)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(new_params))
-    description = json.loads(json.dumps(optim.describe(state)))
+    description = json.loads(json.dumps(optim.describe_state(state)))
     assert description["quantized"]["w"] == {"m": "tapered8s", "v": "tapered8u_nz", "block": 256}
     assert set(description["quantized"]) == {"w", "stack"} and description["format_version"] == 1

@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 from efficient_train import Trainer, optim
 from efficient_train.parallel.mesh import make_mesh
 from efficient_train.parallel.sharding import per_device_bytes, plan_sharding
-from efficient_train.train.program import build_program
+from efficient_train.train.training_setup import build_setup
 from tests.hlo_utils import collectives
 from tests.zero_setup import small_config
 
@@ -199,12 +199,12 @@ def test_compiled_step_holds_exactly_the_reported_state(trainers):
 
 def test_fp32_placement_is_unchanged():
     config = small_config(**{"mesh.data": 8, "zero_stage": 2})
-    program = build_program(config, _mesh(data=8))
+    setup = build_setup(config, _mesh(data=8))
     old = optax.tree_map_params(
-        program.spec.optimizer, lambda _, spec: spec, program.abstract_state.opt_state, program.plan.opt_param_specs(),
+        setup.step_def.optimizer, lambda _, spec: spec, setup.abstract_state.opt_state, setup.plan.opt_param_specs(),
         transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P),
     )
-    assert jax.tree.leaves(program.state_shardings.opt_state) == jax.tree.leaves(program.plan.named(old))
+    assert jax.tree.leaves(setup.state_shardings.opt_state) == jax.tree.leaves(setup.plan.named(old))
 
 
 BYTES_PER_PARAM = {"fp32": (7.99, 8.01), "bf16": (3.99, 4.05), "int8": (2.0, 2.05), "fp8": (2.0, 2.10), "int4": (1.0, 1.10)}
@@ -219,7 +219,7 @@ def test_state_bytes_per_parameter(state_format):
         "model.hidden_size": 512, "model.intermediate_size": 1024, "model.num_heads": 4, "model.num_kv_heads": 2,
         "model.head_dim": 128, "model.num_layers": 2,
     })
-    program = build_program(config, _mesh(data=8))
-    per_device = per_device_bytes(program.abstract_state.opt_state, program.state_shardings.opt_state)
+    setup = build_setup(config, _mesh(data=8))
+    per_device = per_device_bytes(setup.abstract_state.opt_state, setup.state_shardings.opt_state)
     low, high = BYTES_PER_PARAM[state_format]
-    assert low <= per_device / program.num_params <= high
+    assert low <= per_device / setup.num_params <= high

@@ -227,6 +227,6 @@ def test_training_with_pallas_norm_matches_xla():
 
     xla, _ = run_losses({"norm.impl": "xla"}, steps=3)
     pallas, trainer = run_losses({"norm.impl": "pallas"}, steps=3)
-    assert trainer.program.model_config.norm_impl == "pallas"
+    assert trainer.setup.model_config.norm_impl == "pallas"
     assert xla[-1] < xla[0]  # it is learning, so the comparison is not between constants
     np.testing.assert_allclose(pallas, xla, rtol=2e-5)

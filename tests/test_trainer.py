@@ -61,11 +61,11 @@ def test_user_module_trains_under_zero3(tmp_path):
     with nnx.use_eager_sharding(False):
         model = MLP(nnx.Rngs(0))
     trainer = Trainer(_mlp_config(tmp_path), model=model, loss_fn=classification_loss, data=classification_batches())
-    shardings = trainer.program.state_shardings.params
+    shardings = trainer.setup.state_shardings.params
     # The 16x64 and 64x4 kernels and the 64 bias are sharded 8 ways; the 4-wide bias stays whole.
     assert shardings["hidden"]["kernel"].spec == jax.sharding.PartitionSpec(None, "data")
-    total = sum(x.size * 4 for x in jax.tree.leaves(trainer.program.abstract_state.params))
-    assert per_device_bytes(trainer.program.abstract_state.params, shardings) <= total / 8 + 4 * 4
+    total = sum(x.size * 4 for x in jax.tree.leaves(trainer.setup.abstract_state.params))
+    assert per_device_bytes(trainer.setup.abstract_state.params, shardings) <= total / 8 + 4 * 4
     first = float(trainer.step()["loss"])
     final = trainer.fit()
     assert final["step"] == 30 and final["loss"] < 0.47 * first  # measured 0.411-0.435 (model and data seeds 0-2)
@@ -101,7 +101,7 @@ def test_hooks_and_metrics_file(tmp_path):
     startup, steps = records[0], records[1:]
     assert startup["event"] == "startup" and startup["zero_stage"] == config.zero_stage
     assert startup["mesh"] == {"replica": 1, "data": 8, "sequence": 1, "tensor": 1}
-    assert startup["num_params"] == trainer.program.model_config.num_params()
+    assert startup["num_params"] == trainer.setup.model_config.num_params()
     assert set(startup["per_device_bytes"]) == {"params", "opt_state", "temp", "total"}
     assert all(v > 0 for v in startup["per_device_bytes"].values())
     expected = {"step", "loss", "grad_norm", "lr", "tokens_per_sec", "tokens_per_sec_per_device",

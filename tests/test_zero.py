@@ -75,7 +75,7 @@ def _total_bytes(tree) -> int:
 def test_zero3_state_is_one_eighth_per_device(runs):
     _, trainer = runs["zero3"]
     per_device = trainer.startup_record()["per_device_bytes"]
-    total = _total_bytes(trainer.program.abstract_state.params) + _total_bytes(trainer.program.abstract_state.opt_state)
+    total = _total_bytes(trainer.setup.abstract_state.params) + _total_bytes(trainer.setup.abstract_state.opt_state)
     assert per_device["params"] + per_device["opt_state"] <= 1.05 * total / 8
     # The compiled program's own arguments (state + batch) shrink accordingly.
     _, zero0 = runs["zero0"]
@@ -88,19 +88,19 @@ def test_zero3_state_is_one_eighth_per_device(runs):
 def test_zero1_shards_optimizer_state_not_params(runs):
     _, trainer = runs["zero1"]
     per_device = trainer.startup_record()["per_device_bytes"]
-    params_total = _total_bytes(trainer.program.abstract_state.params)
-    opt_total = _total_bytes(trainer.program.abstract_state.opt_state)
+    params_total = _total_bytes(trainer.setup.abstract_state.params)
+    opt_total = _total_bytes(trainer.setup.abstract_state.opt_state)
     assert per_device["params"] == params_total
     assert per_device["opt_state"] <= 1.05 * opt_total / 8
 
 
 def test_zero0_shards_nothing(runs):
     _, trainer = runs["zero0"]
-    for sharding in jax.tree.leaves(trainer.program.state_shardings):
+    for sharding in jax.tree.leaves(trainer.setup.state_shardings):
         assert sharding.is_fully_replicated
     text = trainer.compiled.as_text()
     assert "reduce-scatter" not in ops(text)
-    largest_param = max(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.program.abstract_state.params))
+    largest_param = max(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.setup.abstract_state.params))
     assert max(c.largest for c in collectives(text) if c.op == "all-reduce") >= largest_param
 
 
@@ -112,8 +112,8 @@ def test_gradients_are_reduce_scattered_not_all_reduced(name, runs):
     scattered = [c for c in found if c.op == "reduce-scatter"]
     # Every parameter's gradient arrives as its own shard by a reduce-scatter (under ZeRO-3,
     # one layer's slice at a time inside the layer scan); every all-reduce left is a scalar.
-    params = trainer.program.abstract_state.params
-    shardings = trainer.program.plan.named(trainer.program.plan.grad_specs())
+    params = trainer.setup.abstract_state.params
+    shardings = trainer.setup.plan.named(trainer.setup.plan.grad_specs())
     expected = set()
     for path, (leaf, sharding) in zip(_paths(params), zip(jax.tree.leaves(params), jax.tree.leaves(shardings))):
         shard = sharding.shard_shape(leaf.shape)
@@ -124,7 +124,7 @@ def test_gradients_are_reduce_scattered_not_all_reduced(name, runs):
 
 def test_zero3_gathers_parameters_layer_by_layer(runs):
     _, trainer = runs["zero3"]
-    stacked = {tuple(x.shape) for x in jax.tree.leaves(trainer.program.abstract_state.params["blocks"])}
+    stacked = {tuple(x.shape) for x in jax.tree.leaves(trainer.setup.abstract_state.params["blocks"])}
     per_layer = {shape[1:] for shape in stacked}
     gathered = {shape for c in collectives(trainer.compiled.as_text()) if c.op == "all-gather" for shape in c.shapes}
     # Inside the layer scan each layer's weights are gathered alone; never the whole stack.

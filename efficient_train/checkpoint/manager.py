@@ -75,7 +75,7 @@ from efficient_train.checkpoint.metadata import (
     metadata_path,
     read_metadata_file,
 )
-from efficient_train.checkpoint.verify import describe, verify_step
+from efficient_train.checkpoint.verify import describe_problems, verify_step
 from efficient_train.errors import RunError, first_line
 from efficient_train.tree_paths import leaf_paths
 
@@ -148,8 +148,9 @@ def without_optimizer(state: Any) -> dict:
 
 
 class Checkpointer:
-    def __init__(self, directory: str, *, keep: int, keep_every: int, async_save: bool) -> None:
+    def __init__(self, directory: str, *, keep: int, keep_every: int, async_save: bool, save_every: int = 0) -> None:
         self.directory = os.path.abspath(directory)
+        self._save_every = save_every
         self._trash()  # refuse a `_deleted` link before Orbax could move steps through it
         self._async = async_save
         self._keep, self._keep_every = keep, keep_every
@@ -172,6 +173,10 @@ class Checkpointer:
         self._verifier = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="efficient_train_verify")
         self._verifying: tuple[int, concurrent.futures.Future] | None = None  # (step, its read-back check)
         self._empty_trash()
+
+    def save_due(self, step: int, *, final: bool) -> bool:
+        """Whether the trainer saves after `step`: every `save_every` steps (0: never on a cadence) and at the last step."""
+        return final or bool(self._save_every and step % self._save_every == 0)
 
     def _trash(self) -> str | None:
         """The retention directory, if it exists; refused if it is not a real directory."""
@@ -284,7 +289,7 @@ class Checkpointer:
         except Exception as error:  # unreadable, or the read failed: not verified either way
             problems = error
         if problems:
-            detail = describe(problems) if isinstance(problems, list) else _named_first_line(problems)
+            detail = describe_problems(problems) if isinstance(problems, list) else _named_first_line(problems)
             log.warning("step %d did not verify when read back: %s", step, detail)
             print(f"WARNING: step {step} did not verify when read back after writing ({detail}); no older step "
                   "is deleted", flush=True)
@@ -372,7 +377,7 @@ class Checkpointer:
                 machine = _machine_error(verify_error) or verify_error
             else:
                 if problems:  # corrupt or missing files surface as many error types: name the leaves
-                    return DamagedCheckpoint(f"step {step}: damaged leaves: {describe(problems)}")
+                    return DamagedCheckpoint(f"step {step}: damaged leaves: {describe_problems(problems)}")
         cause = machine or error
         return CheckpointReadError(
             f"step {step} could not be restored ({_named_first_line(cause)}); its bytes were not proven damaged, "

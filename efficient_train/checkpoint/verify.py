@@ -159,7 +159,7 @@ class VerifiedReader:
         return problems
 
 
-def describe(problems: list[LeafProblem]) -> str:
+def describe_problems(problems: list[LeafProblem]) -> str:
     if not problems:
-        raise CheckpointError("describe() needs at least one problem")
+        raise CheckpointError("describe_problems() needs at least one problem")
     return "; ".join(f"{p.leaf}: {p.problem}" for p in problems)

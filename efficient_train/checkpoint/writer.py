@@ -10,7 +10,7 @@ Orbax's staging of it. The result is an ordinary step directory that `Checkpoint
 Two details make the output identical in form to a trainer's save:
 - Partial saves see one leaf at a time inside nested dicts, so Orbax records every key
   as a dict key and never sees the state's empty nodes (an absent exponent, optax's EmptyState); the
-  tree metadata is rewritten afterwards from a template of the state's structure, or
+  tree metadata is rewritten afterwards from a structure of the state's structure, or
   Orbax would refuse to restore it into that structure.
 - The step is assembled under `.writing-<step>/` and renamed into place only when the
   arrays and the metadata are both complete and on stable storage (every file and
@@ -87,14 +87,14 @@ def _is_empty(node: Any) -> bool:
     return node is None or (isinstance(node, (tuple, list, dict)) and len(node) == 0)
 
 
-def _rewrite_tree_metadata(state_dir: str, template: Any) -> None:
-    """Make Orbax's tree metadata describe `template`: its key kinds and its empty nodes."""
+def _rewrite_tree_metadata(state_dir: str, structure: Any) -> None:
+    """Make Orbax's tree metadata describe `structure`: its key kinds and its empty nodes."""
     path = os.path.join(state_dir, ORBAX_TREE_FILE)
     with open(path, encoding="utf-8") as f:
         raw = json.load(f)
     written = raw["tree_metadata"]
     entries = {}
-    for keys, leaf in jax.tree_util.tree_flatten_with_path(template, is_leaf=_is_empty)[0]:
+    for keys, leaf in jax.tree_util.tree_flatten_with_path(structure, is_leaf=_is_empty)[0]:
         names = tuple(key_name(key) for key in keys)
         key_metadata = [
             {"key": name, "key_type": SEQUENCE_KEY_TYPE if isinstance(key, jax.tree_util.SequenceKey) else DICT_KEY_TYPE}
@@ -156,14 +156,14 @@ def write_checkpoint(
     zero_stage: int = 0,
     seed: int = 0,
     data: dict | None = None,
-    template: Any = None,
+    structure: Any = None,
     flag: str = "DST",
 ) -> str:
     """Write step `step` into checkpoint directory `directory` from (name, array) pairs.
 
     Names are the state's leaf names ("params/blocks/attn/q/kernel"); "step" and
     "skipped_steps" are added when absent. `optimizer=None` marks a params-only
-    checkpoint (training from it starts a fresh optimizer state). `template`, a pytree
+    checkpoint (training from it starts a fresh optimizer state). `structure`, a pytree
     with the state's structure (e.g. its abstract state), makes the tree metadata
     match that structure (see the module docstring); without it every key is a dict key.
     Returns the committed step directory.
@@ -193,7 +193,7 @@ def write_checkpoint(
     staging = os.path.join(wrapper, str(step))
     try:
         _write_staging(staging, step, leaves, model=model, optimizer=optimizer, mesh=mesh, zero_stage=zero_stage,
-                       seed=seed, data=data, template=template)
+                       seed=seed, data=data, structure=structure)
         try:
             _fsync_tree(staging)
             os.rename(staging, final)
@@ -219,7 +219,7 @@ def write_checkpoint(
 
 def _write_staging(staging: str, step: int, leaves: Iterable[tuple[str, Leaf]], *, model: dict,
                    optimizer: dict | None, mesh: dict | None, zero_stage: int, seed: int, data: dict | None,
-                   template: Any) -> None:
+                   structure: Any) -> None:
     """The whole step under `staging`: the arrays (Orbax partial saves), then metadata.json."""
     context = ocp.Context()
     context.array.saving.use_zarr3 = False  # the zarr v2 layout the trainer's saves use
@@ -247,8 +247,8 @@ def _write_staging(staging: str, step: int, leaves: Iterable[tuple[str, Leaf]], 
                 records[name] = LeafRecord((), "int32", _fingerprint(value))
                 orbax(partial.save, staging, unflatten_dict({name: value}, sep="/"))
         orbax(partial.finalize, staging)
-    if template is not None:
-        orbax(_rewrite_tree_metadata, os.path.join(staging, STATE_ITEM), template)
+    if structure is not None:
+        orbax(_rewrite_tree_metadata, os.path.join(staging, STATE_ITEM), structure)
 
     metadata = CheckpointMetadata(FORMAT_VERSION, step, model, mesh or {}, zero_stage, optimizer, data, seed, records)
 

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 from efficient_train.lazy import lazy_attributes
 
 __all__ = [
-    "CompressedAdamState", "Quantized", "adamw", "apply_updates", "decay_mask", "describe", "device_shardings",
+    "CompressedAdamState", "Quantized", "adamw", "apply_updates", "decay_mask", "describe_state", "device_shardings",
     "from_fp32", "is_offloaded", "make_schedule", "quantize_mask", "state_shardings", "to_fp32",
 ]
 __getattr__, __dir__ = lazy_attributes(__name__, {
     **dict.fromkeys(["adamw", "apply_updates", "decay_mask", "quantize_mask"], "efficient_train.optim.optimizer"),
     "CompressedAdamState": "efficient_train.optim.compressed",
-    **dict.fromkeys(["describe", "from_fp32", "to_fp32"], "efficient_train.optim.convert"),
+    **dict.fromkeys(["describe_state", "from_fp32", "to_fp32"], "efficient_train.optim.convert"),
     **dict.fromkeys(["device_shardings", "is_offloaded", "state_shardings"], "efficient_train.optim.placement"),
     "Quantized": "efficient_train.optim.quant",
     "make_schedule": "efficient_train.optim.schedules",
@@ -28,7 +28,7 @@ __getattr__, __dir__ = lazy_attributes(__name__, {
 
 if TYPE_CHECKING:
     from efficient_train.optim.compressed import CompressedAdamState
-    from efficient_train.optim.convert import describe, from_fp32, to_fp32
+    from efficient_train.optim.convert import describe_state, from_fp32, to_fp32
     from efficient_train.optim.optimizer import adamw, apply_updates, decay_mask, quantize_mask
     from efficient_train.optim.placement import device_shardings, is_offloaded, state_shardings
     from efficient_train.optim.quant import Quantized

@@ -9,7 +9,7 @@ counters, so `from_fp32(to_fp32(s), other_optimizer, params)` converts between f
 and an fp32 optax run can continue with compressed states. Conversion to a compressed
 format is lossy by the format's rounding, once.
 
-`describe` is the JSON a checkpoint stores next to the arrays: format version, v
+`describe_state` is the JSON a checkpoint stores next to the arrays: format version, v
 domain, and per quantized leaf its code maps and block size. The arrays themselves
 are ordinary global arrays (codes, scales, exponents) that any mesh can load.
 """
@@ -87,7 +87,7 @@ def from_fp32(moments: optax.ScaleByAdamState, optimizer: optax.GradientTransfor
     return jax.tree.map(convert, optimizer.init(params), is_leaf=is_node)
 
 
-def describe(state: Any) -> dict[str, Any]:
+def describe_state(state: Any) -> dict[str, Any]:
     """JSON-ready description of the stored format (see the module docstring)."""
     node = adam_node(state)
     if isinstance(node, optax.ScaleByAdamState):

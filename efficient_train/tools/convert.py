@@ -16,7 +16,7 @@ holds steps. Then the state is produced leaf by leaf from the source, each leaf 
 against its fingerprint as it is read (verify.VerifiedReader: a damaged source is
 refused, never laundered into a clean-looking copy), and written by writer.py, so
 host memory holds one tensor (one parameter's moments when re-encoding), never the
-model. The target's structure comes from the same `build_program` the trainer uses,
+model. The target's structure comes from the same `build_setup` the trainer uses,
 abstractly, so the output is exactly what `train` on that mesh restores.
 """
 from __future__ import annotations
@@ -137,11 +137,11 @@ def _problems(metadata: CheckpointMetadata, config: ml_collections.ConfigDict, *
 
 def _abstract_state(config: ml_collections.ConfigDict) -> Any:
     from efficient_train.parallel.mesh import make_mesh
-    from efficient_train.train.program import build_program
+    from efficient_train.train.training_setup import build_setup
 
     size = math.prod(config.mesh[axis] for axis in MESH_AXES)
     mesh = make_mesh({axis: config.mesh[axis] for axis in MESH_AXES}, devices=jax.devices()[:size])
-    return build_program(config, mesh).abstract_state
+    return build_setup(config, mesh).abstract_state
 
 
 def _names(tree: Any) -> Any:
@@ -271,7 +271,7 @@ def convert(src: str, dst: str, *, mesh: dict[str, int], zero_stage: int | None 
             dst, metadata.step, leaves(), model=model,
             optimizer=None if target_optimizer is None else config.optimizer.to_dict(),
             mesh={axis: config.mesh[axis] for axis in MESH_AXES}, zero_stage=stage, seed=metadata.seed,
-            data=metadata.data, template=target if target_optimizer is not None else without_optimizer(target),
+            data=metadata.data, structure=target if target_optimizer is not None else without_optimizer(target),
         )
     except LeafDamaged:  # the writer has removed what it wrote; name every damaged leaf convert reads
         damaged = reader.damaged(name for name, _ in leaf_paths(read_tree))

@@ -21,8 +21,8 @@ import ml_collections
 from efficient_train.config import MAX_SIMULATED_DEVICES, ConfigError, validate
 from efficient_train.parallel.mesh import make_mesh
 from efficient_train.train.memory import memory_record
-from efficient_train.train.program import build_program, lm_batch_shapes
 from efficient_train.train.step import build_train_step
+from efficient_train.train.training_setup import build_setup, lm_batch_shapes
 
 GIB = 1024**3
 
@@ -34,15 +34,15 @@ def estimate_memory(config: ml_collections.ConfigDict) -> dict[str, Any]:
                           f"{MAX_SIMULATED_DEVICES} simulated devices")
     mesh_shape = validate(config, jax.device_count(), check_paths=False)
     mesh = make_mesh(mesh_shape)
-    program = build_program(config, mesh)
+    setup = build_setup(config, mesh)
     batch = lm_batch_shapes(config)
-    step = build_train_step(program.spec, program.state_shardings, batch)
-    compiled = step.lower(program.abstract_state, program.abstract_batch(batch)).compile()
+    step = build_train_step(setup.step_def, setup.state_shardings, batch)
+    compiled = step.lower(setup.abstract_state, setup.abstract_batch(batch)).compile()
     return {
         "mesh": mesh_shape,
         "zero_stage": config.zero_stage,
-        "num_params": program.num_params,
-        "per_device_bytes": memory_record(program, compiled),
+        "num_params": setup.num_params,
+        "per_device_bytes": memory_record(setup, compiled),
     }
 
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from efficient_train.parallel.sharding import per_device_bytes
-from efficient_train.train.program import Program
+from efficient_train.train.training_setup import TrainSetup
 
 
-def memory_record(program: Program, compiled: Any) -> dict[str, int]:
+def memory_record(setup: TrainSetup, compiled: Any) -> dict[str, int]:
     """Per-device bytes of the compiled step: state from its shardings, temp from XLA."""
     analysis = compiled.memory_analysis()
-    params = per_device_bytes(program.abstract_state.params, program.state_shardings.params)
-    opt_state = per_device_bytes(program.abstract_state.opt_state, program.state_shardings.opt_state)
+    params = per_device_bytes(setup.abstract_state.params, setup.state_shardings.params)
+    opt_state = per_device_bytes(setup.abstract_state.opt_state, setup.state_shardings.opt_state)
     temp = int(analysis.temp_size_in_bytes)
     total = int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes + temp)
     return {"params": params, "opt_state": opt_state, "temp": temp, "total": total}

@@ -41,11 +41,11 @@ LossFn = Callable[[nnx.Module, Any], Any]
 
 
 @dataclasses.dataclass(frozen=True)
-class StepSpec:
+class StepDefinition:
     """What the step needs besides the state: model structure, plan, optimizer, loss."""
 
     graphdef: nnx.GraphDef
-    template: nnx.State  # abstract parameters with logical axes (+ zero_dim under ZeRO-3)
+    param_structure: nnx.State  # abstract parameters with logical axes (+ zero_dim under ZeRO-3)
     rest: nnx.State | None  # non-parameter module state, held constant
     plan: ShardingPlan
     optimizer: optax.GradientTransformation
@@ -80,29 +80,29 @@ def _axes_over_one(mesh_shape: dict[str, int], axes: tuple[str, ...]) -> tuple[s
     return tuple(axis for axis in axes if mesh_shape[axis] > 1)
 
 
-def make_local_grads(spec: StepSpec) -> Callable:
+def make_local_grads(step_def: StepDefinition) -> Callable:
     """The shard_map body: local gradients reduced over the batch axes, loss sum and weight."""
-    plan = spec.plan
+    plan = step_def.plan
     mesh_shape = dict(plan.mesh.shape)
     zero_axes = plan.zero_axes
     all_batch_axes = _axes_over_one(mesh_shape, MANUAL_AXES)
     replica_axes = _axes_over_one(mesh_shape, ("replica",))
     zero_dims = plan.zero_dims()
-    per_layer = plan.params_sharded and spec.model_gathers_per_layer and bool(zero_axes)
-    gather_upfront = plan.params_sharded and not spec.model_gathers_per_layer and bool(zero_axes)
-    split_sequence = spec.shard_sequence and mesh_shape["sequence"] > 1
+    per_layer = plan.params_sharded and step_def.model_gathers_per_layer and bool(zero_axes)
+    gather_upfront = plan.params_sharded and not step_def.model_gathers_per_layer and bool(zero_axes)
+    split_sequence = step_def.shard_sequence and mesh_shape["sequence"] > 1
 
     def micro_loss(params: dict, micro_batch: Any) -> tuple[jax.Array, jax.Array]:
         if gather_upfront:
             with param_gather.gathering(zero_axes):
-                params = nnx.to_pure_dict(param_gather.gather(as_state(spec.template, params)))
-        model = bind(spec.graphdef, spec.template, params, spec.rest)
+                params = nnx.to_pure_dict(param_gather.gather(as_state(step_def.param_structure, params)))
+        model = bind(step_def.graphdef, step_def.param_structure, params, step_def.rest)
         with contextlib.ExitStack() as contexts:
             if per_layer:
                 contexts.enter_context(param_gather.gathering(zero_axes))
             if split_sequence:
-                contexts.enter_context(sequence_parallel.sharding("sequence", spec.sequence_mode))
-            return loss_terms(spec.loss_fn(model, micro_batch))
+                contexts.enter_context(sequence_parallel.sharding("sequence", step_def.sequence_mode))
+            return loss_terms(step_def.loss_fn(model, micro_batch))
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -118,10 +118,10 @@ def make_local_grads(spec: StepSpec) -> Callable:
         return jax.lax.psum(reduced, replica_axes) if replica_axes else reduced
 
     def local_grads(params: dict, batch: Any) -> tuple[dict, jax.Array, jax.Array]:
-        if spec.grad_accum == 1:
+        if step_def.grad_accum == 1:
             (total, weight), grads = grad_fn(params, batch)
         else:
-            micro_batches = jax.tree.map(lambda x: x.reshape(spec.grad_accum, x.shape[0] // spec.grad_accum, *x.shape[1:]), batch)
+            micro_batches = jax.tree.map(lambda x: x.reshape(step_def.grad_accum, x.shape[0] // step_def.grad_accum, *x.shape[1:]), batch)
 
             def accumulate(carry, micro_batch):
                 grads, total, weight = carry
@@ -138,12 +138,12 @@ def make_local_grads(spec: StepSpec) -> Callable:
     return local_grads
 
 
-def build_train_step(spec: StepSpec, state_shardings: TrainState, example_batch: Any) -> Callable:
+def build_train_step(step_def: StepDefinition, state_shardings: TrainState, example_batch: Any) -> Callable:
     """A jitted `step(state, batch) -> (state, metrics)` with explicit shardings, state donated."""
-    plan = spec.plan
+    plan = step_def.plan
     mesh = plan.mesh
-    local_grads = make_local_grads(spec)
-    manual_batch_specs = batch_specs(example_batch, spec.shard_sequence)
+    local_grads = make_local_grads(step_def)
+    manual_batch_specs = batch_specs(example_batch, step_def.shard_sequence)
     if all(mesh.shape[axis] == 1 for axis in MANUAL_AXES):
         # Nothing to reduce over: skip the map, whose manual region costs the CPU
         # compiler about a third of a single-device step.
@@ -171,11 +171,11 @@ def build_train_step(spec: StepSpec, state_shardings: TrainState, example_batch:
         grad_norm = optax.tree.norm(grads) / weight
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # Normalization by the global weight and clipping, in one pass over the gradients.
-        scale = jnp.minimum(1.0, spec.max_grad_norm / (grad_norm + 1e-6)) / weight
+        scale = jnp.minimum(1.0, step_def.max_grad_norm / (grad_norm + 1e-6)) / weight
         grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)  # bf16 params keep bf16 grads
 
         def apply(params: Any, opt_state: Any) -> tuple[Any, Any]:
-            return apply_updates(spec.optimizer, grads, opt_state, params)
+            return apply_updates(step_def.optimizer, grads, opt_state, params)
 
         opt_state = jax.device_put(state.opt_state, opt_on_device) if offload else state.opt_state
         applied_steps = state.step - state.skipped_steps
@@ -183,7 +183,7 @@ def build_train_step(spec: StepSpec, state_shardings: TrainState, example_batch:
         # it), so these inputs decide; a conditional, not a select of old and new, because
         # the select would hold a second copy of parameters and state (measured: +80% temp
         # memory for int8 states at ZeRO-0). An overflow is still caught: `state_finite`.
-        lr = spec.schedule(applied_steps)
+        lr = step_def.schedule(applied_steps)
         applied = finite & weight_ok & jnp.isfinite(lr)
         new_params, new_opt_state = jax.lax.cond(applied, apply, lambda p, o: (p, o), state.params, opt_state)
         if offload:
@@ -205,7 +205,7 @@ def build_train_step(spec: StepSpec, state_shardings: TrainState, example_batch:
         }
         return new_state, metrics
 
-    batch_shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), batch_specs(example_batch, spec.shard_sequence))
+    batch_shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), batch_specs(example_batch, step_def.shard_sequence))
     return jax.jit(
         step,
         in_shardings=(state_shardings, batch_shardings),

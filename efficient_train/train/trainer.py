@@ -40,7 +40,6 @@ import jax
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
 from efficient_train.checkpoint import Checkpointer, CheckpointWriteError
 from efficient_train.checkpoint.lock import DirectoryInUse, DirectoryLock
@@ -49,11 +48,12 @@ from efficient_train.data import Batch, DataError, DataReadError, LoaderState, b
 from efficient_train.errors import RunError
 from efficient_train.parallel import layout
 from efficient_train.parallel.mesh import make_mesh
+from efficient_train.train.console import ConsoleProgress
 from efficient_train.train.memory import memory_record
 from efficient_train.train.metrics import MetricsWriter, peak_tflops, throughput
-from efficient_train.train.program import build_program, init_state, lm_batch_shapes
 from efficient_train.train.state import TrainState
 from efficient_train.train.step import LossFn, build_train_step
+from efficient_train.train.training_setup import build_setup, init_state, lm_batch_shapes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +77,15 @@ class NonFiniteState(RunError):
 
 
 class Trainer:
+    """One training run: built from a config (the mesh, the data, the training setup, the compiled
+    step, a restored or fresh state), then `fit()` runs the loop.
+
+    The loop's duties are methods a reader finds by name: `_fetch_batch` and `_agree` (every
+    process decides together whether to stop), `_stop_on_data` / `_stop_on_signal` (save, then
+    say why), `_run_step`, `checkpointer.save_due` (the checkpointer's cadence) and `save`,
+    `_log_due` / `_log_record` (the metrics record), `ConsoleProgress` (the console), hooks.
+    """
+
     def __init__(
         self,
         config: ml_collections.ConfigDict,
@@ -121,7 +130,7 @@ class Trainer:
                 raise DataError("data: the iterator yielded no batch; give an iterable of batches (pytrees of "
                                 "arrays whose first dimension is this process's share of the batch)") from None
             global_batch = self._global_shapes(self._first_batch)
-        self.program = build_program(
+        self.setup = build_setup(
             config, self.mesh, model=model, loss_fn=loss_fn, shard_sequence=isinstance(global_batch, Batch)
         )
         checkpoint_dir = config.checkpoint.dir or os.path.join(config.workdir, "checkpoints")
@@ -139,14 +148,16 @@ class Trainer:
                 keep=config.checkpoint.keep,
                 keep_every=config.checkpoint.keep_every,
                 async_save=config.checkpoint["async"],
+                save_every=config.checkpoint.every,
             )
             self.state: TrainState = self._restore_or_init()
         finally:
             self._release_locks()  # fit() and save() take them again while they write
-        self._step_fn = build_train_step(self.program.spec, self.program.state_shardings, global_batch)
-        self.abstract_batch = self.program.abstract_batch(global_batch)
+        self._step_fn = build_train_step(self.setup.step_def, self.setup.state_shardings, global_batch)
+        self.abstract_batch = self.setup.abstract_batch(global_batch)
         self.compiled = self._step_fn.lower(self.state, self.abstract_batch).compile()
         self.writer = MetricsWriter(config.workdir, enabled=self.is_main)
+        self._peak_tflops = peak_tflops(jax.devices()[0])
         self._batch_shardings = jax.tree.map(lambda x: x.sharding, self.abstract_batch)
         # Tokens for a token batch; examples (the leading dim) for a user's batch.
         leading = jax.tree.leaves(global_batch)[0].shape
@@ -181,19 +192,19 @@ class Trainer:
         self._locked = False
 
     def _model_record(self) -> dict:
-        model_config = self.program.model_config
+        model_config = self.setup.model_config
         return {} if model_config is None else dataclasses.asdict(model_config)
 
     def _restore_or_init(self) -> TrainState:
         restored = self.checkpointer.restore_latest(
-            self.program.abstract_state, model=self._model_record(), optimizer=self.config.optimizer.to_dict()
+            self.setup.abstract_state, model=self._model_record(), optimizer=self.config.optimizer.to_dict()
         )
         if restored is None:
-            return init_state(self.program)
+            return init_state(self.setup)
         state, metadata = restored
         self._last_saved_step = metadata.step
         if state.opt_state is None:  # a params-only checkpoint: fine-tuning starts a fresh optimizer
-            init = jax.jit(self.program.spec.optimizer.init, out_shardings=self.program.state_shardings.opt_state)
+            init = jax.jit(self.setup.step_def.optimizer.init, out_shardings=self.setup.state_shardings.opt_state)
             state = state.replace(opt_state=init(state.params))
             if self.is_main:
                 print("the checkpoint holds parameters only: starting a fresh optimizer state", flush=True)
@@ -264,8 +275,8 @@ class Trainer:
             "event": "startup",
             "mesh": dict(self.mesh.shape),
             "zero_stage": self.config.zero_stage,
-            "num_params": self.program.num_params,
-            "per_device_bytes": memory_record(self.program, self.compiled),
+            "num_params": self.setup.num_params,
+            "per_device_bytes": memory_record(self.setup, self.compiled),
             "devices": jax.device_count(),
             "processes": jax.process_count(),
             "device_kind": jax.devices()[0].device_kind,
@@ -357,73 +368,92 @@ class Trainer:
         raise type(error)(f"{error}{saved}") from None
 
     def _fit(self) -> dict[str, Any]:
-        train, every = self.config.train, self.config.checkpoint.every
+        """The loop: each step fetches a batch, stops where every process agrees to, runs, saves
+        when the checkpointer says so, and logs and calls hooks when they are due."""
+        steps = self.config.train.steps
         self.writer.write(self.startup_record())
-        peak = peak_tflops(jax.devices()[0])
-        seq_len = self.config.data.seq_len
-        progress = tqdm(total=train.steps, initial=int(self.state.step), disable=not self.is_main, dynamic_ncols=True)
+        console = ConsoleProgress(steps, int(self.state.step), self.is_main)
         try:  # an error (a failed save included) leaves a closed bar and file, so it is the last thing printed
             record: dict[str, Any] = {"step": int(self.state.step)}
-            interval_start, interval_steps = time.perf_counter(), 0
-            first_step = True
-            while int(self.state.step) < train.steps:
+            interval, first_step = _Interval(), True
+            while int(self.state.step) < steps:
                 step = int(self.state.step)
                 loader_state = None if self.loader is None else self.loader.state()  # before this batch
-                batch, problem = None, None
-                try:
-                    batch = self._next_batch()
-                except (StopIteration, DataError, DataReadError) as error:
-                    problem = error
+                batch, problem = self._fetch_batch()
                 stop_signal, problem = self._agree(problem)
                 if problem is not None:
                     self._stop_on_data(step, loader_state, problem)
                     self.stop_reason = "data_exhausted"
                     break
-                if stop_signal is not None:  # at the step boundary: the last step's state is saved
-                    if self._last_saved_step != step:
-                        self.save(loader_state)
-                    self.writer.write({"event": "preempted", "signal": stop_signal, "step": step})
-                    self.stop_reason = stop_signal
+                if stop_signal is not None:
+                    self._stop_on_signal(step, loader_state, stop_signal)
                     break
                 metrics = self._run_step(batch)
                 step = int(self.state.step)
-                if first_step and self._custom_loss:  # a loss_fn bug shows at its first step
-                    self._check_loss_weight(step, metrics)
+                if first_step and self._custom_loss:
+                    self._check_loss_weight(step, metrics)  # a loss_fn bug shows at its first step
                 first_step = False
-                interval_steps += 1
-                progress.update(1)
-                if step == train.steps or (every and step % every == 0):
+                interval.steps += 1
+                console.advance()
+                if self.checkpointer.save_due(step, final=step == steps):
                     self.save()
                 due_hooks = [hook for hook in self.hooks if step % hook.every == 0]
-                if step % train.log_every and step != train.steps and not due_hooks:
+                if not (self._log_due(step) or due_hooks):
                     continue
-                self._check_state_finite(step)
-                fetched = {name: float(value) for name, value in jax.device_get(metrics).items()
-                           if name not in GUARD_METRICS}
-                elapsed = time.perf_counter() - interval_start
-                record = {"step": step, **fetched}
-                record.update(
-                    throughput(
-                        tokens_per_step=self.tokens_per_step,
-                        step_time_s=elapsed / interval_steps,
-                        flops_per_token=self.program.flops_per_token(seq_len),
-                        num_devices=jax.device_count(),
-                        peak=peak,
-                    )
-                )
-                if self.loader is not None:
-                    record.update(self.loader.metrics())  # a mixture's realized shares
+                record = self._log_record(step, metrics, interval)
                 self.writer.write(record)
-                progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-                if self.is_main:
-                    progress.write(
-                        f"step {step:>6} | loss {record['loss']:.4f} | grad_norm {record['grad_norm']:.3f} | "
-                        f"lr {record['lr']:.2e} | {record['tokens_per_sec']:.0f} tok/s"
-                    )
+                console.report(record)
                 for hook in due_hooks:
                     hook.fn(self, step, record)
-                interval_start, interval_steps = time.perf_counter(), 0
+                interval = _Interval()
         finally:
-            progress.close()
+            console.close()
             self.writer.close()
         return record
+
+    def _fetch_batch(self) -> tuple[Any, BaseException | None]:
+        """(this process's next batch, None), or (None, the problem that kept it from loading)."""
+        try:
+            return self._next_batch(), None
+        except (StopIteration, DataError, DataReadError) as error:
+            return None, error
+
+    def _stop_on_signal(self, step: int, loader_state: LoaderState | None, stop_signal: str) -> None:
+        """Preemption (SIGTERM) or Ctrl-C, at a step boundary: save this step's state (if not yet saved) and record why."""
+        if self._last_saved_step != step:
+            self.save(loader_state)
+        self.writer.write({"event": "preempted", "signal": stop_signal, "step": step})
+        self.stop_reason = stop_signal
+
+    def _log_due(self, step: int) -> bool:
+        return step % self.config.train.log_every == 0 or step == self.config.train.steps
+
+    def _log_record(self, step: int, metrics: dict[str, jax.Array], interval: "_Interval") -> dict[str, Any]:
+        """The metrics record of a logged step: the step's scalars, throughput over the steps since
+        the last record, and the loader's own figures (a mixture's realized shares)."""
+        self._check_state_finite(step)
+        fetched = {name: float(value) for name, value in jax.device_get(metrics).items() if name not in GUARD_METRICS}
+        record = {"step": step, **fetched}
+        record.update(
+            throughput(
+                tokens_per_step=self.tokens_per_step,
+                step_time_s=interval.seconds() / interval.steps,
+                flops_per_token=self.setup.flops_per_token(self.config.data.seq_len),
+                num_devices=jax.device_count(),
+                peak=self._peak_tflops,
+            )
+        )
+        if self.loader is not None:
+            record.update(self.loader.metrics())
+        return record
+
+
+@dataclasses.dataclass
+class _Interval:
+    """The steps run since the last metrics record, and when they started (for throughput)."""
+
+    steps: int = 0
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start

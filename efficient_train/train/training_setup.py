@@ -1,6 +1,6 @@
 """Everything about a training run that is decided before any array exists.
 
-`build_program` turns a config (and optionally the user's own module and loss) into
+`build_setup` turns a config (and optionally the user's own module and loss) into
 the model structure, the sharding plan, the optimizer and the shardings of a
 TrainState, all from abstract shapes. The Trainer then materializes the state; the
 `estimate` command instead lowers the step on abstract inputs and reads the
@@ -27,22 +27,22 @@ from efficient_train.parallel.param_gather import ZERO_DIM
 from efficient_train.parallel.sharding import ShardingPlan, plan_sharding
 from efficient_train.train.loss import next_token_loss
 from efficient_train.train.state import TrainState, set_metadata
-from efficient_train.train.step import LossFn, StepSpec
+from efficient_train.train.step import LossFn, StepDefinition
 
 
 @dataclasses.dataclass(frozen=True)
-class Program:
+class TrainSetup:
     config: ml_collections.ConfigDict
     mesh: Mesh
     create_model: Callable[[], nnx.Module]
     model_config: ModelConfig | None  # None for a user's own module
-    spec: StepSpec
+    step_def: StepDefinition
     abstract_state: TrainState  # ShapeDtypeStructs
     state_shardings: TrainState  # NamedShardings
 
     @property
     def plan(self) -> ShardingPlan:
-        return self.spec.plan
+        return self.step_def.plan
 
     @property
     def num_params(self) -> int:
@@ -57,7 +57,7 @@ class Program:
         """ShapeDtypeStructs with the step's batch shardings, for lowering without data."""
         from efficient_train.train.step import batch_specs
 
-        specs = batch_specs(global_batch, self.spec.shard_sequence)
+        specs = batch_specs(global_batch, self.step_def.shard_sequence)
         return jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(self.mesh, s)), global_batch, specs
         )
@@ -70,14 +70,14 @@ def lm_batch_shapes(config: ml_collections.ConfigDict) -> Batch:
     return Batch(inputs=ints, targets=ints, positions=ints, segment_ids=ints, loss_weights=jax.ShapeDtypeStruct(shape, jnp.float32))
 
 
-def build_program(
+def build_setup(
     config: ml_collections.ConfigDict,
     mesh: Mesh,
     *,
     model: nnx.Module | None = None,
     loss_fn: LossFn | None = None,
     shard_sequence: bool = True,
-) -> Program:
+) -> TrainSetup:
     model_config = None
     if model is None:
         model_config = ModelConfig.from_config_dict(config.model, attention_impl=config.attention.impl,
@@ -95,7 +95,7 @@ def build_program(
             is_leaf=lambda x: isinstance(x, nnx.Variable),
         )
     plan = plan_sharding(abstract_params, mesh, config.zero_stage)
-    template = set_metadata(abstract_params, ZERO_DIM, plan.zero_dims()) if plan.params_sharded else abstract_params
+    param_structure = set_metadata(abstract_params, ZERO_DIM, plan.zero_dims()) if plan.params_sharded else abstract_params
 
     train = config.train
     schedule = make_schedule(train.schedule, train.learning_rate, train.warmup_steps, train.steps, train.min_lr_ratio)
@@ -123,9 +123,9 @@ def build_program(
         TrainState(step=int_scalar, params=pure_params, opt_state=abstract_opt_state, skipped_steps=int_scalar),
         state_shardings,
     )
-    spec = StepSpec(
+    step_def = StepDefinition(
         graphdef=graphdef,
-        template=template,
+        param_structure=param_structure,
         rest=rest if len(jax.tree.leaves(rest)) else None,
         plan=plan,
         optimizer=optimizer,
@@ -137,25 +137,25 @@ def build_program(
         shard_sequence=shard_sequence,
         sequence_mode=config.sequence_parallel.mode,
     )
-    return Program(config, mesh, create_model, model_config, spec, abstract_state, state_shardings)
+    return TrainSetup(config, mesh, create_model, model_config, step_def, abstract_state, state_shardings)
 
 
-def init_state(program: Program) -> TrainState:
+def init_state(setup: TrainSetup) -> TrainState:
     """Materialize parameters and optimizer state directly in their shardings."""
-    spec = program.spec
+    step_def = setup.step_def
 
     def init() -> TrainState:
         with nnx.use_eager_sharding(False):
-            model = program.create_model()
+            model = setup.create_model()
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         zero = jnp.zeros((), jnp.int32)
-        return TrainState(step=zero, params=params, opt_state=spec.optimizer.init(params), skipped_steps=zero)
+        return TrainState(step=zero, params=params, opt_state=step_def.optimizer.init(params), skipped_steps=zero)
 
-    if program.model_config is not None:
-        return jax.jit(init, out_shardings=program.state_shardings)()
+    if setup.model_config is not None:
+        return jax.jit(init, out_shardings=setup.state_shardings)()
     # A user's module already holds concrete arrays: place them, then init the optimizer there.
-    params = jax.device_put(nnx.to_pure_dict(nnx.state(program.create_model(), nnx.Param)), program.state_shardings.params)
-    opt_state = jax.jit(spec.optimizer.init, out_shardings=program.state_shardings.opt_state)(params)
+    params = jax.device_put(nnx.to_pure_dict(nnx.state(setup.create_model(), nnx.Param)), setup.state_shardings.params)
+    opt_state = jax.jit(step_def.optimizer.init, out_shardings=setup.state_shardings.opt_state)(params)
     # Two buffers: the state is donated, and one buffer may not be donated twice.
-    step, skipped = (jax.device_put(jnp.zeros((), jnp.int32), program.state_shardings.step) for _ in range(2))
+    step, skipped = (jax.device_put(jnp.zeros((), jnp.int32), setup.state_shardings.step) for _ in range(2))
     return TrainState(step=step, params=params, opt_state=opt_state, skipped_steps=skipped)
