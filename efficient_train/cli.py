@@ -4,6 +4,11 @@
                           [--coordinator HOST:PORT --num_processes N --process_id I]
                           [--devices N]
     efficient-train estimate [--config FILE] [--config.FIELD=VALUE ...] [--devices N] [--json]
+    efficient-train eval --checkpoint CKPT [--data SETS] [--steps N] [--config FILE] [--config.FIELD=VALUE ...]
+                          [--devices N]
+    efficient-train generate --checkpoint CKPT --prompt TEXT [--prompt TEXT ...] [--tokenizer T]
+                          [--max_new_tokens N] [--temperature T] [--top_p P] [--top_k K] [--seed S]
+                          [--config FILE] [--config.FIELD=VALUE ...] [--devices N]
     efficient-train prepare --input FILES_OR_GLOBS --output DIR [--tokenizer T] [--format text|jsonl|parquet|chat]
                           [--field F] [--validation_fraction F] [--workers N] [--on_error fatal|skip]
     efficient-train checkpoint inspect|verify CKPT
@@ -63,10 +68,27 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="efficient-train", description="Distributed LLM training on JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("train", "train a model; resumes from the newest checkpoint in the work directory"),
-                            ("estimate", "per-device memory of a config's train step, compile only")):
+                            ("estimate", "per-device memory of a config's train step, compile only"),
+                            ("eval", "loss, perplexity and bits per byte of a checkpoint on evaluation sets"),
+                            ("generate", "continue text prompts with a checkpoint's model (KV-cache decoding)")):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--config", default=None, help="a configs/*.py file (default: the tiny recipe)")
         sub.add_argument("--devices", type=int, default=None, help="simulate N CPU devices")
+        if name in ("eval", "generate"):
+            sub.add_argument("--checkpoint", required=True, help="a checkpoint directory (its newest step) or a step")
+        if name == "eval":
+            sub.add_argument("--data", default=None, help="eval.sets entries: validation, NAME=DIR, "
+                             "NAME=SOURCE:PATH (default: the config's eval.sets)")
+            sub.add_argument("--steps", type=int, default=None, help="batches per set (0: each set whole)")
+        if name == "generate":
+            sub.add_argument("--prompt", action="append", required=True, help="text to continue (repeatable: a batch)")
+            sub.add_argument("--tokenizer", default=None, help="tokenizer.json or model directory (default: "
+                             "data.tokenizer; empty: UTF-8 bytes)")
+            sub.add_argument("--max_new_tokens", type=int, default=64)
+            sub.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+            sub.add_argument("--top_p", type=float, default=1.0)
+            sub.add_argument("--top_k", type=int, default=0)
+            sub.add_argument("--seed", type=int, default=0)
         if name == "estimate":
             sub.add_argument("--json", action="store_true", help="print one JSON record instead of a table")
         if name == "train":
@@ -216,6 +238,47 @@ def _estimate(config, as_json: bool) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace, config) -> int:
+    from efficient_train.data.eval_sets import check_eval_sets
+    from efficient_train.tools.checkpoint_model import load_checkpoint_model
+    from efficient_train.train.console import eval_line
+    from efficient_train.train.evaluation import Evaluator
+    from efficient_train.train.training_setup import lm_batch_shapes
+
+    if args.data is not None:
+        config.eval.sets = args.data
+    if args.steps is not None:
+        config.eval.steps = args.steps
+    validate_fields(config)
+    if not config.eval.sets.strip():
+        raise UsageError("--data: no evaluation set; give e.g. --data validation (data.path's validation split), "
+                         "--data NAME=DIR (a prepared directory) or --data NAME=text:PATH")
+    check_eval_sets(config.eval.sets, config.data)
+    loaded = load_checkpoint_model(args.checkpoint, config)
+    abstract_batch = loaded.setup.abstract_batch(lm_batch_shapes(loaded.config))
+    record = Evaluator.from_config(loaded.config, loaded.setup, abstract_batch).run(loaded.params, loaded.step)
+    print(eval_line(record))
+    print(json.dumps({"checkpoint": loaded.step_dir, **record}))
+    return 0
+
+
+def _generate(args: argparse.Namespace, config) -> int:
+    from efficient_train.generate import SamplingOptions, complete
+    from efficient_train.tools.checkpoint_model import load_checkpoint_model
+
+    options = SamplingOptions(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    options.check()  # before the checkpoint is read
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max_new_tokens: {args.max_new_tokens} must be >= 1")
+    tokenizer = config.data.tokenizer if args.tokenizer is None else args.tokenizer
+    loaded = load_checkpoint_model(args.checkpoint, config)
+    texts = complete(loaded.module(), args.prompt, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens,
+                     options=options, seed=args.seed)
+    for i, (prompt, text) in enumerate(zip(args.prompt, texts)):
+        print(("" if i == 0 else "\n---\n") + prompt + text)
+    return 0
+
+
 def _device_count(args: argparse.Namespace, config) -> int | None:
     """The simulated device count: --devices, or for `estimate` the mesh's size; None: jax's own."""
     devices = args.devices
@@ -258,6 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _simulate_devices(devices)
         if args.command == "train":
             validate_paths(config)  # os.stat only; before the backend starts or anything is written
+        if args.command in ("eval", "generate"):
+            return _eval(args, config) if args.command == "eval" else _generate(args, config)
         return _train(args, config) if args.command == "train" else _estimate(config, args.json)
     except RunError as error:  # not bad input: the disk, the filesystem or the data on it failed
         from efficient_train.train.library_log import details_hint

@@ -41,6 +41,8 @@ from typing import Any
 import ml_collections
 
 from efficient_train.data import SOURCES as DATA_SOURCES
+from efficient_train.data.errors import DataError
+from efficient_train.data.eval_sets import parse_eval_sets
 from efficient_train.data.sources import TOKEN_DTYPES
 from efficient_train.errors import ConfigError, InputError
 from efficient_train.models.choices import ATTENTION_IMPLS, DTYPES, NORM_IMPLS, REMAT_POLICIES
@@ -57,6 +59,7 @@ MAX_SEED = 2**32 - 1
 # devices (beyond, XLA refuses: "Multiprocess computations aren't implemented"), and
 # starting it takes seconds per thousand devices.
 MAX_SIMULATED_DEVICES = 2048
+WANDB_MODES = ("online", "offline")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -142,6 +145,21 @@ def default_config() -> ml_collections.ConfigDict:
     # dir "" = <workdir>/checkpoints; every 0 = only at the end (and on SIGTERM);
     # keep the newest `keep` plus every `keep_every`-th step (0 = none extra).
     c.checkpoint = ml_collections.ConfigDict({"dir": "", "every": 50, "keep": 3, "keep_every": 0, "async": True})
+    # Evaluation (train/evaluation.py): sets "" = none; "validation" (data.path's validation split),
+    # "NAME=DIR" (a prepared directory's validation split), "NAME=SOURCE:PATH" (text, jsonl, tokens),
+    # comma-separated. Every `every` steps (0: only at the end) and at the end of the run, `steps`
+    # batches of train.batch_size rows per set (0: each set whole).
+    c.eval = ml_collections.ConfigDict(dict(sets="", every=0, steps=20))
+    # Trackers (train/records.py): TensorBoard event files in <workdir>/tensorboard; Weights & Biases
+    # when wandb.project is set (mode "offline" needs no network; `pip install efficient-train[wandb]`).
+    c.tracker = ml_collections.ConfigDict(dict(
+        tensorboard=True, wandb=ml_collections.ConfigDict(dict(project="", entity="", name="", mode="online"))))
+    # A jax.profiler trace of the steps numbered start_step .. start_step + steps - 1 into
+    # <workdir>/profile (TensorBoard's profile plugin, Perfetto); steps 0 = no trace.
+    c.profile = ml_collections.ConfigDict(dict(start_step=10, steps=0))
+    # Samples printed every `every` steps (0: never): `prompt` continued by `max_new_tokens` tokens,
+    # with data.tokenizer (bytes when empty); temperature 0 is greedy.
+    c.sample = ml_collections.ConfigDict(dict(every=0, prompt="", max_new_tokens=64, temperature=0.0))
     c.lock()
     return c
 
@@ -449,7 +467,7 @@ def validate_fields(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"zero_stage: {config.zero_stage!r} is out of range; allowed 0, 1, 2, 3")
     if not config.workdir.strip():
         raise ConfigError(f"workdir: {config.workdir!r} is empty; give a directory for metrics and checkpoints")
-    for field in ("workdir", "checkpoint.dir", "data.path", "data.tokenizer", "data.mixture"):
+    for field in ("workdir", "checkpoint.dir", "data.path", "data.tokenizer", "data.mixture", "eval.sets"):
         if "\0" in _get(config, field):
             raise ConfigError(f"{field}: {_get(config, field)!r} contains a NUL byte, which no path may hold")
     for field in (
@@ -462,8 +480,20 @@ def validate_fields(config: ml_collections.ConfigDict) -> None:
         _check_positive(config, field)
     for field in ("train.warmup_steps", "train.min_lr_ratio", "optimizer.weight_decay",
                   "optimizer.min_quantized_size", "checkpoint.every", "checkpoint.keep", "checkpoint.keep_every",
-                  "data.seed"):
+                  "data.seed", "eval.every", "eval.steps", "profile.steps", "sample.every", "sample.temperature"):
         _check_positive(config, field, allow_zero=True)
+    for field in ("profile.start_step", "sample.max_new_tokens"):
+        _check_positive(config, field)
+    _check_choice(config, "tracker.wandb.mode", WANDB_MODES)
+    try:
+        parse_eval_sets(config.eval.sets)
+    except DataError as error:
+        raise ConfigError(str(error)) from None
+    if config.eval.every and not config.eval.sets.strip():
+        raise ConfigError(f"eval.every: {config.eval.every} evaluates no set; name them in eval.sets (e.g. "
+                          "'validation' for data.path's validation split) or set eval.every=0")
+    if config.sample.every and not config.sample.prompt:
+        raise ConfigError(f"sample.every: {config.sample.every} needs sample.prompt, the text samples continue")
     _check_range(config, "seed", 0, MAX_SEED)
     _check_range(config, "train.min_lr_ratio", 0.0, 1.0)
     for field in ("optimizer.b1", "optimizer.b2"):
@@ -545,8 +575,10 @@ def validate_paths(config: ml_collections.ConfigDict) -> None:
     """
     _check_paths(config)
     from efficient_train.data import check_data_config
+    from efficient_train.data.eval_sets import check_eval_sets
 
     try:
         check_data_config(config.data, config.model.vocab_size)
+        check_eval_sets(config.eval.sets, config.data)
     except ValueError as error:
         raise ConfigError(str(error)) from None

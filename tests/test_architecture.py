@@ -32,9 +32,12 @@ ALLOWED: dict[str, set[str]] = {
     "efficient_train.data": LEAVES | {"efficient_train.parallel"},
     "efficient_train.checkpoint": LEAVES | {"efficient_train.parallel"},
     "efficient_train.config": LEAVES | PLAIN_CHOICES,
+    # Decoding with a KV cache: the model, the tokenizers, the mesh rules; below train (its sample hook).
+    "efficient_train.generate": LEAVES | {"pallas_kernels", "efficient_train.parallel", "efficient_train.models",
+                                          "efficient_train.data"},
     "efficient_train.train": LEAVES | {"pallas_kernels", "efficient_train.parallel", "efficient_train.models",
                                        "efficient_train.optim", "efficient_train.data", "efficient_train.checkpoint",
-                                       "efficient_train.config"},
+                                       "efficient_train.config", "efficient_train.generate"},
     "efficient_train.tools": LEAVES | {"efficient_train.parallel", "efficient_train.models", "efficient_train.optim",
                                        "efficient_train.checkpoint", "efficient_train.config", "efficient_train.train"},
     "efficient_train.hf": {"efficient_train.tools"},  # the deprecated name of tools.hf
@@ -123,7 +126,7 @@ def test_the_checker_sees_an_upward_import(tmp_path):
 
 @pytest.mark.parametrize("package", ["efficient_train", "efficient_train.parallel", "efficient_train.models",
                                      "efficient_train.models.llama", "efficient_train.optim", "efficient_train.data",
-                                     "efficient_train.checkpoint", "efficient_train.train"])
+                                     "efficient_train.checkpoint", "efficient_train.train", "efficient_train.generate"])
 def test_no_lazy_name_is_shadowed_by_a_submodule(package):
     """A lazily exported name equal to a submodule's name would turn into that module once the
     submodule is imported (Python sets the package attribute), so none may be."""

@@ -172,6 +172,11 @@ class DataLoader:
         return len(self._windows)
 
     @property
+    def bytes_per_token(self) -> float | None:
+        """The source's UTF-8 bytes per token where known (evaluation's bits per byte)."""
+        return self._windows.source.bytes_per_token
+
+    @property
     def batch_shape(self) -> tuple[int, int]:
         """Shape of every array of the batches this process gets."""
         return (self.local_batch_size, self.seq_len)

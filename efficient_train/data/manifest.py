@@ -8,7 +8,8 @@
 The manifest's `identity` (format version, tokenizer fingerprint and vocabulary, input
 format and field, validation fraction, shard size, token dtype, and every input's size
 and sha256) says what the directory is prepared from; `shards` lists the committed units
-with their document and token counts per split; `complete` is true once every unit is
+with their document and token counts per split (and, except for chat, the UTF-8 bytes
+of the documents' text, which evaluation's bits per byte divides by); `complete` is true once every unit is
 committed. A shard file is listed only after it was written to a temporary name,
 fsynced and renamed, so a listed shard is whole; files not listed are ignored. The
 manifest itself is replaced atomically (temporary file, fsync, rename, directory fsync).

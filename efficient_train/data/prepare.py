@@ -332,6 +332,7 @@ def prepare_unit(unit: int, pieces: list[Piece]) -> dict[str, Any]:
     options: Options = _WORKER["options"]
     tokenizer: Tokenizer = _WORKER["tokenizer"]
     out: dict[str, dict[str, list[np.ndarray]]] = {split: {"ids": [], "mask": []} for split in SPLITS}
+    text_bytes = dict.fromkeys(SPLITS, 0)  # UTF-8 bytes of the text documents (bits per byte in evaluation)
     pending: list[tuple[str, str]] = []
     stats: dict[str, Any] = {"skipped": 0, "empty": 0, "errors": []}
 
@@ -344,8 +345,9 @@ def prepare_unit(unit: int, pieces: list[Piece]) -> dict[str, Any]:
             out[split]["mask"].append(mask)
 
     def flush() -> None:
-        for (split, _), ids in zip(pending, tokenizer.encode_documents([text for _, text in pending])):
+        for (split, text), ids in zip(pending, tokenizer.encode_documents([text for _, text in pending])):
             add(split, ids, None)
+            text_bytes[split] += len(text.encode("utf-8")) if len(ids) else 0
         pending.clear()
 
     for piece in pieces:
@@ -374,6 +376,8 @@ def prepare_unit(unit: int, pieces: list[Piece]) -> dict[str, Any]:
     try:
         for split in SPLITS:
             stats[split] = _write_split(options, unit, split, out[split]["ids"], out[split]["mask"])
+            if options.fmt != "chat":  # a chat document's text is its template's rendering, not the data's bytes
+                stats[split]["bytes"] = text_bytes[split]
         fsync_directory(Path(options.output) / SHARD_DIR)
     except OSError as error:
         raise DataWriteError(f"--output: writing shard {unit} in '{options.output}' failed: "
@@ -496,6 +500,9 @@ def _totals(manifest: dict[str, Any]) -> dict[str, Any]:
     shards = manifest["shards"].values()
     totals: dict[str, Any] = {split: {key: sum(s[split][key] for s in shards) for key in ("documents", "tokens")}
                               for split in SPLITS}
+    for split in SPLITS:
+        if all("bytes" in s[split] for s in shards):  # shards committed before bytes were counted have none
+            totals[split]["bytes"] = sum(s[split]["bytes"] for s in shards)
     totals.update(skipped=sum(s["skipped"] for s in shards), empty=sum(s["empty"] for s in shards))
     return totals
 

@@ -27,6 +27,7 @@ import numpy as np
 from efficient_train.data.errors import DataError, stat_regular
 from efficient_train.data.manifest import SPLITS, check_shard_size, read_manifest, shard_path
 from efficient_train.data.sources import TokenSource
+from efficient_train.data.tokenizer import Tokenizer
 
 
 def open_manifest(directory: str | os.PathLike, what: str) -> dict[str, Any]:
@@ -43,6 +44,17 @@ def open_manifest(directory: str | os.PathLike, what: str) -> dict[str, Any]:
 
 def identity_hash(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(manifest["identity"], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _bytes_per_token(manifest: dict[str, Any], split: str, tokenizer_fingerprint: str) -> float | None:
+    """The split's UTF-8 bytes per token: exactly 1 for the byte-level tokenizer, else from the
+    shards' byte counts; None when a shard has none (chat, or prepared before they were counted)."""
+    if tokenizer_fingerprint == Tokenizer.fingerprint:
+        return 1.0
+    counts = [shard[split] for shard in manifest["shards"].values() if shard[split]["documents"]]
+    if not all("bytes" in count for count in counts):
+        return None
+    return sum(count["bytes"] for count in counts) / sum(count["tokens"] for count in counts)
 
 
 class PreparedSource(TokenSource):
@@ -82,6 +94,7 @@ class PreparedSource(TokenSource):
         if not self._tokens:
             raise DataError(f"{what}: '{directory}' has no {split} documents")
         self._lengths = np.concatenate([np.diff(offsets) for offsets in self._offsets])
+        self.bytes_per_token = _bytes_per_token(manifest, split, self.tokenizer_fingerprint)
         self._first_doc = np.cumsum([0] + [len(o) - 1 for o in self._offsets])
         self._fingerprint = f"prepared-v1:{split}:{identity_hash(manifest)}"
 

@@ -69,6 +69,8 @@ class TokenSource(abc.ABC):
     vocab_size: int | None
     # True when some tokens are never targets (chat: prompts); read_mask then says which.
     has_loss_mask = False
+    # UTF-8 bytes of text per token where known (1.0 byte-level; evaluation's bits per byte), else None.
+    bytes_per_token: float | None = None
 
     def document_lengths(self) -> np.ndarray:
         """int64 length of every document, in document order."""
@@ -359,6 +361,7 @@ class TextSource(_BufferSource):
         if not docs:
             raise DataError(f"data.path: no non-empty files under {', '.join(repr(str(r)) for r in roots)}")
         self._where = str(roots[0]) if len(roots) == 1 else f"{len(roots)} paths"
+        self.bytes_per_token = 1.0
         super().__init__(docs, np.uint8, 256)
 
     def _describe(self) -> str:
@@ -557,6 +560,7 @@ class JsonlSource(_BufferSource):
         if not docs:
             raise DataError(f"data.path: '{path}' has no non-empty '{field}' documents")
         self.is_text = kind is str
+        self.bytes_per_token = 1.0 if self.is_text else None
         super().__init__(docs, np.int32, 256 if self.is_text and vocab_size is None else vocab_size)
 
     @staticmethod

@@ -66,6 +66,22 @@ class Tokenizer:
     def encode_chat(self, text: str) -> Encoded:
         raise DataError("--format chat needs a tokenizer with a chat template; the byte-level default has none")
 
+    def encode_prompt(self, text: str) -> np.ndarray:
+        """A prompt to continue: a document's start (its bos, if any), never its end."""
+        return self.encode_documents([text])[0]
+
+    def decode(self, ids: list[int]) -> str:
+        """Generated ids as text: invalid UTF-8, and ids beyond a byte (a model with a larger
+        vocabulary than its byte-level data), show as U+FFFD."""
+        pieces, run = [], bytearray()
+        for token in ids:
+            if 0 <= token < 256:
+                run.append(token)
+                continue
+            pieces.append(run.decode("utf-8", errors="replace") + "\ufffd")
+            run = bytearray()
+        return "".join(pieces) + run.decode("utf-8", errors="replace")
+
 
 class HFTokenizer(Tokenizer):
     """A `tokenizers.Tokenizer` from tokenizer.json, with tokenizer_config.json's rules."""
@@ -122,6 +138,15 @@ class HFTokenizer(Tokenizer):
         head = [self.bos_id] if add_bos else []
         tail = [self.eos_id] if add_eos else []
         return [np.array(head + e.ids + tail, dtype=np.int64) for e in encodings]
+
+    def encode_prompt(self, text: str) -> np.ndarray:
+        if self._add is None:  # the post-processor's template (Llama 3: bos; GPT-2: nothing)
+            return np.array(self._tokenizer.encode(text).ids, dtype=np.int64)
+        head = [self.bos_id] if self._add[0] else []
+        return np.array(head + self._tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=False)
 
     def encode_chat(self, text: str) -> Encoded:
         encoding = self._tokenizer.encode(text, add_special_tokens=False)

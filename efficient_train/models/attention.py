@@ -37,6 +37,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from efficient_train.models import kv_cache
 from efficient_train.models.choices import ATTENTION_IMPLS
 from efficient_train.parallel import all_gather, ring, ulysses
 from efficient_train.parallel import sequence as sequence_parallel
@@ -63,6 +64,11 @@ def attention(
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    cache = kv_cache.active()
+    if cache is not None:  # decoding (generate/): this layer's keys and values join its KV cache
+        local = functools.partial(_local_attention, causal=causal, impl="xla" if impl == "pallas" else impl,
+                                  scale=scale)  # the Pallas kernel's causal mask assumes the keys are the queries
+        return cache.attend(q, k, v, segment_ids=segment_ids, positions=positions, local=local)
     sp = sequence_parallel.active()
     if sp is None:
         return _local_attention(q, k, v, segment_ids=segment_ids, positions=positions,

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -76,23 +77,38 @@ def batch_specs(batch: Any, shard_sequence: bool) -> Any:
     return jax.tree.map(lambda x: batch_spec(len(x.shape), shard_sequence), batch)
 
 
+def place_batch(local_batch: Any, shardings: Any) -> Any:
+    """This process's rows of a batch as global arrays in the step's batch shardings."""
+    return jax.tree.map(lambda x, sharding: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                        local_batch, shardings)
+
+
 def _axes_over_one(mesh_shape: dict[str, int], axes: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(axis for axis in axes if mesh_shape[axis] > 1)
 
 
-def make_local_grads(step_def: StepDefinition) -> Callable:
-    """The shard_map body: local gradients reduced over the batch axes, loss sum and weight."""
+def batch_axes(mesh_shape: dict[str, int]) -> tuple[str, ...]:
+    """The manual axes the batch is split over that have more than one device (what sums reduce over)."""
+    return _axes_over_one(mesh_shape, MANUAL_AXES)
+
+
+def micro_batches(batch: Any, count: int) -> Any:
+    """[B, ...] leaves as [count, B / count, ...]: the scan over gradient-accumulation micro-batches."""
+    return jax.tree.map(lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]), batch)
+
+
+def make_local_loss(step_def: StepDefinition) -> Callable[[dict, Any], tuple[jax.Array, jax.Array]]:
+    """(local parameters, local batch) -> the loss's (sum, weight) on this device's tokens, as the
+    step's shard_map body sees them: ZeRO-3 gathers and the sequence split are opened here. The
+    train step differentiates it; evaluation (evaluation.py) runs it forward only."""
     plan = step_def.plan
     mesh_shape = dict(plan.mesh.shape)
     zero_axes = plan.zero_axes
-    all_batch_axes = _axes_over_one(mesh_shape, MANUAL_AXES)
-    replica_axes = _axes_over_one(mesh_shape, ("replica",))
-    zero_dims = plan.zero_dims()
     per_layer = plan.params_sharded and step_def.model_gathers_per_layer and bool(zero_axes)
     gather_upfront = plan.params_sharded and not step_def.model_gathers_per_layer and bool(zero_axes)
     split_sequence = step_def.shard_sequence and mesh_shape["sequence"] > 1
 
-    def micro_loss(params: dict, micro_batch: Any) -> tuple[jax.Array, jax.Array]:
+    def local_loss(params: dict, micro_batch: Any) -> tuple[jax.Array, jax.Array]:
         if gather_upfront:
             with param_gather.gathering(zero_axes):
                 params = nnx.to_pure_dict(param_gather.gather(as_state(step_def.param_structure, params)))
@@ -104,7 +120,18 @@ def make_local_grads(step_def: StepDefinition) -> Callable:
                 contexts.enter_context(sequence_parallel.sharding("sequence", step_def.sequence_mode))
             return loss_terms(step_def.loss_fn(model, micro_batch))
 
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    return local_loss
+
+
+def make_local_grads(step_def: StepDefinition) -> Callable:
+    """The shard_map body: local gradients reduced over the batch axes, loss sum and weight."""
+    plan = step_def.plan
+    mesh_shape = dict(plan.mesh.shape)
+    zero_axes = plan.zero_axes
+    all_batch_axes = batch_axes(mesh_shape)
+    replica_axes = _axes_over_one(mesh_shape, ("replica",))
+    zero_dims = plan.zero_dims()
+    grad_fn = jax.value_and_grad(make_local_loss(step_def), has_aux=True)
 
     def reduce(grad: jax.Array, zero_dim: int | None) -> jax.Array:
         if zero_dim is None or not zero_axes:
@@ -121,15 +148,14 @@ def make_local_grads(step_def: StepDefinition) -> Callable:
         if step_def.grad_accum == 1:
             (total, weight), grads = grad_fn(params, batch)
         else:
-            micro_batches = jax.tree.map(lambda x: x.reshape(step_def.grad_accum, x.shape[0] // step_def.grad_accum, *x.shape[1:]), batch)
-
             def accumulate(carry, micro_batch):
                 grads, total, weight = carry
                 (t, w), g = grad_fn(params, micro_batch)
                 return (jax.tree.map(jnp.add, grads, g), total + t, weight + w), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)  # local shards: gradients have their shapes
-            (grads, total, weight), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(()), jnp.zeros(())), micro_batches)
+            (grads, total, weight), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(()), jnp.zeros(())),
+                                                   micro_batches(batch, step_def.grad_accum))
         grads = jax.tree.map(reduce, grads, zero_dims)
         if all_batch_axes:
             total, weight = jax.lax.psum((total, weight), all_batch_axes)
@@ -138,25 +164,30 @@ def make_local_grads(step_def: StepDefinition) -> Callable:
     return local_grads
 
 
+def over_batch_axes(local_fn: Callable, step_def: StepDefinition, example_batch: Any, out_specs: Any) -> Callable:
+    """`local_fn(params, batch)` mapped manually over the batch axes (replica x data x sequence),
+    parameters in their manual specs; `local_fn` itself when every such axis has one device."""
+    plan = step_def.plan
+    if all(plan.mesh.shape[axis] == 1 for axis in MANUAL_AXES):
+        # Nothing to reduce over: skip the map, whose manual region costs the CPU
+        # compiler about a third of a single-device step.
+        return local_fn
+    return jax.shard_map(
+        local_fn,
+        mesh=plan.mesh,
+        in_specs=(plan.manual_param_specs(), batch_specs(example_batch, step_def.shard_sequence)),
+        out_specs=out_specs,
+        axis_names=set(MANUAL_AXES),
+        check_vma=False,
+    )
+
+
 def build_train_step(step_def: StepDefinition, state_shardings: TrainState, example_batch: Any) -> Callable:
     """A jitted `step(state, batch) -> (state, metrics)` with explicit shardings, state donated."""
     plan = step_def.plan
     mesh = plan.mesh
-    local_grads = make_local_grads(step_def)
-    manual_batch_specs = batch_specs(example_batch, step_def.shard_sequence)
-    if all(mesh.shape[axis] == 1 for axis in MANUAL_AXES):
-        # Nothing to reduce over: skip the map, whose manual region costs the CPU
-        # compiler about a third of a single-device step.
-        sharded_grads = local_grads
-    else:
-        sharded_grads = jax.shard_map(
-            local_grads,
-            mesh=mesh,
-            in_specs=(plan.manual_param_specs(), manual_batch_specs),
-            out_specs=(plan.manual_grad_specs(), P(), P()),
-            axis_names=set(MANUAL_AXES),
-            check_vma=False,
-        )
+    sharded_grads = over_batch_axes(make_local_grads(step_def), step_def, example_batch,
+                                    (plan.manual_grad_specs(), P(), P()))
     grad_shardings = plan.named(plan.grad_specs())
     offload = is_offloaded(state_shardings.opt_state)
     opt_on_device = device_shardings(state_shardings.opt_state)

@@ -25,10 +25,16 @@ Nothing is lost when a run cannot go on:
 - A state that is not finite (the step reports `state_finite`) is never saved: the run
   stops naming the step and the newest saved step.
 - A failed metrics write stops the run; `metrics.jsonl` keeps only whole lines.
+
+Watching a run: every record (startup, log steps, evaluations, events) goes once to a
+`RecordStream` (records.py) whose sinks are metrics.jsonl, the console, TensorBoard and
+W&B. `eval.sets` are evaluated every `eval.every` steps and at the end (evaluation.py),
+`profile.*` traces a window of steps (profiling.py), `sample.*` prints samples (samples.py).
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import signal
 import sys
@@ -49,10 +55,13 @@ from efficient_train.errors import RunError
 from efficient_train.parallel import layout
 from efficient_train.parallel.mesh import make_mesh
 from efficient_train.train.console import ConsoleProgress
+from efficient_train.train.evaluation import Evaluator
 from efficient_train.train.memory import memory_record
 from efficient_train.train.metrics import MetricsWriter, peak_tflops, throughput
+from efficient_train.train.profiling import ProfileWindow
+from efficient_train.train.records import RecordStream, tracker_sinks
 from efficient_train.train.state import TrainState
-from efficient_train.train.step import LossFn, build_train_step
+from efficient_train.train.step import LossFn, build_train_step, place_batch
 from efficient_train.train.training_setup import build_setup, init_state, lm_batch_shapes
 
 
@@ -83,7 +92,8 @@ class Trainer:
     The loop's duties are methods a reader finds by name: `_fetch_batch` and `_agree` (every
     process decides together whether to stop), `_stop_on_data` / `_stop_on_signal` (save, then
     say why), `_run_step`, `checkpointer.save_due` (the checkpointer's cadence) and `save`,
-    `_log_due` / `_log_record` (the metrics record), `ConsoleProgress` (the console), hooks.
+    `_log_due` / `_log_record` (the metrics record), `_eval_due` and `evaluator`, `profile` (the
+    profiler's window), `records` (the stream every record goes to: file, console, trackers), hooks.
     """
 
     def __init__(
@@ -162,8 +172,38 @@ class Trainer:
         # Tokens for a token batch; examples (the leading dim) for a user's batch.
         leading = jax.tree.leaves(global_batch)[0].shape
         self.tokens_per_step = leading[0] * leading[1] if isinstance(global_batch, Batch) else leading[0]
+        self.evaluator = self._build_evaluator(data is None)
+        self.profile = ProfileWindow(config.workdir, config.profile.start_step, config.profile.steps, self.is_main)
+        if config.sample.every:
+            self.hooks.append(self._sample_hook())
+        if config.tracker.wandb.project and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("tracker.wandb.project: is set but wandb is not installed; pip install "
+                              "'efficient-train[wandb]', or leave tracker.wandb.project empty")
         self._stop_signal: str | None = None  # "SIGTERM" or "SIGINT" once one arrived
         self.stop_reason: str | None = None  # None: ran to train.steps; else why it stopped early
+
+    def _build_evaluator(self, token_data: bool) -> Evaluator | None:
+        """The compiled evaluation of `eval.sets` (None when there are none)."""
+        if not self.config.eval.sets.strip():
+            return None
+        if not token_data:
+            raise ConfigError("eval.sets: evaluation reads token data through the built-in pipeline; with data of "
+                              "your own, leave eval.sets empty and evaluate in a Hook")
+        try:
+            return Evaluator.from_config(self.config, self.setup, self.abstract_batch)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+    def _sample_hook(self) -> Hook:
+        """The `sample.*` hook: prints the prompt's continuation every `sample.every` steps."""
+        from efficient_train.train.samples import sample_hook
+
+        if self.setup.model_config is None:
+            raise ConfigError("sample.every: samples come from the built-in Llama; with a model of your own, "
+                              "leave it 0 and sample in a Hook")
+        sample = self.config.sample
+        return sample_hook(sample.every, [sample.prompt], tokenizer=self.config.data.tokenizer,
+                           max_new_tokens=sample.max_new_tokens, temperature=sample.temperature)
 
     def _lock_directories(self) -> None:
         """Process 0 takes the locks (if not held yet); every process learns the verdict and
@@ -258,11 +298,7 @@ class Trainer:
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0] * rows, *x.shape[1:]), x.dtype), local_batch)
 
     def _to_device(self, local_batch: Any) -> Any:
-        return jax.tree.map(
-            lambda x, sharding: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-            local_batch,
-            self._batch_shardings,
-        )
+        return place_batch(local_batch, self._batch_shardings)
 
     def _next_batch(self) -> Any:
         if self._first_batch is not None:
@@ -272,6 +308,7 @@ class Trainer:
 
     def startup_record(self) -> dict[str, Any]:
         return {
+            "config": self.config.to_dict(),
             "event": "startup",
             "mesh": dict(self.mesh.shape),
             "zero_stage": self.config.zero_stage,
@@ -361,7 +398,7 @@ class Trainer:
             saved = f"; step {self._last_saved_step} is saved, a rerun continues from there"
         if isinstance(error, StopIteration):
             message = f"the data ended after step {step}, before train.steps={self.config.train.steps}{saved}"
-            self.writer.write({"event": "data_exhausted", "step": step})
+            self.records.write({"event": "data_exhausted", "step": step})
             if self.is_main:
                 print(message, flush=True)
             return
@@ -371,9 +408,11 @@ class Trainer:
         """The loop: each step fetches a batch, stops where every process agrees to, runs, saves
         when the checkpointer says so, and logs and calls hooks when they are due."""
         steps = self.config.train.steps
-        self.writer.write(self.startup_record())
+        trackers = tracker_sinks(self.config) if self.is_main else []
         console = ConsoleProgress(steps, int(self.state.step), self.is_main)
+        self.records = RecordStream([self.writer, console, *trackers])
         try:  # an error (a failed save included) leaves a closed bar and file, so it is the last thing printed
+            self.records.write(self.startup_record())
             record: dict[str, Any] = {"step": int(self.state.step)}
             interval, first_step = _Interval(), True
             while int(self.state.step) < steps:
@@ -388,8 +427,10 @@ class Trainer:
                 if stop_signal is not None:
                     self._stop_on_signal(step, loader_state, stop_signal)
                     break
-                metrics = self._run_step(batch)
+                with self.profile.step(step + 1):
+                    metrics = self._run_step(batch)
                 step = int(self.state.step)
+                self.profile.after_step(step, metrics)
                 if first_step and self._custom_loss:
                     self._check_loss_weight(step, metrics)  # a loss_fn bug shows at its first step
                 first_step = False
@@ -398,17 +439,18 @@ class Trainer:
                 if self.checkpointer.save_due(step, final=step == steps):
                     self.save()
                 due_hooks = [hook for hook in self.hooks if step % hook.every == 0]
-                if not (self._log_due(step) or due_hooks):
-                    continue
-                record = self._log_record(step, metrics, interval)
-                self.writer.write(record)
-                console.report(record)
-                for hook in due_hooks:
-                    hook.fn(self, step, record)
-                interval = _Interval()
+                if self._log_due(step) or due_hooks:
+                    record = self._log_record(step, metrics, interval)
+                    self.records.write(record)
+                    for hook in due_hooks:
+                        hook.fn(self, step, record)
+                    interval = _Interval()
+                if self._eval_due(step):
+                    self.records.write(self.evaluator.run(self.state.params, step))
+                    interval = _Interval()  # throughput counts training steps only
         finally:
-            console.close()
-            self.writer.close()
+            self.profile.close()
+            self.records.close()
         return record
 
     def _fetch_batch(self) -> tuple[Any, BaseException | None]:
@@ -422,8 +464,12 @@ class Trainer:
         """Preemption (SIGTERM) or Ctrl-C, at a step boundary: save this step's state (if not yet saved) and record why."""
         if self._last_saved_step != step:
             self.save(loader_state)
-        self.writer.write({"event": "preempted", "signal": stop_signal, "step": step})
+        self.records.write({"event": "preempted", "signal": stop_signal, "step": step})
         self.stop_reason = stop_signal
+
+    def _eval_due(self, step: int) -> bool:
+        every = self.config.eval.every
+        return self.evaluator is not None and ((every > 0 and step % every == 0) or step == self.config.train.steps)
 
     def _log_due(self, step: int) -> bool:
         return step % self.config.train.log_every == 0 or step == self.config.train.steps
