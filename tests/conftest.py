@@ -36,7 +36,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 SLOW_FILES_FIRST = (
     "test_checkpoint.py", "test_checkpoint_processes.py", "test_zero.py", "test_optim_sharding.py",
     "test_checkpoint_convert.py", "test_sequence_parallel.py", "test_optim_training.py", "test_flash_attention.py",
-    "test_rms_norm.py", "test_multihost.py", "test_model.py", "test_trainer.py",
+    "test_rms_norm.py", "test_multihost.py", "test_model.py", "test_trainer.py", "test_generate.py", "test_watching.py",
 )
 
 

@@ -124,3 +124,26 @@ def test_overrides_that_cannot_apply_are_one_line():
     c = _config(**{"workdir": "a\0b"})
     with pytest.raises(ConfigError, match=r"^workdir: 'a\\x00b' contains a NUL byte"):
         validate(c, 8)
+
+
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (["train", "--config.eval.sets=foo"], "eval.sets"),
+        (["train", "--config.eval.every=10"], "eval.every"),
+        (["train", "--config.tracker.wandb.mode=cloud"], "tracker.wandb.mode"),
+        (["train", "--config.profile.start_step=0"], "profile.start_step"),
+        (["train", "--config.sample.every=5"], "sample.every"),
+        (["eval", "--checkpoint", "/nonexistent"], "--data"),
+        (["eval", "--checkpoint", "/nonexistent", "--data", "validation"], "eval.sets"),
+        (["eval", "--checkpoint", "/nonexistent", "--data", "x=/nonexistent"], "eval.sets"),
+    ],
+)
+def test_watching_fields_bad_input_is_one_line_and_exit_2(args, field, capsys):
+    """Evaluation, tracker, profile and sample fields, and the eval command's flags: refused in one
+    line naming the field before anything runs (in-process: these checks precede jax's work)."""
+    from efficient_train.cli import main
+
+    code = main(args)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {field}"), lines

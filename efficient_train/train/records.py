@@ -83,8 +83,10 @@ class TensorBoardSink:
 
 
 class WandbSink:
-    """A Weights & Biases run: the startup record as its config, scalars logged at their step,
-    events in its summary (`event/<name>`). Mode `offline` writes `<workdir>/wandb` only."""
+    """A Weights & Biases run: the startup record as its config, scalars logged at their step
+    (W&B keeps one history row per step, so a training and an evaluation record of the same
+    step share a row), events in its summary (`event/<name>`). Mode `offline` writes
+    `<workdir>/wandb` only, for `wandb sync` later."""
 
     def __init__(self, tracker: ml_collections.ConfigDict, workdir: str) -> None:
         try:
