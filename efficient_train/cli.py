@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
         if name in ("eval", "generate"):
             sub.add_argument("--checkpoint", required=True, help="a checkpoint directory (its newest step) or a step")
         if name == "eval":
-            sub.add_argument("--data", default=None, help="eval.sets entries: validation, NAME=DIR, "
+            sub.add_argument("--data", default=None, help="eval.sets entries: validation, NAME=DIR[:train], "
                              "NAME=SOURCE:PATH (default: the config's eval.sets)")
             sub.add_argument("--steps", type=int, default=None, help="batches per set (0: each set whole)")
         if name == "generate":

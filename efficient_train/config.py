@@ -146,7 +146,7 @@ def default_config() -> ml_collections.ConfigDict:
     # keep the newest `keep` plus every `keep_every`-th step (0 = none extra).
     c.checkpoint = ml_collections.ConfigDict({"dir": "", "every": 50, "keep": 3, "keep_every": 0, "async": True})
     # Evaluation (train/evaluation.py): sets "" = none; "validation" (data.path's validation split),
-    # "NAME=DIR" (a prepared directory's validation split), "NAME=SOURCE:PATH" (text, jsonl, tokens),
+    # "NAME=DIR[:train]" (a prepared directory's validation or train split), "NAME=SOURCE:PATH" (text, jsonl, tokens),
     # comma-separated. Every `every` steps (0: only at the end) and at the end of the run, `steps`
     # batches of train.batch_size rows per set (0: each set whole).
     c.eval = ml_collections.ConfigDict(dict(sets="", every=0, steps=20))

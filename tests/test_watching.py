@@ -262,9 +262,9 @@ def test_eval_sets_grammar_errors_name_the_field():
     config.eval.every = 5
     with pytest.raises(InputError, match="^eval.every: 5 evaluates no set"):
         validate_fields(config)
-    assert parse_eval_sets(" validation , web=data/web, code=jsonl:c.jsonl") == [
+    assert parse_eval_sets(" validation , web=data/web, code=jsonl:c.jsonl, held=d:x:train") == [
         EvalSetSpec("validation", "prepared", ""), EvalSetSpec("web", "prepared", "data/web"),
-        EvalSetSpec("code", "jsonl", "c.jsonl")]
+        EvalSetSpec("code", "jsonl", "c.jsonl"), EvalSetSpec("held", "prepared", "d:x", "train")]
 
 
 def test_eval_set_is_read_once_in_order_with_rows_past_its_end_weightless(tmp_path):

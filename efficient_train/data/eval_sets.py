@@ -1,7 +1,8 @@
 """Evaluation sets: the `eval.sets` grammar, and each set's own loader, apart from training's.
 
     validation            the validation split of the training data (data.source=prepared, data.path)
-    NAME=DIR              the validation split of another prepared directory
+    NAME=DIR[:SPLIT]      a split of another prepared directory: validation (default) or train (a corpus
+                          prepared for evaluation alone)
     NAME=SOURCE:PATH      a file or directory read as data.source=SOURCE reads it (text, jsonl, tokens),
                           with the run's data.tokenizer, token_dtype, jsonl_field and eos_id
 
@@ -28,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from efficient_train.data.errors import DataError, stat_path
+from efficient_train.data.manifest import SPLITS
 
 if TYPE_CHECKING:
     from efficient_train.data.batch import Batch
@@ -45,6 +47,7 @@ class EvalSetSpec:
     name: str
     source: str
     path: str  # "" for `validation`: data.path
+    split: str = "validation"  # of a prepared directory
 
 
 def parse_eval_sets(text: str, field: str = "eval.sets") -> list[EvalSetSpec]:
@@ -54,7 +57,7 @@ def parse_eval_sets(text: str, field: str = "eval.sets") -> list[EvalSetSpec]:
         name, sep, target = entry.partition("=")
         if not sep:
             if entry != VALIDATION:
-                raise DataError(f"{field}: entry {entry!r} must be 'validation', NAME=DIR (a prepared directory) or "
+                raise DataError(f"{field}: entry {entry!r} must be 'validation', NAME=DIR[:train] (a prepared directory) or "
                                 f"NAME=SOURCE:PATH with SOURCE one of {', '.join(FILE_SOURCES)}")
             spec = EvalSetSpec(VALIDATION, "prepared", "")
         else:
@@ -62,11 +65,15 @@ def parse_eval_sets(text: str, field: str = "eval.sets") -> list[EvalSetSpec]:
             if not _NAME.fullmatch(name):
                 raise DataError(f"{field}: name {name!r} in {entry!r} must be letters, digits, '_', '-' or '.'")
             source, colon, path = target.strip().partition(":")
+            split = "validation"
             if not colon or source not in FILE_SOURCES:
                 source, path = "prepared", target.strip()
+                directory, colon, suffix = path.rpartition(":")
+                if colon and suffix in SPLITS:
+                    path, split = directory, suffix
             if not path:
                 raise DataError(f"{field}: entry {entry!r} names no path")
-            spec = EvalSetSpec(name, source, path)
+            spec = EvalSetSpec(name, source, path, split)
         if any(s.name == spec.name for s in specs):
             raise DataError(f"{field}: the name {spec.name!r} is given twice; each set needs its own name")
         specs.append(spec)
@@ -127,7 +134,7 @@ def build_eval_set(spec: EvalSetSpec, data_cfg: ml_collections.ConfigDict, *, vo
                   process_index=process_index, process_count=process_count, column_order=column_order)
     if spec.source == "prepared":
         directory = spec.path or data_cfg.path
-        source = PreparedSource(directory, "validation", vocab_size=vocab_size, what=f"eval.sets {spec.name!r}")
+        source = PreparedSource(directory, spec.split, vocab_size=vocab_size, what=f"eval.sets {spec.name!r}")
         tokenizer = data_cfg.get("tokenizer", "")
         if tokenizer:
             from efficient_train.data.tokenizer import load_tokenizer
