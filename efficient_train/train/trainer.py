@@ -147,7 +147,7 @@ class Trainer:
                 checkpoint_dir,
                 keep=config.checkpoint.keep,
                 keep_every=config.checkpoint.keep_every,
-                async_save=config.checkpoint["async"],
+                async_save=config.checkpoint.async_save,
                 save_every=config.checkpoint.every,
             )
             self.state: TrainState = self._restore_or_init()
