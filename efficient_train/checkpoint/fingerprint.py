@@ -27,7 +27,8 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
-from typing import Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp

@@ -174,7 +174,7 @@ class CheckpointMetadata:
         return out
 
     @classmethod
-    def from_json(cls, raw: Any, source: str = METADATA_FILE) -> "CheckpointMetadata":
+    def from_json(cls, raw: Any, source: str = METADATA_FILE) -> CheckpointMetadata:
         """Parse and check a loaded metadata.json; `source` names the file in errors."""
         check = _Checker(source)
         if not isinstance(raw, dict):
