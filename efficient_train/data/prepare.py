@@ -31,7 +31,6 @@ deterministic and stable across reruns.
 from __future__ import annotations
 
 import hashlib
-import json
 import multiprocessing
 import os
 import stat
@@ -49,6 +48,7 @@ import numpy as np
 
 from efficient_train.data.chat import check_messages, render_chat
 from efficient_train.data.errors import DataError, DataReadError, DataWriteError, file_kind, open_regular, stat_path
+from efficient_train.data.jsonl import field_of, parse_line
 from efficient_train.data.manifest import (
     FORMAT_VERSION,
     SHARD_DIR,
@@ -261,24 +261,10 @@ def _records(options: Options, piece: Piece) -> Iterator[tuple[int, Any]]:
 
 
 def _jsonl_value(line: bytes, options: Options) -> Any:
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise DataError(f"not UTF-8 (byte 0x{line[error.start]:02x} at column {error.start + 1}); "
-                        "JSON Lines files are UTF-8") from None
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DataError(f"not valid JSON ({error.msg} at column {error.colno})") from None
-    except (RecursionError, ValueError):
-        raise DataError("not JSON this reader accepts (nested too deeply, or a number too long)") from None
+    record = parse_line(line)
     if options.fmt == "chat":
         return check_messages(record, options.field)
-    if not isinstance(record, dict):
-        raise DataError(f"a JSON {type(record).__name__}, not an object with field '{options.field}'")
-    if options.field not in record:
-        raise DataError(f"field '{options.field}' missing; each line must be an object with it")
-    value = record[options.field]
+    value = field_of(record, options.field)
     if not isinstance(value, str):
         raise DataError(f"field '{options.field}' is of type {type(value).__name__}; it must be a string of text")
     return value
