@@ -127,7 +127,11 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
             elif not has_magic(pattern):
                 raise DataError(f"--input: '{match}' is {file_kind(mode)}; give files, globs or directories")
     seen: set[str] = set()
-    unique = [f for f in files if not (os.path.realpath(f) in seen or seen.add(os.path.realpath(f)))]
+    unique = []
+    for f in files:
+        if os.path.realpath(f) not in seen:
+            seen.add(os.path.realpath(f))
+            unique.append(f)
     if not unique:
         raise DataError(f"--input: {' '.join(patterns)!r} names no regular file")
     return unique
@@ -245,8 +249,8 @@ def _records(options: Options, piece: Piece) -> Iterator[tuple[int, Any]]:
         try:
             yield piece.line, data.decode("utf-8")
         except UnicodeDecodeError as error:
-            line = data.count(b"\n", 0, error.start) + 1
-            yield line, DataError(f"{where} line {line}: not UTF-8 (byte 0x{data[error.start]:02x}); text "
+            line_number = data.count(b"\n", 0, error.start) + 1
+            yield line_number, DataError(f"{where} line {line_number}: not UTF-8 (byte 0x{data[error.start]:02x}); text "
                                   "inputs are UTF-8")
         return
     for number, line in enumerate(data.split(b"\n"), start=piece.line):
@@ -529,7 +533,9 @@ def _run(options: Options, units: list[list[Piece]], todo: list[int], manifest: 
                 if failed:
                     for future in pending:
                         future.cancel()
-                    raise failed[0].exception()
+                    error = failed[0].exception()
+                    assert error is not None  # failed: it raised
+                    raise error
     except BrokenProcessPool:
         raise RunError(f"--workers: a prepare worker process died (out of memory, or killed); the "
                              f"{len(manifest['shards'])} committed shards in '{options.output}' are kept; "

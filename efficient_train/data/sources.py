@@ -130,7 +130,7 @@ class _BufferSource(TokenSource):
     def __init__(self, docs: list[np.ndarray], dtype: type, vocab_size: int | None) -> None:
         self._lengths = np.array([len(d) for d in docs], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(self._lengths)])
-        self._tokens = np.concatenate(docs).astype(dtype, copy=False) if docs else np.zeros(0, dtype)
+        self._tokens: np.ndarray = np.concatenate(docs).astype(dtype, copy=False) if docs else np.zeros(0, dtype)
         self.vocab_size = vocab_size
 
     def _slice(self, index: int, start: int, stop: int) -> np.ndarray:
@@ -161,6 +161,8 @@ class SyntheticSource(TokenSource):
     Document lengths are uniform in [ceil(doc_len / 2), doc_len], so packed rows contain
     document boundaries. Document i is generated on demand from the seed and i alone.
     """
+
+    vocab_size: int  # always known: the chain is over it
 
     def __init__(
         self,
@@ -449,7 +451,7 @@ class TokenFileSource(TokenSource):
     def _read_tokens(self, first: int, count: int) -> np.ndarray:
         """Tokens [first, first + count) of the file, as a fresh array of its dtype."""
         out = np.empty(count, dtype=self.dtype)
-        view = memoryview(out).cast("B")
+        view = out.data.cast("B")
         offset, done = first * self._itemsize, 0
         try:
             while done < len(view):
