@@ -14,8 +14,8 @@ from efficient_train.generate import SamplingOptions, complete, generate
 from efficient_train.generate.decode import left_pad
 from efficient_train.generate.sampling import next_token
 from efficient_train.models import Llama, ModelConfig
-from tests.data_setup import make_tokenizer
-from tests.zero_setup import small_config
+from tests.support.data_setup import make_tokenizer
+from tests.support.zero_setup import small_config
 
 PROMPTS = [[5, 9, 13, 200, 7, 64, 1], [42, 3], [250]]
 

@@ -25,8 +25,8 @@ from efficient_train.data.eval_sets import EvalSetSpec, build_eval_set, parse_ev
 from efficient_train.data.prepare import prepare
 from efficient_train.data.prepared import PreparedSource
 from efficient_train.errors import InputError
-from tests.data_setup import make_tokenizer
-from tests.zero_setup import small_config
+from tests.support.data_setup import make_tokenizer
+from tests.support.zero_setup import small_config
 
 STEPS = 6
 WORDS = "the quick brown fox jumps over a lazy dog while packing keeps documents apart and tokens flow".split()

@@ -21,7 +21,8 @@ when they divide.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.struct
 import jax
@@ -32,7 +33,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from efficient_train.errors import InputError
-from efficient_train.generate.sampling import SamplingOptions, next_token
+from efficient_train.generate.sampling import DEFAULT_SAMPLING, SamplingOptions, next_token
 from efficient_train.models import kv_cache
 from efficient_train.models.layers import rope_angles
 from efficient_train.parallel.sharding import BATCH_AXES
@@ -149,7 +150,7 @@ def _program(graphdef: nnx.GraphDef, new_tokens: int, options: SamplingOptions, 
 
 
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             options: SamplingOptions = SamplingOptions(), seed: int = 0, eos_id: int | None = None) -> list[list[int]]:
+             options: SamplingOptions = DEFAULT_SAMPLING, seed: int = 0, eos_id: int | None = None) -> list[list[int]]:
     """Each prompt's next `max_new_tokens` token ids (cut after `eos_id` where it appears).
 
     `model` is a built-in Llama whose parameters are arrays (placed as training places

@@ -35,6 +35,10 @@ class SamplingOptions:
             raise InputError(f"--top_p: {self.top_p} must lie in (0, 1] (1: no nucleus truncation)")
 
 
+# The default of `generate` and `complete` (the options are frozen, so one shared instance is safe).
+DEFAULT_SAMPLING = SamplingOptions()
+
+
 def next_token(logits: jax.Array, key: jax.Array, options: SamplingOptions) -> jax.Array:
     """int32 [B] from fp32 logits [B, V]."""
     if options.temperature == 0:

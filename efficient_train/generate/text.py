@@ -6,18 +6,18 @@ closed by an eos; generation stops at the tokenizer's eos where it has one.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from flax import nnx
 
 from efficient_train.data.errors import DataError
 from efficient_train.data.tokenizer import Tokenizer, load_tokenizer
 from efficient_train.generate.decode import generate
-from efficient_train.generate.sampling import SamplingOptions
+from efficient_train.generate.sampling import DEFAULT_SAMPLING, SamplingOptions
 
 
 def complete(model: nnx.Module, prompts: Sequence[str], *, tokenizer: Tokenizer | str = "", max_new_tokens: int = 64,
-             options: SamplingOptions = SamplingOptions(), seed: int = 0) -> list[str]:
+             options: SamplingOptions = DEFAULT_SAMPLING, seed: int = 0) -> list[str]:
     """Each prompt's continuation (the generated text only)."""
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer, "--tokenizer")

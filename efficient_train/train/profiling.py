@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager
+from typing import Any
 
 import jax
 
@@ -27,7 +28,7 @@ class ProfileWindow:
         self.enabled = enabled and steps > 0
         self.tracing = False
 
-    def step(self, number: int) -> ContextManager[Any]:
+    def step(self, number: int) -> AbstractContextManager[Any]:
         """The context step `number` runs in: opens the trace at the window's first step it meets."""
         if not self.enabled or not self.first <= number <= self.last:
             return contextlib.nullcontext()

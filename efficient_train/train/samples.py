@@ -7,7 +7,8 @@ which is a program on the whole mesh with the training parameters where they are
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from tqdm import tqdm
 
