@@ -184,3 +184,31 @@ def test_bf16_directory_loads(tmp_path, family):
     assert relative_error(logits, torch_logits(reference.eval(), ids)) < 1e-4
     bf16 = np.asarray(load_llama(str(tmp_path), dtype="bfloat16")(jnp.asarray(ids)))
     assert relative_error(bf16, torch_logits(reference, ids)) < 5e-2
+
+
+def test_tokenizer_and_generation_files_travel(saved, tmp_path, capsys):
+    """import-hf keeps the tokenizer beside the steps (a directory data.tokenizer takes);
+    export-hf puts it into the exported model, which transformers then loads whole."""
+    import shutil
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from efficient_train import cli
+    from efficient_train.data.tokenizer import load_tokenizer
+    from tests.data_setup import make_tokenizer
+
+    source = tmp_path / "hf"
+    shutil.copytree(saved(FAST)[0], source)
+    make_tokenizer(source, vocab_size=TINY["vocab_size"], config={
+        "bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"})
+    GenerationConfig(max_new_tokens=7, eos_token_id=1).save_pretrained(source)
+    assert cli.main(["checkpoint", "import-hf", str(source), str(tmp_path / "ckpt")]) == 0
+    assert f"--config.data.tokenizer={tmp_path / 'ckpt' / 'tokenizer'}" in capsys.readouterr().out
+    assert len(load_tokenizer(str(tmp_path / "ckpt" / "tokenizer")).encode_documents(["the quick fox"])[0]) > 2
+    assert cli.main(["checkpoint", "export-hf", str(tmp_path / "ckpt"), str(tmp_path / "out")]) == 0
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (source / name).read_bytes(), name
+    text = "The quick brown fox"
+    assert AutoTokenizer.from_pretrained(tmp_path / "out")(text).input_ids == \
+        AutoTokenizer.from_pretrained(source)(text).input_ids
+    assert GenerationConfig.from_pretrained(tmp_path / "out").max_new_tokens == 7

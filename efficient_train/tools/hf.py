@@ -7,7 +7,11 @@ Families: Llama 3.x, Qwen 2/2.5, Qwen 3 (dense), Mistral and Gemma 2/3 text mode
   token ids (positions and segment ids default to one unpadded document per row).
 - `import_hf` writes a params-only checkpoint (step 0, no optimizer state) that the
   trainer fine-tunes from when its config has the same model fields; `export_hf` writes
-  a checkpoint's parameters as safetensors shards plus config.json. Both stream: one
+  a checkpoint's parameters as safetensors shards plus config.json.
+- The tokenizer travels: import copies the model directory's tokenizer and generation
+  files (`HF_SIDE_FILES`) into `<checkpoint dir>/tokenizer/` (a directory `data.tokenizer`
+  accepts), where training leaves them, and export copies them into the exported
+  directory, which is then a complete model `from_pretrained` and a tokenizer load. Both stream: one
   parameter (for scanned layers, one [layers, ...] stack) is in host memory at a time,
   never the model, so a model larger than host memory converts.
 
@@ -49,6 +53,10 @@ __all__ = [
 ]
 
 NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16)}
+TOKENIZER_DIR = "tokenizer"  # inside a checkpoint directory, beside the steps
+# What a HF model directory holds besides weights and config.json: tokenizer and generation settings.
+HF_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                 "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 # The ModelConfig fields `train_overrides` always prints (the rest only where they differ from the default).
 STORED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                  "head_dim", "rope_theta", "rms_norm_eps", "tie_embeddings", "param_dtype", "scan_layers")
@@ -119,7 +127,20 @@ def import_hf(hf_dir: str, out: str, *, param_dtype: str = "float32", scan_layer
     maps = tensor_maps(cfg)
     files.check(maps)
     leaves = (("params/" + m.leaf, files.read_leaf(m, np_dtype)) for m in maps)
-    return write_checkpoint(out, 0, leaves, model=cfg.record(), optimizer=None, flag="OUT")
+    step_dir = write_checkpoint(out, 0, leaves, model=cfg.record(), optimizer=None, flag="OUT")
+    side = [name for name in HF_SIDE_FILES if os.path.isfile(os.path.join(hf_dir, name))]
+    if side:
+        os.makedirs(os.path.join(out, TOKENIZER_DIR), exist_ok=True)
+        for name in side:
+            shutil.copyfile(os.path.join(hf_dir, name), os.path.join(out, TOKENIZER_DIR, name))
+    return step_dir
+
+
+def side_files(step_dir: str) -> tuple[str, list[str]]:
+    """The directory holding a checkpoint's tokenizer and generation files, and their names."""
+    directory = os.path.join(os.path.dirname(os.path.abspath(step_dir)), TOKENIZER_DIR)
+    names = [name for name in HF_SIDE_FILES if os.path.isfile(os.path.join(directory, name))]
+    return directory, names
 
 
 def train_overrides(step_dir: str) -> list[str]:
@@ -167,11 +188,13 @@ def export_hf(ckpt: str, out_dir: str, *, dtype: str | None = None,
         record = metadata.leaves.get("params/" + m.leaf)
         if record is None or tuple(record.shape) != m.leaf_shape:
             raise HFError(f"{step_dir}: leaf params/{m.leaf} is missing or not shaped {list(m.leaf_shape)}")
+    hf_config = config_to_hf(cfg, dtype)  # refuses a model no HF architecture computes, before writing
     check_destination(out_dir, "OUT_DIR")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise HFError(f"OUT_DIR: {out_dir!r} is not empty; choose a new directory")
     created = first_missing_dir(out_dir)
     reader = VerifiedReader(step_dir, metadata)
+    side_dir, side = side_files(step_dir)
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
         for m in maps:
@@ -180,12 +203,14 @@ def export_hf(ckpt: str, out_dir: str, *, dtype: str | None = None,
                 yield name, m.to_hf(part).astype(out_dtype)
 
     plan = [TensorSpec(name, m.hf_shape, out_dtype) for m in maps for name in m.hf_names]
-    written = shard_files(plan, max_shard_bytes) + [INDEX_FILE, CONFIG_FILE]
+    written = shard_files(plan, max_shard_bytes) + [INDEX_FILE, CONFIG_FILE] + side
     try:
         os.makedirs(out_dir, exist_ok=True)
         files = write_safetensors(out_dir, plan, tensors(), max_shard_bytes)
         with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(config_to_hf(cfg, dtype), f, indent=2)
+            json.dump(hf_config, f, indent=2)
+        for name in side:
+            shutil.copyfile(os.path.join(side_dir, name), os.path.join(out_dir, name))
     except LeafDamaged:
         _remove_output(out_dir, created, written)
         damaged = reader.damaged("params/" + m.leaf for m in maps)

@@ -94,7 +94,7 @@ def _rope_parameters(f: _Fields, model_type: str) -> tuple[dict, float | None]:
     the local layers' theta; from either generation of keys."""
     parameters = f.get("rope_parameters")
     if parameters is not None and not isinstance(parameters, dict):
-        raise _refuse("rope_parameters", parameters, "an object, or null")
+        raise _refuse("rope_parameters", parameters, "null or an object")
     local_theta = None
     if model_type == "gemma3_text":
         local_theta = f.get("rope_local_base_freq")
@@ -109,12 +109,10 @@ def _rope_parameters(f: _Fields, model_type: str) -> tuple[dict, float | None]:
             if not isinstance(parameters, dict):
                 raise _refuse(f"rope_parameters.{FULL}", parameters, "an object")
         local_theta = _positive_number(local_theta, "rope_local_base_freq")
-    if parameters:
-        return dict(parameters), local_theta
     scaling = f.get("rope_scaling")  # transformers 4
     if scaling is not None and not isinstance(scaling, dict):
-        raise _refuse("rope_scaling", scaling, "an object, or null")
-    return {"rope_theta": f.get("rope_theta"), **(scaling or {})}, local_theta
+        raise _refuse("rope_scaling", scaling, "null or an object")
+    return dict(parameters or scaling or {}), local_theta
 
 
 def _rope(f: _Fields, model_type: str) -> dict[str, Any]:
@@ -135,9 +133,8 @@ def _rope(f: _Fields, model_type: str) -> dict[str, Any]:
     if parameters.get("truncate", True) is not True:
         raise _refuse(f"{field}.truncate", parameters["truncate"], "true (yarn's rounded correction range)")
     theta = parameters.get("rope_theta")
-    out: dict[str, Any] = {"rope_theta": _positive_number(f.get("rope_theta") if theta is None else theta,
-                                                          f"{field}.rope_theta"),
-                           "rope_type": kind}
+    out: dict[str, Any] = {"rope_type": kind, "rope_theta": _positive_number(f.get("rope_theta"), "rope_theta")
+                           if theta is None else _positive_number(theta, f"{field}.rope_theta")}
     if local_theta is not None:
         out["local_rope_theta"] = local_theta
     if kind == "default":
@@ -237,7 +234,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
     if not isinstance(tie, bool):
         raise _refuse("tie_word_embeddings", tie, "true or false")
     family: dict[str, Any] = {"qkv_bias": bias or model_type == "qwen2", "o_bias": bias,
-                              "qk_norm": model_type in ("qwen3", "gemma3_text")}
+                              "qk_norm": model_type in ("qwen3", "gemma3_text"),
+                              **_rope(f, model_type), **_windows(f, model_type, layers)}
     if gemma:
         scalar = f.get("query_pre_attn_scalar")
         family.update(activation="gelu_tanh", norm_plus_one=True, embed_scale=True, sandwich_norms=True,
@@ -256,8 +254,6 @@ def config_from_hf(hf: dict) -> ModelConfig:
             head_dim=_positive_int(f.get("head_dim"), "head_dim", nullable=True) or f.get("hidden_size") // heads,
             rms_norm_eps=_positive_number(f.get("rms_norm_eps"), "rms_norm_eps"),
             tie_embeddings=tie,
-            **_rope(f, model_type),
-            **_windows(f, model_type, layers),
             **family,
         )
     except ValueError as error:  # ModelConfig's own validation, already one line
