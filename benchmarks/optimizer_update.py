@@ -93,7 +93,7 @@ def main() -> None:
         print(f"{state_format}: pallas vs xla after one step: max |param difference| {diff:.3g}, codes equal {100 * agree:.4f}%")
 
     for _ in range(args.rounds):
-        for name, entry in state.items():
+        for entry in state.values():
             step, params, opt_state = entry[:3]
             times = []
             for _ in range(args.steps):

@@ -24,7 +24,7 @@ import json
 import math
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from efficient_train.config import (
     MAX_SIMULATED_DEVICES,

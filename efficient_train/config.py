@@ -35,6 +35,7 @@ import importlib.util
 import linecache
 import math
 import os
+import sys
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -160,10 +161,9 @@ def default_config() -> ml_collections.ConfigDict:
             mixture="",
         )
     )
-    # `async` is a Python keyword: read it as config.checkpoint["async"].
     # dir "" = <workdir>/checkpoints; every 0 = only at the end (and on SIGTERM);
     # keep the newest `keep` plus every `keep_every`-th step (0 = none extra).
-    c.checkpoint = ml_collections.ConfigDict({"dir": "", "every": 50, "keep": 3, "keep_every": 0, "async": True})
+    c.checkpoint = ml_collections.ConfigDict({"dir": "", "every": 50, "keep": 3, "keep_every": 0, "async_save": True})
     c.lock()
     return c
 
@@ -219,9 +219,16 @@ def get_config(path: str | None = None) -> ml_collections.ConfigDict:
     return default_config() if path is None else load_config_file(path)
 
 
+# Old field names that still work on the command line: old -> new. Each use prints one line.
+RENAMED_FIELDS = {"checkpoint.async": "checkpoint.async_save"}  # `async` is a Python keyword
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> None:
     """Set dotted fields from strings (`{"mesh.data": "4"}`), parsed to the field's type."""
     for dotted, text in overrides.items():
+        if dotted in RENAMED_FIELDS:
+            print(f"warning: --config.{dotted} is deprecated; use --config.{RENAMED_FIELDS[dotted]}", file=sys.stderr)
+            dotted = RENAMED_FIELDS[dotted]
         *parents, leaf = dotted.split(".")
         node = config
         for i, name in enumerate(parents):

@@ -23,7 +23,7 @@ import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=2"
-).strip()  # processes that tests start keep the flags (tests/subprocess_env.py)
+).strip()  # processes that tests start keep the flags (tests/support/subprocess_env.py)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_CACHE:

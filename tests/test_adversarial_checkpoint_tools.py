@@ -36,7 +36,7 @@ from efficient_train.tools.safetensors import (
     tensor_maps,
     write_safetensors,
 )
-from tests.damage import flip_a_byte
+from tests.support.damage import flip_a_byte
 
 CFG = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=8)

@@ -40,7 +40,7 @@ from efficient_train.parallel.mesh import (
     distributed_args_from_env,
     initialize_distributed,
 )
-from tests.subprocess_env import subprocess_env
+from tests.support.subprocess_env import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH_ENV = ("EFFICIENT_TRAIN_COORDINATOR", "EFFICIENT_TRAIN_NUM_PROCESSES", "EFFICIENT_TRAIN_PROCESS_ID",
@@ -516,7 +516,7 @@ def SyntheticSourceFor():  # noqa: N802 - a tiny fixed source
 def test_resume_with_another_data_seed_through_the_command(cli, tmp_path):
     """End to end: a checkpoint of one data stream, resumed with another seed or batch, is one error line."""
     small = ["--workdir", "run", "--config.data.max_bytes=20000", "--config.model.num_layers=1",
-             "--config.data.seq_len=16", "--config.train.steps=1", "--config.checkpoint.async=false"]
+             "--config.data.seq_len=16", "--config.train.steps=1", "--config.checkpoint.async_save=false"]
     assert main(["train", *small]) == 0
     cli("train", *small, "--config.data.seed=1", names="data loader state seed: checkpoint has 0, this loader 1")
     cli("train", *small, "--config.train.batch_size=8", names="data loader state global_batch_size")

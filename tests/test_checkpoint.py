@@ -17,9 +17,9 @@ from efficient_train import Hook, Trainer
 from efficient_train.checkpoint import CheckpointError, leaf_paths, read_metadata
 from efficient_train.checkpoint.metadata import metadata_path
 from efficient_train.checkpoint.verify import verify_step
-from tests.damage import array_files, flip_a_byte
-from tests.subprocess_env import subprocess_env
-from tests.zero_setup import small_config
+from tests.support.damage import array_files, flip_a_byte
+from tests.support.subprocess_env import subprocess_env
+from tests.support.zero_setup import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,7 +89,7 @@ def test_one_device_restore(tmp_path):
     _, saved = _fit_losses(_config(tmp_path, **{"train.steps": 3}))
     fingerprints = {p: r.fingerprint for p, r in read_metadata(saved.checkpointer.step_dir(3)).leaves.items()}
     script = (
-        "import json, sys; from tests.zero_setup import small_config; from efficient_train import Trainer;"
+        "import json, sys; from tests.support.zero_setup import small_config; from efficient_train import Trainer;"
         "from efficient_train.checkpoint import leaf_paths; from efficient_train.checkpoint.fingerprint import device_fingerprint;"
         f"c = small_config(**{{'mesh.data': 1, 'zero_stage': 0, 'train.steps': 4}}); c.workdir = {str(tmp_path)!r};"
         "t = Trainer(c); print(json.dumps({'step': int(t.state.step), 'fp': {p: device_fingerprint(x) for p, x in leaf_paths(t.state)}}))"
@@ -119,6 +119,7 @@ def test_retention_keeps_newest_and_every_kth(tmp_path):
     assert trainer.checkpointer.steps() == [3, 6, 7]
 
 
+@pytest.mark.slow
 def test_crash_leftover_is_ignored_and_cleaned(tmp_path):
     _, trainer = _fit_losses(_config(tmp_path, **{"train.steps": 2}))
     leftover = os.path.join(trainer.checkpointer.directory, "5.orbax-checkpoint-tmp-1700000000")

@@ -20,9 +20,9 @@ from efficient_train.optim.convert import from_fp32, to_fp32
 from efficient_train.parallel.mesh import make_mesh
 from efficient_train.tools.convert import convert
 from efficient_train.train.training_setup import build_setup
-from tests.damage import flip_a_byte
-from tests.subprocess_env import subprocess_env
-from tests.zero_setup import small_config
+from tests.support.damage import flip_a_byte
+from tests.support.subprocess_env import subprocess_env
+from tests.support.zero_setup import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = {"mesh.data": 8, "zero_stage": 3, "optimizer.state_format": "int8", "optimizer.min_quantized_size": 256}

@@ -16,8 +16,8 @@ import pytest
 from efficient_train.checkpoint import Checkpointer, read_metadata
 from efficient_train.checkpoint.manager import TRASH_DIR
 from efficient_train.checkpoint.verify import verify_step
-from tests.async_save_worker import KEEP, PHASES
-from tests.subprocess_env import subprocess_env
+from tests.support.async_save_worker import KEEP, PHASES
+from tests.support.subprocess_env import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config.data.source=synthetic", "--config.data.seq_len=32", "--config.model.hidden_size=64",
@@ -41,7 +41,7 @@ def _unfinished_steps(directory: str) -> list[int]:
 
 
 def _worker(directory: str, *args: str, output) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tests.async_save_worker", directory, *args], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "tests.support.async_save_worker", directory, *args], cwd=ROOT,
                             env=subprocess_env(devices=8), stdout=output, stderr=subprocess.STDOUT)
 
 
@@ -60,7 +60,7 @@ def _wait_for(signal_file, process: subprocess.Popen, output_file, timeout: floa
 
 @pytest.mark.slow
 def test_sigkill_mid_write_never_lists_a_broken_step(tmp_path):
-    """A process saving asynchronously after every step (tests/async_save_worker.py) is
+    """A process saving asynchronously after every step (tests/support/async_save_worker.py) is
     killed with SIGKILL at each phase of a save in turn: the worker holds the save of
     step S = newest + 2 at the phase and signals, and only then is the kill sent, so every
     kill provably lands inside that save (for the trash, inside the deletion of a retired
@@ -97,7 +97,7 @@ def test_sigkill_mid_write_never_lists_a_broken_step(tmp_path):
         assert listed[-1] == newest and set(range(max(1, newest - KEEP + 1), newest + 1)) <= set(listed), (phase, listed)
         for step in listed:
             assert verify_step(os.path.join(directory, str(step))) == [], (phase, step)
-    last = subprocess.run([sys.executable, "-m", "tests.async_save_worker", directory, "--last", str(newest + 2)],
+    last = subprocess.run([sys.executable, "-m", "tests.support.async_save_worker", directory, "--last", str(newest + 2)],
                           cwd=ROOT, env=subprocess_env(devices=8), capture_output=True, text=True, timeout=300, check=False)
     assert last.returncode == 0, last.stdout[-2000:] + last.stderr[-3000:]
     assert last.stdout.splitlines()[0] == f"resumed {newest}"  # restored, verified, and equal to the replay

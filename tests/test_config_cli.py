@@ -66,6 +66,13 @@ def test_overrides_parse_to_the_field_type():
         _config(**{"mesh.data": "four"})
 
 
+def test_a_renamed_field_still_works_and_says_so(capsys):
+    c = _config(**{"checkpoint.async": "false"})
+    assert c.checkpoint.async_save is False
+    assert capsys.readouterr().err.strip() == (
+        "warning: --config.checkpoint.async is deprecated; use --config.checkpoint.async_save")
+
+
 def test_valid_configs_pass_and_fill_minus_one():
     assert validate(_config(**{"mesh.tensor": "2"}), 8) == {"replica": 1, "data": 4, "sequence": 1, "tensor": 2}
     for name in ("tiny", "gpt2_small", "llama_1b", "llama_8b"):

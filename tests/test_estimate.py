@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.subprocess_env import subprocess_env
+from tests.support.subprocess_env import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

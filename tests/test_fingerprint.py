@@ -134,6 +134,7 @@ def _fingerprint_check_script():
     return module
 
 
+@pytest.mark.slow
 def test_fingerprint_check_script_passes_on_the_cpu_devices():
     """The GPU's check, here on the 8 CPU devices: every dtype and layout, device == host.
     (Its large arrays stay small here; summing in pieces has its own test above.)"""

@@ -400,7 +400,7 @@ def test_rope_scores_depend_only_on_position_difference(model):
 
 # --- remat and dtypes -----------------------------------------------------------------
 
-@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("scan", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_remat_policies_give_identical_loss_and_grads(scan):
     loss, _, grads = reference(scan, "none")
     assert np.isfinite(loss) and loss > 0

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.subprocess_env import subprocess_env
+from tests.support.subprocess_env import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = [

@@ -28,8 +28,8 @@ from efficient_train import Trainer, optim
 from efficient_train.parallel.mesh import make_mesh
 from efficient_train.parallel.sharding import per_device_bytes, plan_sharding
 from efficient_train.train.training_setup import build_setup
-from tests.hlo_utils import collectives
-from tests.zero_setup import small_config
+from tests.support.hlo_utils import collectives
+from tests.support.zero_setup import small_config
 
 STEPS = 2
 BLOCK = 128
@@ -137,7 +137,7 @@ def test_byte_identical_on_every_mesh_and_stage(state_format):
             assert found
 
 
-@pytest.mark.parametrize("name", ["data2_tensor4_zero3", "data8_zero3"])
+@pytest.mark.parametrize("name", [pytest.param("data2_tensor4_zero3", marks=pytest.mark.slow), "data8_zero3"])
 def test_pallas_kernel_under_shard_map_matches_one_device(name):
     sizes, stage = LAYOUTS[name]
     reference = _one_device("int8")

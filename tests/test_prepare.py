@@ -22,8 +22,8 @@ from efficient_train.data.prepare import prepare
 from efficient_train.data.prepared import PreparedSource
 from efficient_train.data.tokenizer import load_tokenizer
 from efficient_train.train.loss import next_token_loss
-from tests.data_setup import make_tokenizer
-from tests.subprocess_env import subprocess_env
+from tests.support.data_setup import make_tokenizer
+from tests.support.subprocess_env import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = [f"record {i}: the quick brown fox {'jumps ' * (i % 7)}over dog {i * 37}." for i in range(120)]

@@ -223,7 +223,7 @@ def test_norm_impl_config():
 def test_training_with_pallas_norm_matches_xla():
     """A few steps of the small model on the 8-device mesh: the kernel in every norm
     (interpreted here) gives the losses of the XLA norm."""
-    from tests.zero_setup import run_losses
+    from tests.support.zero_setup import run_losses
 
     xla, _ = run_losses({"norm.impl": "xla"}, steps=3)
     pallas, trainer = run_losses({"norm.impl": "pallas"}, steps=3)

@@ -30,10 +30,10 @@ from efficient_train.checkpoint.metadata import CheckpointReadError
 from efficient_train.checkpoint.verify import verify_step
 from efficient_train.errors import InputError
 from efficient_train.train.trainer import Hook, NonFiniteState
-from tests.damage import flip_a_byte
-from tests.subprocess_env import subprocess_env
+from tests.support.damage import flip_a_byte
+from tests.support.subprocess_env import subprocess_env
+from tests.support.zero_setup import small_config
 from tests.test_trainer import MLP, classification_batches, classification_loss
-from tests.zero_setup import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config.data.source=synthetic", "--config.data.seq_len=32", "--config.model.hidden_size=64",
@@ -405,7 +405,7 @@ def test_a_read_only_checkpoint_directory_exits_promptly_after_its_line(tmp_path
 def test_a_data_problem_on_one_process_stops_every_process_after_one_save(tmp_path):
     port = subprocess.run([sys.executable, "-c", "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); "
                            "print(s.getsockname()[1])"], capture_output=True, text=True).stdout.strip()
-    workers = [subprocess.Popen([sys.executable, "-m", "tests.data_failure_worker", str(i), port, str(tmp_path)],
+    workers = [subprocess.Popen([sys.executable, "-m", "tests.support.data_failure_worker", str(i), port, str(tmp_path)],
                                 cwd=ROOT, env=subprocess_env(devices=4), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
     try:

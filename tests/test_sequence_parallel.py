@@ -26,8 +26,8 @@ from efficient_train.models.attention import attention
 from efficient_train.parallel import layout
 from efficient_train.parallel import sequence as sequence_parallel
 from efficient_train.train.estimate import estimate_memory
-from tests.hlo_utils import collectives
-from tests.zero_setup import small_config
+from tests.support.hlo_utils import collectives
+from tests.support.zero_setup import small_config
 
 B, T, H, KV, D = 2, 32, 8, 2, 8  # KV < S for S in {4, 8}: Ulysses repeats kv heads
 MODES = ("all_gather", "ulysses", "ring")

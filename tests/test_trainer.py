@@ -17,7 +17,7 @@ from efficient_train import Hook, Trainer, get_config
 from efficient_train.data import SyntheticSource
 from efficient_train.optim import decay_mask, make_schedule
 from efficient_train.parallel.sharding import per_device_bytes
-from tests.zero_setup import small_config
+from tests.support.zero_setup import small_config
 
 
 class MLP(nnx.Module):

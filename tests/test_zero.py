@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from efficient_train.parallel.sharding import per_device_bytes
-from tests.hlo_utils import collectives, ops
-from tests.zero_setup import losses_in_subprocess, run_losses
+from tests.support.hlo_utils import collectives, ops
+from tests.support.zero_setup import losses_in_subprocess, run_losses
 
 LAYOUTS = {
     "zero0": {"mesh.data": 8, "zero_stage": 0},
@@ -44,7 +44,8 @@ def reference_losses() -> list[float]:
 # Layouts whose equivalence runs only in the whole suite (the fast tier keeps the four
 # stages, tensor parallelism and one of each sequence-parallel shape).
 SLOW_LAYOUTS = {"replica2_data4_zero3", "zero2_grad_accum2", "pallas_attention_data2_sequence4",
-                "ulysses_data2_sequence4_zero3", "ring_sequence4_tensor2_grad_accum2_remat"}
+                "ulysses_data2_sequence4_zero3", "ring_sequence4_tensor2_grad_accum2_remat", "zero2",
+                "ring_data2_sequence4_zero3"}
 
 
 class _Runs(dict):

@@ -27,7 +27,8 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
-from typing import Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -163,7 +164,8 @@ def _sums_on_host(x: jax.Array, where: Where) -> bool:
     if x.sharding.memory_kind in _HOST_MEMORY_KINDS:
         return True  # device programs cannot take host-memory arrays beside device ones
     if where == "auto":
-        return next(iter(x.sharding.device_set)).platform == "cpu"
+        device: Any = next(iter(x.sharding.device_set))
+        return device.platform == "cpu"
     return where == "host"
 
 
@@ -211,7 +213,7 @@ def _device_rows_sum(partials: jax.Array) -> np.ndarray:
             return np.zeros(2, np.uint32)
         return np.asarray(partials.addressable_shards[0].data)[0]
     rows = [np.asarray(shard.data) for shard in partials.addressable_shards]
-    return np.sum(np.concatenate(rows), axis=0, dtype=np.uint32)
+    return np.asarray(np.sum(np.concatenate(rows), axis=0, dtype=np.uint32))
 
 
 def _format(sums: np.ndarray) -> str:
@@ -236,7 +238,7 @@ def start_fingerprints(arrays: Sequence[jax.Array], *, where: Where = "auto") ->
     """
     pending = _dispatch(arrays, where)
     if jax.process_count() > 1:
-        gathered = np.sum(multihost_utils.process_allgather(_local_sums(pending)), axis=0, dtype=np.uint32)
+        gathered = np.asarray(np.sum(multihost_utils.process_allgather(_local_sums(pending)), axis=0, dtype=np.uint32))
         fingerprints = [_format(sums) for sums in gathered]
         return lambda: fingerprints
     return lambda: [_format(sums) for sums in _local_sums(pending)]
@@ -264,7 +266,7 @@ def _block_sums(block: np.ndarray, starts: Sequence[int], global_shape: Sequence
         return np.zeros(2, np.uint32)
     words = np.ascontiguousarray(block).view(_WORD[_word_type(block.dtype)][1])
     strides = [int(np.prod(global_shape[axis + 1:], dtype=object)) for axis in range(len(global_shape))]
-    row_starts = np.full(words.shape[:-1], starts[-1], np.uint64)  # global index of each row's first word
+    row_starts: np.ndarray = np.full(words.shape[:-1], starts[-1], np.uint64)  # global index of each row's first word
     for axis in range(words.ndim - 1):
         positions = np.arange(words.shape[axis], dtype=np.uint64) + np.uint64(starts[axis])
         row_starts = row_starts + (positions * np.uint64(strides[axis] % 2**64)).reshape(
@@ -279,12 +281,12 @@ def _block_sums(block: np.ndarray, starts: Sequence[int], global_shape: Sequence
             chunk = rows[top:top + height, left:left + width]
             firsts = row_starts[top:top + height] + np.uint64(left)  # array arithmetic wraps without a warning
             row_sums = np.sum(chunk, axis=1, dtype=np.uint32)
-            column_sums = np.sum(chunk, axis=0, dtype=np.uint32).astype(np.uint64)
+            column_sums = np.asarray(np.sum(chunk, axis=0, dtype=np.uint32)).astype(np.uint64)
             odd_rows = (firsts & np.uint64(1)).astype(bool)  # rows whose first word sits at an odd index
             if odd_rows.all():
                 from_odd_rows = column_sums
             elif odd_rows.any():
-                from_odd_rows = np.sum(chunk[odd_rows], axis=0, dtype=np.uint32).astype(np.uint64)
+                from_odd_rows = np.asarray(np.sum(chunk[odd_rows], axis=0, dtype=np.uint32)).astype(np.uint64)
             else:
                 from_odd_rows = np.zeros_like(column_sums)
             columns = np.arange(chunk.shape[1], dtype=np.uint64)

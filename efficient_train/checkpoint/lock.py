@@ -93,7 +93,7 @@ class DirectoryLock:
                 os.close(entry[0])  # closing the last descriptor releases the flock
         self._path = None
 
-    def __enter__(self) -> "DirectoryLock":
+    def __enter__(self) -> DirectoryLock:
         self.acquire()
         return self
 

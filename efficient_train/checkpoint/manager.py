@@ -52,7 +52,8 @@ import logging
 import os
 import shutil
 import stat
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp

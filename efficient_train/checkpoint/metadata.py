@@ -27,7 +27,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any
+from typing import Any, TypeGuard
 
 from efficient_train.errors import InputError, RunError
 from efficient_train.parallel.axes import ZERO_STAGES
@@ -85,7 +85,7 @@ class LeafRecord:
     fingerprint: str
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -174,7 +174,7 @@ class CheckpointMetadata:
         return out
 
     @classmethod
-    def from_json(cls, raw: Any, source: str = METADATA_FILE) -> "CheckpointMetadata":
+    def from_json(cls, raw: Any, source: str = METADATA_FILE) -> CheckpointMetadata:
         """Parse and check a loaded metadata.json; `source` names the file in errors."""
         check = _Checker(source)
         if not isinstance(raw, dict):
@@ -192,7 +192,7 @@ class CheckpointMetadata:
         missing = [name for name in fields if name not in raw]
         if missing:
             raise check.fail(", ".join(missing), "missing", f"a checkpoint's metadata has {', '.join(fields)}")
-        model = check.json_object(raw, "model", nullable=False)
+        model = check.json_object(raw, "model", nullable=False) or {}  # never None: not nullable
         leaves = raw["leaves"]
         if not isinstance(leaves, dict):
             raise check.fail("leaves", f"is {_kind(leaves)}", "allowed: an object of leaf name -> record")

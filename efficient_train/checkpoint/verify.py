@@ -146,6 +146,7 @@ class VerifiedReader:
         self._checked[leaf] = problem
         if problem is not None:
             raise LeafDamaged(self.step_dir, problem)
+        assert array is not None  # check_leaf gives an array exactly when there is no problem
         return array
 
     def damaged(self, leaves: Iterable[str]) -> list[LeafProblem]:
@@ -154,8 +155,9 @@ class VerifiedReader:
         for leaf in dict.fromkeys(leaves):
             if leaf not in self._checked and leaf in self.metadata.leaves:
                 self._checked[leaf] = check_leaf(self.step_dir, leaf, self.metadata.leaves[leaf])[1]
-            if self._checked.get(leaf) is not None:
-                problems.append(self._checked[leaf])
+            problem = self._checked.get(leaf)
+            if problem is not None:
+                problems.append(problem)
         return problems
 
 

@@ -30,7 +30,8 @@ import ctypes
 import json
 import os
 import shutil
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import jax
 import numpy as np

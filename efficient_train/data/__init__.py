@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import stat
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeGuard
 
 import ml_collections
 import numpy as np
@@ -81,7 +81,7 @@ def _get(data_cfg: ml_collections.ConfigDict, name: str) -> object:
     return data_cfg[name]
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

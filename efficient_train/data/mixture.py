@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,7 +73,7 @@ class MixtureLoader(DataLoader):
 
     def __init__(
         self,
-        sources: list[TokenSource],
+        sources: Sequence[TokenSource],
         paths: list[str],
         weights: list[float],
         *,

@@ -31,23 +31,24 @@ deterministic and stable across reruns.
 from __future__ import annotations
 
 import hashlib
-import json
 import multiprocessing
 import os
 import stat
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from glob import glob, has_magic
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from efficient_train.data.chat import check_messages, render_chat
 from efficient_train.data.errors import DataError, DataReadError, DataWriteError, file_kind, open_regular, stat_path
+from efficient_train.data.jsonl import field_of, parse_line
 from efficient_train.data.manifest import (
     FORMAT_VERSION,
     SHARD_DIR,
@@ -126,7 +127,11 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
             elif not has_magic(pattern):
                 raise DataError(f"--input: '{match}' is {file_kind(mode)}; give files, globs or directories")
     seen: set[str] = set()
-    unique = [f for f in files if not (os.path.realpath(f) in seen or seen.add(os.path.realpath(f)))]
+    unique = []
+    for f in files:
+        if os.path.realpath(f) not in seen:
+            seen.add(os.path.realpath(f))
+            unique.append(f)
     if not unique:
         raise DataError(f"--input: {' '.join(patterns)!r} names no regular file")
     return unique
@@ -244,8 +249,8 @@ def _records(options: Options, piece: Piece) -> Iterator[tuple[int, Any]]:
         try:
             yield piece.line, data.decode("utf-8")
         except UnicodeDecodeError as error:
-            line = data.count(b"\n", 0, error.start) + 1
-            yield line, DataError(f"{where} line {line}: not UTF-8 (byte 0x{data[error.start]:02x}); text "
+            line_number = data.count(b"\n", 0, error.start) + 1
+            yield line_number, DataError(f"{where} line {line_number}: not UTF-8 (byte 0x{data[error.start]:02x}); text "
                                   "inputs are UTF-8")
         return
     for number, line in enumerate(data.split(b"\n"), start=piece.line):
@@ -260,24 +265,10 @@ def _records(options: Options, piece: Piece) -> Iterator[tuple[int, Any]]:
 
 
 def _jsonl_value(line: bytes, options: Options) -> Any:
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise DataError(f"not UTF-8 (byte 0x{line[error.start]:02x} at column {error.start + 1}); "
-                        "JSON Lines files are UTF-8") from None
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DataError(f"not valid JSON ({error.msg} at column {error.colno})") from None
-    except (RecursionError, ValueError):
-        raise DataError("not JSON this reader accepts (nested too deeply, or a number too long)") from None
+    record = parse_line(line)
     if options.fmt == "chat":
         return check_messages(record, options.field)
-    if not isinstance(record, dict):
-        raise DataError(f"a JSON {type(record).__name__}, not an object with field '{options.field}'")
-    if options.field not in record:
-        raise DataError(f"field '{options.field}' missing; each line must be an object with it")
-    value = record[options.field]
+    value = field_of(record, options.field)
     if not isinstance(value, str):
         raise DataError(f"field '{options.field}' is of type {type(value).__name__}; it must be a string of text")
     return value
@@ -542,7 +533,9 @@ def _run(options: Options, units: list[list[Piece]], todo: list[int], manifest: 
                 if failed:
                     for future in pending:
                         future.cancel()
-                    raise failed[0].exception()
+                    error = failed[0].exception()
+                    assert error is not None  # failed: it raised
+                    raise error
     except BrokenProcessPool:
         raise RunError(f"--workers: a prepare worker process died (out of memory, or killed); the "
                              f"{len(manifest['shards'])} committed shards in '{options.output}' are kept; "

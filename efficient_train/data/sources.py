@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import abc
 import hashlib
-import json
 import os
 import stat
 import sysconfig
@@ -54,6 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from efficient_train.data.errors import DataError, DataReadError, file_kind, open_regular, read_regular, stat_path
+from efficient_train.data.jsonl import field_of, parse_line
 
 PathLike = str | os.PathLike
 DEFAULT_TEXT_MAX_BYTES = 4 << 20
@@ -130,7 +130,7 @@ class _BufferSource(TokenSource):
     def __init__(self, docs: list[np.ndarray], dtype: type, vocab_size: int | None) -> None:
         self._lengths = np.array([len(d) for d in docs], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(self._lengths)])
-        self._tokens = np.concatenate(docs).astype(dtype, copy=False) if docs else np.zeros(0, dtype)
+        self._tokens: np.ndarray = np.concatenate(docs).astype(dtype, copy=False) if docs else np.zeros(0, dtype)
         self.vocab_size = vocab_size
 
     def _slice(self, index: int, start: int, stop: int) -> np.ndarray:
@@ -161,6 +161,8 @@ class SyntheticSource(TokenSource):
     Document lengths are uniform in [ceil(doc_len / 2), doc_len], so packed rows contain
     document boundaries. Document i is generated on demand from the seed and i alone.
     """
+
+    vocab_size: int  # always known: the chain is over it
 
     def __init__(
         self,
@@ -449,7 +451,7 @@ class TokenFileSource(TokenSource):
     def _read_tokens(self, first: int, count: int) -> np.ndarray:
         """Tokens [first, first + count) of the file, as a fresh array of its dtype."""
         out = np.empty(count, dtype=self.dtype)
-        view = memoryview(out).cast("B")
+        view = out.data.cast("B")
         offset, done = first * self._itemsize, 0
         try:
             while done < len(view):
@@ -563,23 +565,9 @@ class JsonlSource(_BufferSource):
     def _field(line: bytes, where: str, field: str) -> object:
         """The value of `field` in one JSON line, or a DataError naming what is wrong with the line."""
         try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise DataError(f"{where}: not UTF-8 (byte 0x{line[error.start]:02x} at column {error.start + 1}); "
-                            "JSON Lines files are UTF-8") from None
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-        except RecursionError:
-            raise DataError(f"{where}: JSON nested too deeply to read; a line is one flat object") from None
-        except ValueError as error:  # an integer of more digits than Python converts
-            raise DataError(f"{where}: {' '.join(str(error).split())[:120]}") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: a JSON {type(record).__name__}, not an object with field '{field}'")
-        if field not in record:
-            raise DataError(f"{where}: field '{field}' missing; each line must be an object with it")
-        return record[field]
+            return field_of(parse_line(line), field)
+        except DataError as error:
+            raise DataError(f"{where}: {error}") from None
 
     def _position(self, index: int, offset: int) -> str:
         return f"data.path '{self.path}' document {index} token {offset}"

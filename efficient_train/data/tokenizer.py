@@ -41,10 +41,10 @@ TEMPLATE_FILE = "chat_template.jinja"
 
 @dataclass(frozen=True)
 class Encoded:
-    """One text's token ids and, when asked for, each token's [start, end) character span."""
+    """One text's token ids and each token's [start, end) character span."""
 
     ids: np.ndarray
-    offsets: np.ndarray | None = None
+    offsets: np.ndarray
 
 
 class Tokenizer:
@@ -114,9 +114,8 @@ class HFTokenizer(Tokenizer):
         return token
 
     def encode_documents(self, texts: list[str]) -> list[np.ndarray]:
-        post = self._add is None
-        encodings = self._tokenizer.encode_batch_fast(texts, add_special_tokens=post)
-        if post:
+        encodings = self._tokenizer.encode_batch_fast(texts, add_special_tokens=self._add is None)
+        if self._add is None:  # the tokenizer's post-processor adds what its config says
             return [np.array(e.ids, dtype=np.int64) for e in encodings]
         add_bos, add_eos = self._add
         head = [self.bos_id] if add_bos else []

@@ -20,7 +20,7 @@ start with unit scale; norm scales start at one.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -22,7 +22,8 @@ abstractly, so the output is exactly what `train` on that mesh restores.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp

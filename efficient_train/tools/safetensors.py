@@ -202,7 +202,7 @@ def _read_index(hf_dir: str, index_path: str) -> dict[str, str]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise HFError(f"{index_path}: weight_map: is {'missing' if weight_map is None else _kind(weight_map)}; "
                       "allowed: a non-empty object of tensor name -> safetensors file name")
-    for tensor, file in weight_map.items():
+    for file in weight_map.values():
         _weight_file(hf_dir, file, index_path)
     return weight_map
 

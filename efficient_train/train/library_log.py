@@ -18,7 +18,8 @@ import os
 import sys
 import threading
 import traceback
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 _state: dict[str, Any] = {}
 

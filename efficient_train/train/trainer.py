@@ -34,7 +34,8 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -61,7 +62,7 @@ class Hook:
     """Calls `fn(trainer, step, metrics)` every `every` steps (after the step ran)."""
 
     every: int
-    fn: Callable[["Trainer", int, dict], None]
+    fn: Callable[[Trainer, int, dict], None]
 
     def __post_init__(self) -> None:
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
@@ -147,7 +148,7 @@ class Trainer:
                 checkpoint_dir,
                 keep=config.checkpoint.keep,
                 keep_every=config.checkpoint.keep_every,
-                async_save=config.checkpoint["async"],
+                async_save=config.checkpoint.async_save,
                 save_every=config.checkpoint.every,
             )
             self.state: TrainState = self._restore_or_init()
@@ -428,7 +429,7 @@ class Trainer:
     def _log_due(self, step: int) -> bool:
         return step % self.config.train.log_every == 0 or step == self.config.train.steps
 
-    def _log_record(self, step: int, metrics: dict[str, jax.Array], interval: "_Interval") -> dict[str, Any]:
+    def _log_record(self, step: int, metrics: dict[str, jax.Array], interval: _Interval) -> dict[str, Any]:
         """The metrics record of a logged step: the step's scalars, throughput over the steps since
         the last record, and the loader's own figures (a mixture's realized shares)."""
         self._check_state_finite(step)

@@ -9,7 +9,8 @@ compiler's memory analysis, so a 70B model on 64 devices can be sized on a lapto
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

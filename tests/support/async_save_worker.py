@@ -1,7 +1,7 @@
 """A process that updates a sharded state and saves it asynchronously after every step:
 the target of the SIGKILL test in test_checkpoint_processes.py.
 
-    python -m tests.async_save_worker DIR [--hold PHASE --at STEP --signal FILE] [--last STEP]
+    python -m tests.support.async_save_worker DIR [--hold PHASE --at STEP --signal FILE] [--last STEP]
 
 Run with 8 simulated devices (the caller sets XLA_FLAGS). It stands in for a training
 job without the cost of one: the update donates its input buffers, as the trainer's step

@@ -1,6 +1,6 @@
 """One process of a 2-process run (jax.distributed, gloo) whose data fails on process 1 only.
 
-    python -m tests.data_failure_worker PROCESS_ID PORT WORKDIR
+    python -m tests.support.data_failure_worker PROCESS_ID PORT WORKDIR
 
 Process 1's iterator raises DataError when asked for its 4th batch; process 0's data
 is fine. Both must stop together after saving step 3 (neither may wait forever in a

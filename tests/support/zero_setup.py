@@ -1,6 +1,6 @@
 """A small model and run shared by the ZeRO / tensor-parallel equivalence tests.
 
-Run as a script (`python -m tests.zero_setup N_DEVICES JSON_OVERRIDES`) it prints the
+Run as a script (`python -m tests.support.zero_setup N_DEVICES JSON_OVERRIDES`) it prints the
 per-step losses of a run on N simulated devices; the tests use that for the
 single-device reference, which needs a process of its own.
 """
@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 
-from tests.subprocess_env import subprocess_env
+from tests.support.subprocess_env import subprocess_env
 
 STEPS = 5
 
@@ -44,9 +44,9 @@ def run_losses(overrides: dict, steps: int = STEPS) -> tuple[list[float], object
 
 def losses_in_subprocess(num_devices: int, overrides: dict) -> list[float]:
     env = subprocess_env(num_devices)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
     out = subprocess.run(
-        [sys.executable, "-m", "tests.zero_setup", json.dumps(overrides)],
+        [sys.executable, "-m", "tests.support.zero_setup", json.dumps(overrides)],
         cwd=root, env=env, capture_output=True, text=True, check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
