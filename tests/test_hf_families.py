@@ -195,7 +195,7 @@ def test_tokenizer_and_generation_files_travel(saved, tmp_path, capsys):
 
     from efficient_train import cli
     from efficient_train.data.tokenizer import load_tokenizer
-    from tests.data_setup import make_tokenizer
+    from tests.support.data_setup import make_tokenizer
 
     source = tmp_path / "hf"
     shutil.copytree(saved(FAST)[0], source)
