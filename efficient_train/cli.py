@@ -150,8 +150,11 @@ def _checkpoint(args: argparse.Namespace) -> int:
 
             step_dir = hf.import_hf(args.hf_dir, args.out, param_dtype=args.param_dtype, scan_layers=args.scan_layers)
             print(f"wrote {step_dir}: parameters only, step 0")
+            tokenizer_dir, side = hf.side_files(step_dir)
+            tokenizer = f" --config.data.tokenizer={tokenizer_dir}" if "tokenizer.json" in side else ""
             print("fine-tune from it with: efficient-train train "
-                  f"--config.checkpoint.dir={os.path.dirname(step_dir)} {' '.join(hf.train_overrides(step_dir))}")
+                  f"--config.checkpoint.dir={os.path.dirname(step_dir)} {' '.join(hf.train_overrides(step_dir))}"
+                  f"{tokenizer}")
             return 0
         if args.tool == "export-hf":
             from efficient_train.tools import hf

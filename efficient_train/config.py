@@ -47,7 +47,7 @@ from efficient_train.data.eval_sets import parse_eval_sets
 from efficient_train.data.sources import TOKEN_DTYPES
 from efficient_train.errors import ConfigError, InputError
 from efficient_train.models.choices import ATTENTION_IMPLS, DTYPES, NORM_IMPLS, REMAT_POLICIES
-from efficient_train.models.llama.config import parameter_count
+from efficient_train.models.llama.config import family_problem, parameter_count
 from efficient_train.optim.choices import BLOCK_SIZES, OPTIMIZER_KERNELS, SCHEDULES, STATE_FORMATS
 from efficient_train.parallel.axes import MESH_AXES, SEQUENCE_PARALLEL_MODES, ZERO_STAGES
 from efficient_train.parallel.heads import ulysses_head_problem
@@ -88,6 +88,28 @@ def default_config() -> ml_collections.ConfigDict:
             scan_layers=True,
             dtype="float32",
             param_dtype="float32",
+            # Model families (Llama 3, Qwen 2/3, Mistral, Gemma 2/3); see models/llama/config.py.
+            rope_type="default",
+            rope_factor=1.0,
+            rope_original_context=0,
+            rope_low_freq_factor=1.0,
+            rope_high_freq_factor=4.0,
+            rope_beta_fast=32.0,
+            rope_beta_slow=1.0,
+            rope_attention_factor=0.0,
+            local_rope_theta=0.0,
+            qkv_bias=False,
+            o_bias=False,
+            qk_norm=False,
+            sliding_window=0,
+            global_every=0,
+            activation="silu",
+            norm_plus_one=False,
+            embed_scale=False,
+            sandwich_norms=False,
+            query_pre_attn_scalar=0.0,
+            attn_softcap=0.0,
+            final_softcap=0.0,
         )
     )
     c.attention = ml_collections.ConfigDict(dict(impl="auto"))
@@ -532,6 +554,12 @@ def validate_fields(config: ml_collections.ConfigDict) -> None:
     if model.head_dim % 2:
         raise ConfigError(f"model.head_dim: {model.head_dim} is odd; rotary embeddings rotate pairs, "
                           "so it must be even")
+    problem = family_problem(model)
+    if problem:
+        raise ConfigError(problem)
+    if model.attn_softcap and config.attention.impl in ("cudnn", "pallas"):
+        raise ConfigError(f"attention.impl: {config.attention.impl!r} does not soft-cap attention scores "
+                          f"(model.attn_softcap={model.attn_softcap}); use 'xla' or 'auto'")
     tokens = config.train.batch_size * config.data.seq_len
     if tokens > MAX_TOKENS_PER_STEP:
         raise ConfigError(

@@ -196,7 +196,7 @@ def test_convert_refuses_a_damaged_newest_step_then_converts_the_older_one(tmp_p
     mesh = make_mesh({"replica": 1, "data": 2, "sequence": 1, "tensor": 2}, devices=jax.devices()[:4])
     setup = build_setup(config, mesh)
     state, _ = Checkpointer(str(dst), keep=1, keep_every=0, async_save=False).restore_step(
-        1, setup.abstract_state, model=dataclasses.asdict(setup.model_config))
+        1, setup.abstract_state, model=setup.model_config.record())
     restored = {"params/" + name: np.asarray(jax.device_get(leaf)) for name, leaf in leaf_paths(state.params)}
     for name, value in random_params(1):
         np.testing.assert_array_equal(restored[name], value, err_msg=name)

@@ -2,7 +2,6 @@
 and bf16 outputs, all-problems-first refusal, the CLI, and bounded host memory."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -83,7 +82,7 @@ def _restore(directory, **overrides):
     config = _config(directory, directory, **overrides)
     setup = build_setup(config, make_mesh(dict(config.mesh)))
     checkpointer = Checkpointer(str(directory), keep=1, keep_every=0, async_save=False)
-    state, _ = checkpointer.restore_step(3, setup.abstract_state, model=dataclasses.asdict(setup.model_config))
+    state, _ = checkpointer.restore_step(3, setup.abstract_state, model=setup.model_config.record())
     return state, setup
 
 

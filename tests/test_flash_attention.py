@@ -40,6 +40,7 @@ class Case:
     dtype: str = "float32"
     blocks: BlockSizes = SMALL
     backend: str = "triton"
+    window: int | None = None  # a sliding window, passed traced (as a scanned layer does)
 
 
 def _inputs(case: Case, seed: int):
@@ -65,16 +66,18 @@ def _loss(attn, q, k, v, w_out, w_lse):
 
 
 def _run_kernel(case: Case, qkv, weights, segs):
-    def f(q, k, v, w_out, w_lse, q_seg, kv_seg, q_offset, kv_offset):
+    def f(q, k, v, w_out, w_lse, q_seg, kv_seg, q_offset, kv_offset, window):
         def attn(q, k, v):
             return flash_attention(
                 q, k, v, causal=case.causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
                 q_offset=q_offset, kv_offset=kv_offset, return_lse=True,
+                window=None if case.window is None else window,
                 block_sizes=case.blocks, backend=case.backend, interpret=True)
         return jax.value_and_grad(_loss, argnums=(1, 2, 3), has_aux=True)(
             attn, q, k, v, w_out, w_lse)
 
-    args = (*qkv, *weights, *segs, jnp.int32(case.q_offset), jnp.int32(case.kv_offset))
+    args = (*qkv, *weights, *segs, jnp.int32(case.q_offset), jnp.int32(case.kv_offset),
+            jnp.int32(case.window or 0))
     (_, (out, lse)), grads = _compile(f, args)(*args)
     return out, lse, grads
 
@@ -96,7 +99,7 @@ def _run_reference(case: Case, qkv, weights, segs):
             def attn(q, k, v):
                 return attention_reference(
                     q, k, v, causal=case.causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-                    q_offset=case.q_offset, kv_offset=case.kv_offset)
+                    q_offset=case.q_offset, kv_offset=case.kv_offset, window=case.window)
             return jax.value_and_grad(_loss, argnums=(1, 2, 3), has_aux=True)(
                 attn, q, k, v, w_out, w_lse)
 
@@ -140,8 +143,14 @@ def check(case: Case, seed: int = 0) -> None:
     Case(t=29, s=21, heads=8, kv_heads=1, head_dim=64, segments=True, q_offset=7,
          kv_offset=3, causal=False),
     Case(t=40, s=40, heads=4, kv_heads=2, head_dim=128, segments=True, dtype="bfloat16"),
+    # sliding windows: inside one block, across blocks with segments, a ring block's offsets
+    Case(t=64, s=64, heads=2, kv_heads=1, head_dim=64, window=5, batch=1),
+    Case(t=70, s=70, heads=4, kv_heads=2, head_dim=64, window=23, segments=True, batch=1),
+    Case(t=32, s=48, heads=2, kv_heads=2, head_dim=64, window=37, q_offset=40, kv_offset=8,
+         batch=1),
 ], ids=["mha-noncausal", "gqa2-segments-d128", "gqa4-offsets-empty-rows",
-        "gqa8-segments-offsets-noncausal", "bf16-gqa2-segments"])
+        "gqa8-segments-offsets-noncausal", "bf16-gqa2-segments", "window-in-block",
+        "window-across-blocks-segments", "window-offsets"])
 def test_triton_kernel_matches_reference(case):
     check(case)
 
@@ -156,7 +165,8 @@ def test_default_block_sizes_and_padded_head_dim():
          kv_offset=4, backend="mosaic_tpu"),
     Case(t=32, s=32, heads=2, kv_heads=2, head_dim=64, causal=False, backend="mosaic_tpu",
          dtype="bfloat16", batch=1),
-], ids=["gqa4-segments-offsets", "bf16-noncausal"])
+    Case(t=64, s=64, heads=2, kv_heads=1, head_dim=64, window=21, backend="mosaic_tpu", batch=1),
+], ids=["gqa4-segments-offsets", "bf16-noncausal", "window"])
 def test_tpu_kernel_matches_reference(case):
     check(case)
 
@@ -173,6 +183,28 @@ def test_drawn_shapes(t, s, ratio, head_dim, causal, segments, kv_offset, ahead,
                segments=segments, q_offset=kv_offset + ahead, kv_offset=kv_offset, batch=1,
                blocks=BlockSizes(block, block, block, block, block, block)),
           seed=t * 41 + s)
+
+
+def test_window_skips_key_blocks():
+    """The window's saving, in the loop bounds the GPU kernels run: a query block far from
+    the start visits only the key blocks its window reaches (forward and dq), and a key
+    block is visited only by the query blocks within a window of it (dk/dv)."""
+    from pallas_kernels.flash_attention.gpu import kv_block_range, q_block_range
+
+    i32 = jnp.int32
+    # queries 96..111 (block 6 of 16), window 20: keys 77..111, i.e. key blocks 4..6 of 16
+    start, mid, lo, hi = kv_block_range(i32(96), i32(111), i32(0), i32(20), causal=True,
+                                        segmented=False, kv_len=256, block_kv=16, num_kv_blocks=16)
+    assert (int(start), int(hi)) == (4, 7)  # blocks 0..3 skipped
+    assert int(start) <= int(mid) <= int(lo) <= int(hi)
+    full = kv_block_range(i32(96), i32(111), i32(0), None, causal=True, segmented=False,
+                          kv_len=256, block_kv=16, num_kv_blocks=16)
+    assert int(full[0]) == 0 and int(full[3]) == 7  # without a window every earlier block runs
+    # keys 16..31 (block 1), window 20: queries 16..50, i.e. query blocks 1..3 of 16
+    lo, full_q, near, end = q_block_range(i32(16), i32(31), i32(0), i32(20), causal=True,
+                                          segmented=False, block_q=16, num_q_blocks=16)
+    assert (int(lo), int(end)) == (1, 4)
+    assert int(lo) <= int(full_q) <= int(near) <= int(end)
 
 
 def test_reference_matches_numpy_loop():

@@ -225,11 +225,19 @@ def _write_config(directory, **changes) -> str:
     "changes,field",
     [
         ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}, "rope_parameters": None}, "rope_scaling"),
-        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_parameters"),
+        ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "factor": 4.0}}, "rope_parameters"),
+        ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0, "partial_rotary_factor": 0.5}},
+         "partial_rotary_factor"),
         ({"hidden_act": "gelu"}, "hidden_act"),
-        ({"attention_bias": True}, "attention_bias"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"model_type": "mistral", "attention_bias": True}, "attention_bias"),
         ({"model_type": "gpt2"}, "model_type"),
-        ({"model_type": "mistral", "sliding_window": 4096}, "sliding_window"),
+        ({"sliding_window": 4096}, "sliding_window"),  # llama has no window
+        ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window"),
+        ({"model_type": "gemma3_text", "use_bidirectional_attention": True, "sliding_window": 8},
+         "use_bidirectional_attention"),
+        ({"model_type": "gemma2", "sliding_window": 8, "layer_types": ["full_attention", "sliding_attention"]},
+         "layer_types"),
     ],
 )
 def test_unsupported_configs_are_one_line_errors(tmp_path, capsys, changes, field):

@@ -21,9 +21,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from efficient_train.models import Llama, ModelConfig
+from efficient_train.models import Llama, ModelConfig, rope
 from efficient_train.models.attention import attention
-from efficient_train.models.layers import apply_rope, rope_angles
+from efficient_train.models.layers import apply_rope
 from efficient_train.parallel import param_gather
 
 B, S, V = 2, 16, 256
@@ -379,9 +379,12 @@ def test_rope_scores_depend_only_on_position_difference(model):
     d = 16
     q, k = (jnp.asarray(rng.standard_normal((1, 1, 1, d), np.float32)) for _ in range(2))
 
+    plain = ModelConfig(vocab_size=8, hidden_size=16, intermediate_size=8, num_layers=1, num_heads=1,
+                        num_kv_heads=1, head_dim=d)
+
     def score(m: int, n: int) -> float:
-        qr = apply_rope(q, *rope_angles(jnp.array([[m]]), d, 10000.0))
-        kr = apply_rope(k, *rope_angles(jnp.array([[n]]), d, 10000.0))
+        qr = apply_rope(q, *rope.angles(plain, jnp.array([[m]])))
+        kr = apply_rope(k, *rope.angles(plain, jnp.array([[n]])))
         return float(jnp.sum(qr * kr))
 
     for m, n in [(3, 1), (10, 10), (7, 12), (40, 2)]:
@@ -512,3 +515,49 @@ def test_model_choice_literals_spell_the_choice_tuples():
     assert typing.get_args(model_config.AttentionImpl) == choices.ATTENTION_IMPLS
     assert typing.get_args(model_config.NormImpl) == choices.NORM_IMPLS
     assert typing.get_args(model_config.DTypeName) == choices.DTYPES
+    assert typing.get_args(model_config.RopeType) == choices.ROPE_TYPES
+    assert typing.get_args(model_config.Activation) == choices.ACTIVATIONS
+
+
+def test_sliding_window_model_runs_the_pallas_kernel_with_a_traced_window():
+    """Gemma-style local/global layers in one scan: the Pallas kernel is in the program, and
+    the window reaches it as a scanned value (a window of 0 on the global layer)."""
+    cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=2, num_kv_heads=1,
+                      head_dim=8, dtype="float32", sliding_window=4, global_every=2, attention_impl="pallas")
+    assert cfg.layer_windows() == (4, 0)
+    with nnx.use_eager_sharding(False):
+        model = Llama(cfg, rngs=nnx.Rngs(0))
+    jaxpr = str(jax.make_jaxpr(lambda ids: model(ids))(jnp.zeros((1, 16), jnp.int32)))
+    assert "pallas_call" in jaxpr and "scan" in jaxpr
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"rope_type": "ntk"}, "model.rope_type"),
+    ({"rope_type": "llama3", "rope_factor": 8.0}, "model.rope_original_context"),
+    ({"global_every": 2}, "model.global_every"),
+    ({"sliding_window": -1}, "model.sliding_window"),
+    ({"activation": "relu"}, "model.activation"),
+    ({"attn_softcap": float("nan")}, "model.attn_softcap"),
+])
+def test_bad_family_fields_are_one_line_config_errors(changes, field):
+    from efficient_train.config import ConfigError, default_config, validate_fields
+
+    config = default_config()
+    config.model.update(changes)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")) as error:
+        validate_fields(config)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        ModelConfig(**{**dataclasses.asdict(ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
+                                                                num_layers=1, num_heads=1, num_kv_heads=1,
+                                                                head_dim=8)), **changes})
+
+
+def test_pallas_attention_refuses_soft_capping_by_field():
+    from efficient_train.config import ConfigError, default_config, validate
+
+    config = default_config()
+    config.model.attn_softcap = 50.0
+    config.attention.impl = "pallas"
+    with pytest.raises(ConfigError, match="attention.impl: 'pallas' does not soft-cap"):
+        validate(config, 1, check_paths=False)

@@ -48,8 +48,9 @@ def _packed_ids(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.cache
-def _case(mode: str, size: int, causal: bool, impl: str):
-    """Inputs, the dense reference (loss, grads), the sharded run and its compiled program."""
+def _case(mode: str, size: int, causal: bool, impl: str, window: int | None = None, softcap: float | None = None):
+    """Inputs, the dense reference (loss, grads), the sharded run and its compiled program
+    (window: a sliding window, passed traced as a scanned layer passes it)."""
     rng = np.random.default_rng(size * 10 + causal)
     q = rng.standard_normal((B, T, H, D)).astype(np.float32)
     k, v = (rng.standard_normal((B, T, KV, D)).astype(np.float32) for _ in range(2))
@@ -57,7 +58,8 @@ def _case(mode: str, size: int, causal: bool, impl: str):
     seg, pos = _packed_ids(rng)
 
     def dense(q, k, v):
-        out = attention(q, k, v, segment_ids=seg, positions=pos, causal=causal, impl="xla")
+        out = attention(q, k, v, segment_ids=seg, positions=pos, causal=causal, impl="xla", window=window,
+                        softcap=softcap)
         return jnp.sum(out * weights)
 
     reference = jax.value_and_grad(dense, argnums=(0, 1, 2))(q, k, v)
@@ -68,7 +70,8 @@ def _case(mode: str, size: int, causal: bool, impl: str):
 
     def local(q, k, v, seg, pos):
         with sequence_parallel.sharding("sequence", mode):
-            return attention(q, k, v, segment_ids=seg, positions=pos, causal=causal, impl=impl)
+            return attention(q, k, v, segment_ids=seg, positions=pos, causal=causal, impl=impl,
+                             window=None if window is None else jnp.int32(window), softcap=softcap)
 
     sharded = jax.shard_map(local, mesh=mesh, in_specs=P(None, "sequence"), out_specs=P(None, "sequence"),
                             check_vma=False)
@@ -82,8 +85,8 @@ def _case(mode: str, size: int, causal: bool, impl: str):
     return reference, compiled(*args), np.argsort(order), compiled
 
 
-def _assert_equal_to_dense(mode: str, size: int, causal: bool, impl: str) -> None:
-    (ref_loss, ref_grads), (loss, grads), inverse, _ = _case(mode, size, causal, impl)
+def _assert_equal_to_dense(mode: str, size: int, causal: bool, impl: str, **kwargs) -> None:
+    (ref_loss, ref_grads), (loss, grads), inverse, _ = _case(mode, size, causal, impl, **kwargs)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     for name, grad, ref in zip("qkv", grads, ref_grads):
         np.testing.assert_allclose(np.asarray(grad)[:, inverse], ref, rtol=1e-5, atol=1e-5, err_msg=name)
@@ -99,6 +102,42 @@ def test_equals_dense_attention(mode, size, causal):
 @pytest.mark.parametrize("mode, size, causal", [("ring", 4, True), ("ring", 2, False), ("ulysses", 4, True)])
 def test_pallas_local_kernel_equals_dense_attention(mode, size, causal):
     _assert_equal_to_dense(mode, size, causal, "pallas")
+
+
+def _pallas_in_jaxpr(mode: str, size: int, window: int) -> bool:
+    """Whether the sharded attention's program holds the Pallas kernel (no silent fallback)."""
+    mesh = Mesh(np.array(jax.devices()[:size]), ("sequence",))
+    x, ids = jnp.zeros((B, T, H, D)), jnp.ones((B, T), jnp.int32)
+
+    def local(q, seg, pos):
+        with sequence_parallel.sharding("sequence", mode):
+            return attention(q, q[:, :, :KV], q[:, :, :KV], segment_ids=seg, positions=pos, impl="pallas",
+                             window=jnp.int32(window))
+
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=P(None, "sequence"), out_specs=P(None, "sequence"),
+                            check_vma=False)
+    return "pallas_call" in str(jax.make_jaxpr(sharded)(x, ids, ids))
+
+
+@pytest.mark.parametrize("mode, impl", [
+    ("ring", "xla"),
+    pytest.param("all_gather", "xla", marks=pytest.mark.slow),
+    pytest.param("ulysses", "xla", marks=pytest.mark.slow),
+    pytest.param("ring", "pallas", marks=pytest.mark.slow),
+    pytest.param("all_gather", "pallas", marks=pytest.mark.slow),
+])
+def test_sliding_window_equals_dense_attention(mode, impl):
+    """A window of 5 tokens over 4 devices: ring chunks are 4 tokens, so the window reaches
+    across chunk pairs and devices; with 'pallas' the kernel runs it (its call is in the program)."""
+    _assert_equal_to_dense(mode, 4, True, impl, window=5)
+    if impl == "pallas":
+        assert _pallas_in_jaxpr(mode, 4, 5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ring", "ulysses"])
+def test_softcap_equals_dense_attention(mode):
+    _assert_equal_to_dense(mode, 4, True, "xla", window=7, softcap=2.0)
 
 
 def _collectives(mode: str) -> list:

@@ -1,4 +1,4 @@
-"""Building blocks of the decoder: Linear, Embed, RMSNorm and rotary embeddings.
+"""Building blocks of the decoder: Linear, Embed, RMSNorm and applying rotary embeddings.
 
 Every parameter is an `nnx.Param` carrying its logical axis names as the standard Flax
 metadata `out_sharding=(...)` (the key `nnx.with_partitioning` writes), one name per
@@ -8,7 +8,7 @@ The names used across the model are 'vocab', 'embed', 'heads', 'kv_heads', 'head
 
 Parameters are stored in `param_dtype` and cast to the compute `dtype` at use, so a
 bf16 model can keep fp32 master weights. Norm statistics and rotary angles are always
-computed in fp32.
+computed in fp32. The rotary tables themselves (and their scalings) are models/rope.py's.
 
 With Flax's default eager sharding, creating a Param with `out_sharding` requires a
 mesh; build models inside `with nnx.use_eager_sharding(False):` when there is none
@@ -32,14 +32,15 @@ Axes = tuple[str, ...]
 
 
 class Linear(nnx.Module):
-    """A bias-free projection contracting the last len(in_shape) dims of its input.
+    """A projection contracting the last len(in_shape) dims of its input, bias optional.
 
     The kernel has shape in_shape + out_shape (e.g. q: (embed, heads, head_dim)) so each
-    dimension keeps its own logical axis name rather than being flattened away.
+    dimension keeps its own logical axis name rather than being flattened away; a bias
+    (Qwen's q/k/v) has out_shape and the output dims' names, and starts at zero.
     """
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], axes: Axes, *,
-                 dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+                 dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs, bias: bool = False):
         in_shape, out_shape = tuple(in_shape), tuple(out_shape)
         shape = in_shape + out_shape
         if len(axes) != len(shape):
@@ -49,6 +50,7 @@ class Linear(nnx.Module):
             1.0, "fan_in", "truncated_normal",
             in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, len(shape))))
         self.kernel = nnx.Param(init(rngs.params(), shape, param_dtype), out_sharding=axes)
+        self.bias = nnx.Param(jnp.zeros(out_shape, param_dtype), out_sharding=axes[n_in:]) if bias else None
         self.n_in = n_in
         self.dtype = dtype
 
@@ -56,9 +58,12 @@ class Linear(nnx.Module):
         """x[..., *in_shape] -> [..., *out_shape] in `out_dtype` (default: compute dtype)."""
         kernel = self.kernel.get_value().astype(self.dtype)
         contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-        return jax.lax.dot_general(
+        y = jax.lax.dot_general(
             x.astype(self.dtype), kernel, (contract, ((), ())),
             preferred_element_type=out_dtype or self.dtype)
+        if self.bias is not None:
+            y = y + self.bias.get_value().astype(y.dtype)
+        return y
 
 
 class Embed(nnx.Module):
@@ -84,42 +89,36 @@ class Embed(nnx.Module):
 class RMSNorm(nnx.Module):
     """y = x / sqrt(mean(x^2) + eps) * scale, computed in fp32, returned in `dtype`.
 
-    impl: 'xla' (the code below, which XLA fuses), 'pallas' (the fused kernel
-    `pallas_kernels.rms_norm`, same arithmetic, run in the Pallas interpreter on the
-    CPU), 'auto' (xla, until GPU benchmarks say otherwise).
+    With `plus_one` (Gemma) the multiplier is 1 + scale, added in fp32, and the scale
+    starts at zero. impl: 'xla' (the code below, which XLA fuses), 'pallas' (the fused
+    kernel `pallas_kernels.rms_norm`, same arithmetic, run in the Pallas interpreter on
+    the CPU), 'auto' (xla, until GPU benchmarks say otherwise).
     """
 
     def __init__(self, size: int, *, eps: float, dtype: jnp.dtype, param_dtype: jnp.dtype,
-                 impl: str = "auto"):
+                 impl: str = "auto", plus_one: bool = False):
         if impl not in NORM_IMPLS:
             raise ValueError(f"norm impl must be one of {NORM_IMPLS}, got {impl!r}")
-        self.scale = nnx.Param(jnp.ones((size,), param_dtype), out_sharding=("norm",))
+        start = jnp.zeros if plus_one else jnp.ones
+        self.scale = nnx.Param(start((size,), param_dtype), out_sharding=("norm",))
         self.eps = eps
         self.dtype = dtype
         self.impl = impl
+        self.plus_one = plus_one
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.scale.get_value()
+        if self.plus_one:
+            scale = 1.0 + scale.astype(jnp.float32)
         if self.impl == "pallas":
             from pallas_kernels import rms_norm
             from pallas_kernels.backends import default_interpret
 
-            return rms_norm(x, self.scale.get_value(), eps=self.eps, out_dtype=self.dtype,
+            return rms_norm(x, scale, eps=self.eps, out_dtype=self.dtype,
                             backend="auto", interpret=default_interpret())
         x32 = x.astype(jnp.float32)
         inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (x32 * inv_rms * self.scale.get_value().astype(jnp.float32)).astype(self.dtype)
-
-
-def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos and sin of the rotary angles, fp32 [..., head_dim // 2], for explicit positions.
-
-    Frequency i is theta^(-2i/head_dim); positions are per token (they restart at every
-    packed document), never array indices.
-    """
-    exponent = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-    inv_freq = 1.0 / (theta ** exponent)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    return jnp.cos(angles), jnp.sin(angles)
+        return (x32 * inv_rms * scale.astype(jnp.float32)).astype(self.dtype)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

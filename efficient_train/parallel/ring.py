@@ -18,6 +18,12 @@ Either way two C x C pairs, computed in one kernel call with the batch doubled (
 second pair chosen by a select on src < i, not a branch). Every device does the same
 work at every step. Segment ids travel with K/V; positions are not needed.
 
+Sliding windows. A window hides keys by their distance, which a "wholly in the past"
+pair does not settle, so with a window every pair is computed causally with its chunks'
+true offsets (chunk c starts at token c x C) and the window, one kernel call per pair
+(the two pairs of a step differ in offset, so they are not stacked); pairs the window
+puts out of reach come out empty (lse -inf) and the kernel skips their blocks.
+
 Local blocks are `pallas_kernels.flash_attention(..., return_lse=True)` with the
 backend the dispatch picks: the Pallas kernel (interpreted on CPU) or its plain-JAX
 'xla' backend, which materializes one block's C x C scores at a time.
@@ -55,6 +61,8 @@ class RingSpec:
     scale: float
     backend: str  # flash_attention backend of the local blocks
     interpret: bool
+    windowed: bool = False  # a sliding window travels as the traced `window` argument
+    softcap: float | None = None  # soft-capped scores ('xla' blocks only)
 
 
 class Partial(NamedTuple):
@@ -66,27 +74,33 @@ class Partial(NamedTuple):
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, axis: str,
               causal: bool, scale: float | None = None, backend: str = "auto",
-              interpret: bool = False) -> jax.Array:
+              interpret: bool = False, window: int | jax.Array | None = None,
+              softcap: float | None = None) -> jax.Array:
     """Zigzag-ring attention inside a shard_map manual over `axis`.
 
     q [B, T/S, H, D], k, v [B, T/S, KV, D], segment_ids [B, T/S]: this device's two
     zigzag chunks. Returns out [B, T/S, H, D] in q's dtype. Segment id 0 is an ordinary
-    id here (the dispatch zeroes padding queries afterwards).
+    id here (the dispatch zeroes padding queries afterwards). window: a sliding window
+    (causal only; traced allowed, <= 0 meaning none); softcap: soft-capped scores.
     """
     size = jax.lax.axis_size(axis)
     if causal and q.shape[1] % 2:
         raise ValueError(f"ring attention: the local sequence ({q.shape[1]}) must hold two equal zigzag "
                          f"chunks; make data.seq_len divisible by 2 x mesh.sequence = {2 * size}")
+    if window is not None and not causal:
+        raise ValueError("ring attention: a sliding window needs causal attention")
     spec = RingSpec(axis, size, causal, float(q.shape[3] ** -0.5 if scale is None else scale),
-                    backend, interpret)
-    return _ring(spec, q, k, v, segment_ids)
+                    backend, interpret, window is not None, softcap)
+    return _ring(spec, q, k, v, segment_ids, jnp.asarray(0 if window is None else window, jnp.int32))
 
 
 def _block(spec: RingSpec, q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array,
-           kv_seg: jax.Array, causal: bool) -> Partial:
+           kv_seg: jax.Array, causal: bool, window: jax.Array | None = None,
+           q_offset: int | jax.Array = 0, kv_offset: int | jax.Array = 0) -> Partial:
     out, lse = flash_attention(q, k, v, causal=causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-                               sm_scale=spec.scale, return_lse=True, backend=spec.backend,
-                               interpret=spec.interpret)
+                               q_offset=q_offset, kv_offset=kv_offset, sm_scale=spec.scale,
+                               window=window if spec.windowed else None, softcap=spec.softcap,
+                               return_lse=True, backend=spec.backend, interpret=spec.interpret)
     return Partial(out.astype(jnp.float32), lse.astype(jnp.float32))
 
 
@@ -126,19 +140,27 @@ def _join(first: Partial, second: Partial) -> Partial:
                    jnp.concatenate([first.lse, second.lse], axis=2))
 
 
-def _own_block(spec: RingSpec, q: jax.Array, seg: jax.Array, k: jax.Array, v: jax.Array) -> Partial:
+def _own_block(spec: RingSpec, q: jax.Array, seg: jax.Array, k: jax.Array, v: jax.Array,
+               window: jax.Array) -> Partial:
     """Step 0: this device's queries against its own keys."""
     if not spec.causal:
         return _block(spec, q, k, v, seg, seg, causal=False)
     (q0, q1), (k0, k1), (v0, v1), (s0, s1) = map(_halves, (q, k, v, seg))
+    # Both diagonal pairs have offset difference 0, so they stack even with a window.
     diagonal = _block(spec, _stack(q0, q1), _stack(k0, k1), _stack(v0, v1), _stack(s0, s1),
-                      _stack(s0, s1), causal=True)
+                      _stack(s0, s1), causal=True, window=window)
     first, second = _split(diagonal)
-    return _join(first, _merge(second, _block(spec, q1, k0, v0, s1, s0, causal=False)))
+    if spec.windowed:
+        me, c = jax.lax.axis_index(spec.axis), q0.shape[1]
+        cross = _block(spec, q1, k0, v0, s1, s0, causal=True, window=window,
+                       q_offset=(2 * spec.size - 1 - me) * c, kv_offset=me * c)
+    else:
+        cross = _block(spec, q1, k0, v0, s1, s0, causal=False)
+    return _join(first, _merge(second, cross))
 
 
 def _other_block(spec: RingSpec, q: jax.Array, seg: jax.Array, k: jax.Array, v: jax.Array,
-                kv_seg: jax.Array, src: jax.Array, me: jax.Array) -> Partial:
+                kv_seg: jax.Array, src: jax.Array, me: jax.Array, window: jax.Array) -> Partial:
     """Step j > 0: this device's (`me`) queries against the keys of device `src` != me."""
     if not spec.causal:
         return _block(spec, q, k, v, seg, kv_seg, causal=False)
@@ -147,9 +169,17 @@ def _other_block(spec: RingSpec, q: jax.Array, seg: jax.Array, k: jax.Array, v: 
     pick = lambda when_earlier, otherwise: jnp.where(earlier, when_earlier, otherwise)
     # Pair one: our chunk 2S-1-me x src's chunk src. Pair two: (me, src) if earlier,
     # else (2S-1-me, 2S-1-src).
-    one, two = _split(_block(spec, _stack(q1, pick(q0, q1)), _stack(k0, pick(k0, k1)),
-                             _stack(v0, pick(v0, v1)), _stack(s1, pick(s0, s1)),
-                             _stack(t0, pick(t0, t1)), causal=False))
+    if spec.windowed:  # each pair at its chunks' true offsets (see the module docstring)
+        c, last = q0.shape[1], 2 * spec.size - 1
+        one = _block(spec, q1, k0, v0, s1, t0, causal=True, window=window,
+                     q_offset=(last - me) * c, kv_offset=src * c)
+        two = _block(spec, pick(q0, q1), pick(k0, k1), pick(v0, v1), pick(s0, s1), pick(t0, t1),
+                     causal=True, window=window, q_offset=pick(me, last - me) * c,
+                     kv_offset=pick(src, last - src) * c)
+    else:
+        one, two = _split(_block(spec, _stack(q1, pick(q0, q1)), _stack(k0, pick(k0, k1)),
+                                 _stack(v0, pick(v0, v1)), _stack(s1, pick(s0, s1)),
+                                 _stack(t0, pick(t0, t1)), causal=False))
     first = Partial(jnp.where(earlier, two.out, 0.0), jnp.where(earlier, two.lse, -jnp.inf))
     second = _merge(one, Partial(two.out, jnp.where(earlier, -jnp.inf, two.lse)))
     return _join(first, second)
@@ -160,15 +190,16 @@ def _sender(spec: RingSpec) -> Callable:
     return functools.partial(jax.lax.ppermute, axis_name=spec.axis, perm=perm)
 
 
-def _forward(spec: RingSpec, q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array) -> Partial:
-    acc = _own_block(spec, q, seg, k, v)
+def _forward(spec: RingSpec, q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array,
+             window: jax.Array) -> Partial:
+    acc = _own_block(spec, q, seg, k, v, window)
     if spec.size == 1:
         return acc
     me = jax.lax.axis_index(spec.axis)
     send = _sender(spec)
 
     def visit(acc: Partial, kv: tuple, j: jax.Array) -> Partial:
-        return _merge(acc, _other_block(spec, q, seg, *kv, src=(me - j) % spec.size, me=me))
+        return _merge(acc, _other_block(spec, q, seg, *kv, src=(me - j) % spec.size, me=me, window=window))
 
     def step(carry: tuple, j: jax.Array) -> tuple:
         acc, kv = carry
@@ -180,18 +211,20 @@ def _forward(spec: RingSpec, q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring(spec: RingSpec, q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array) -> jax.Array:
-    return _forward(spec, q, k, v, seg).out.astype(q.dtype)
+def _ring(spec: RingSpec, q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array,
+          window: jax.Array) -> jax.Array:
+    return _forward(spec, q, k, v, seg, window).out.astype(q.dtype)
 
 
-def _ring_fwd(spec: RingSpec, q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array) -> tuple:
-    acc = _forward(spec, q, k, v, seg)
+def _ring_fwd(spec: RingSpec, q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array,
+              window: jax.Array) -> tuple:
+    acc = _forward(spec, q, k, v, seg, window)
     out = acc.out.astype(q.dtype)
-    return out, (q, k, v, seg, out, acc.lse)
+    return out, (q, k, v, seg, window, out, acc.lse)
 
 
 def _ring_bwd(spec: RingSpec, residuals: tuple, dout: jax.Array) -> tuple:
-    q, k, v, seg, out, lse = residuals
+    q, k, v, seg, window, out, lse = residuals
     dout = dout.astype(jnp.float32)
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), dout)  # rowsum(dO O)
     lse_ref = jnp.where(jnp.isfinite(lse), lse, 0.0)  # rows with L = -inf have every lse_b = -inf
@@ -203,7 +236,7 @@ def _ring_bwd(spec: RingSpec, residuals: tuple, dout: jax.Array) -> tuple:
         d_lse = w * (jnp.einsum("bthd,bthd->bht", part.out, dout) - delta)
         return tuple(g.astype(jnp.float32) for g in pullback(Partial(_rows(w) * dout, d_lse)))
 
-    dq, dk, dv = grads(lambda q, k, v: _own_block(spec, q, seg, k, v), k, v)
+    dq, dk, dv = grads(lambda q, k, v: _own_block(spec, q, seg, k, v, window), k, v)
     if spec.size > 1:
         me = jax.lax.axis_index(spec.axis)
         send = _sender(spec)
@@ -211,7 +244,8 @@ def _ring_bwd(spec: RingSpec, residuals: tuple, dout: jax.Array) -> tuple:
         def visit(dq: jax.Array, kv: tuple, dkv: tuple, j: jax.Array) -> tuple:
             kv_seg = kv[2]
             src = (me - j) % spec.size
-            gq, gk, gv = grads(lambda q, k, v: _other_block(spec, q, seg, k, v, kv_seg, src, me), kv[0], kv[1])
+            gq, gk, gv = grads(lambda q, k, v: _other_block(spec, q, seg, k, v, kv_seg, src, me, window),
+                               kv[0], kv[1])
             return dq + gq, (dkv[0] + gk, dkv[1] + gv)
 
         def step(carry: tuple, j: jax.Array) -> tuple:
@@ -224,7 +258,7 @@ def _ring_bwd(spec: RingSpec, residuals: tuple, dout: jax.Array) -> tuple:
         (dq, kv, dkv), _ = jax.lax.scan(step, carry, jnp.arange(1, spec.size - 1))
         dq, dkv = visit(dq, kv, dkv, spec.size - 1)
         dk, dv = send(dkv)  # the accumulators' last hop, home to their owners
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)

@@ -1,17 +1,17 @@
-"""Hugging Face Llama interop: configs, loading weights, and streaming checkpoint conversion.
+"""Hugging Face interop: loading weights, and streaming checkpoint conversion.
 
-- `config_from_hf` / `config_to_hf` translate config.json <-> `ModelConfig`. A feature
-  our model cannot compute (another activation, biases, RoPE scaling, sliding windows,
-  quantized weights) is refused with one line naming the field and what is allowed,
-  never silently dropped: the loaded model would otherwise produce wrong logits.
-  Both the transformers 4 keys (`rope_theta`, `rope_scaling`, `torch_dtype`) and the
-  transformers 5 ones (`rope_parameters`, `dtype`) are read, and both are written, so
-  either version reads an exported directory natively.
+Families: Llama 3.x, Qwen 2/2.5, Qwen 3 (dense), Mistral and Gemma 2/3 text models.
+- `config_from_hf` / `config_to_hf` (tools/hf_config.py) translate config.json <->
+  `ModelConfig`, refusing what the model cannot compute with one line naming the field.
 - `load_llama(hf_dir)` returns our `Llama` holding the HF weights, ready to call on
   token ids (positions and segment ids default to one unpadded document per row).
 - `import_hf` writes a params-only checkpoint (step 0, no optimizer state) that the
   trainer fine-tunes from when its config has the same model fields; `export_hf` writes
-  a checkpoint's parameters as safetensors shards plus config.json. Both stream: one
+  a checkpoint's parameters as safetensors shards plus config.json.
+- The tokenizer travels: import copies the model directory's tokenizer and generation
+  files (`HF_SIDE_FILES`) into `<checkpoint dir>/tokenizer/` (a directory `data.tokenizer`
+  accepts), where training leaves them, and export copies them into the exported
+  directory, which is then a complete model `from_pretrained` and a tokenizer load. Both stream: one
   parameter (for scanned layers, one [layers, ...] stack) is in host memory at a time,
   never the model, so a model larger than host memory converts.
 
@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +34,7 @@ from efficient_train.checkpoint.paths import check_destination, first_missing_di
 from efficient_train.checkpoint.verify import LeafDamaged, VerifiedReader, read_step_metadata
 from efficient_train.checkpoint.writer import write_checkpoint
 from efficient_train.models import Llama, ModelConfig
+from efficient_train.tools.hf_config import CONFIG_FILE, config_from_hf, config_to_hf
 from efficient_train.tools.report import damaged_step_message, model_config
 from efficient_train.tools.safetensors import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -52,128 +52,18 @@ __all__ = [
     "train_overrides",
 ]
 
-CONFIG_FILE = "config.json"
-MODEL_TYPES = ("llama", "mistral")  # mistral: only without a sliding window
-MISTRAL_DEFAULT_WINDOW = 4096
 NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16)}
-# The ModelConfig fields that decide what a checkpoint stores (config.json's, plus how).
+TOKENIZER_DIR = "tokenizer"  # inside a checkpoint directory, beside the steps
+# What a HF model directory holds besides weights and config.json: tokenizer and generation settings.
+HF_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                 "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+# The ModelConfig fields `train_overrides` always prints (the rest only where they differ from the default).
 STORED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                  "head_dim", "rope_theta", "rms_norm_eps", "tie_embeddings", "param_dtype", "scan_layers")
-# transformers' own defaults (LlamaConfig) for keys a config.json may leave out.
-HF_DEFAULTS = {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
 
 
 class ExportWriteError(CheckpointWriteError):
     """Writing the exported Hugging Face directory failed (disk full, I/O error)."""
-
-
-def _refuse(field: str, value: Any, allowed: str) -> HFError:
-    return HFError(f"config.json: {field}={value!r} is not supported; allowed: {allowed}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _positive_int(hf: dict, field: str, nullable: bool = False) -> int | None:
-    value = hf.get(field)
-    if value is None and nullable:
-        return None
-    if not _is_int(value) or value <= 0:
-        raise _refuse(field, value, "a positive integer" + (" or null" if nullable else ""))
-    return value
-
-
-def _positive_number(value: Any, field: str) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
-        raise _refuse(field, value, "a positive number")
-    return float(value)
-
-
-def _rope_theta(hf: dict) -> float:
-    """RoPE's base from either generation of keys; any scaling is refused."""
-    scaling = hf.get("rope_scaling")  # transformers 4
-    if scaling is not None and (not isinstance(scaling, dict)
-                                or scaling.get("rope_type", scaling.get("type")) != "default"):
-        raise _refuse("rope_scaling", scaling, "null (plain RoPE)")
-    parameters = hf.get("rope_parameters")  # transformers >= 5
-    if parameters is not None and not isinstance(parameters, dict):
-        raise _refuse("rope_parameters", parameters, "an object with rope_type 'default' (plain RoPE), or null")
-    parameters = parameters or {}
-    if parameters.get("rope_type", "default") != "default":
-        raise _refuse("rope_parameters", parameters, "rope_type 'default' (plain RoPE)")
-    if "rope_theta" in parameters:
-        return _positive_number(parameters["rope_theta"], "rope_parameters.rope_theta")
-    return _positive_number(hf.get("rope_theta", HF_DEFAULTS["rope_theta"]), "rope_theta")
-
-
-def config_from_hf(hf: dict) -> ModelConfig:
-    """The `ModelConfig` of a HF config.json dict; refuses what the model cannot compute,
-    and any field of the wrong type or out of range, naming it and what is allowed."""
-    if not isinstance(hf, dict):
-        raise HFError(f"{CONFIG_FILE}: is a {type(hf).__name__}; allowed: a JSON object")
-    if not isinstance(hf.get("model_type"), str) or hf["model_type"] not in MODEL_TYPES:
-        raise _refuse("model_type", hf.get("model_type"), " or ".join(map(repr, MODEL_TYPES)))
-    # Absent, a mistral config means MistralConfig's default window of 4096 tokens.
-    window = hf.get("sliding_window", MISTRAL_DEFAULT_WINDOW if hf["model_type"] == "mistral" else None)
-    if window is not None:
-        raise _refuse("sliding_window", window, "null (full causal attention)")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise _refuse("hidden_act", hf["hidden_act"], "'silu' (SwiGLU)")
-    for field in ("attention_bias", "mlp_bias"):
-        if hf.get(field):
-            raise _refuse(field, hf[field], "false (bias-free projections)")
-    if hf.get("quantization_config") is not None:
-        raise _refuse("quantization_config", hf["quantization_config"], "absent (plain float weights)")
-    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-        if field not in hf:
-            raise HFError(f"config.json: {field} is missing")
-        _positive_int(hf, field)
-    heads = hf["num_attention_heads"]
-    tie = hf.get("tie_word_embeddings", HF_DEFAULTS["tie_word_embeddings"])
-    if not isinstance(tie, bool):
-        raise _refuse("tie_word_embeddings", tie, "true or false")
-    try:
-        return ModelConfig(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=_positive_int(hf, "num_key_value_heads", nullable=True) or heads,
-            head_dim=_positive_int(hf, "head_dim", nullable=True) or hf["hidden_size"] // heads,
-            rope_theta=_rope_theta(hf),
-            rms_norm_eps=_positive_number(hf.get("rms_norm_eps", HF_DEFAULTS["rms_norm_eps"]), "rms_norm_eps"),
-            tie_embeddings=tie,
-        )
-    except ValueError as error:  # ModelConfig's own validation, already one line
-        raise HFError(f"config.json: {error}") from None
-
-
-def config_to_hf(cfg: ModelConfig, dtype: str | None = None) -> dict:
-    """config.json for `cfg`; `dtype` (default: cfg.param_dtype) names the stored weights."""
-    dtype = dtype or cfg.param_dtype
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,  # transformers 4
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # transformers 5
-        "rope_scaling": None,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "torch_dtype": dtype,  # transformers 4
-        "dtype": dtype,  # transformers 5
-    }
 
 
 def read_hf_config(hf_dir: str) -> ModelConfig:
@@ -237,13 +127,29 @@ def import_hf(hf_dir: str, out: str, *, param_dtype: str = "float32", scan_layer
     maps = tensor_maps(cfg)
     files.check(maps)
     leaves = (("params/" + m.leaf, files.read_leaf(m, np_dtype)) for m in maps)
-    return write_checkpoint(out, 0, leaves, model=dataclasses.asdict(cfg), optimizer=None, flag="OUT")
+    step_dir = write_checkpoint(out, 0, leaves, model=cfg.record(), optimizer=None, flag="OUT")
+    side = [name for name in HF_SIDE_FILES if os.path.isfile(os.path.join(hf_dir, name))]
+    if side:
+        os.makedirs(os.path.join(out, TOKENIZER_DIR), exist_ok=True)
+        for name in side:
+            shutil.copyfile(os.path.join(hf_dir, name), os.path.join(out, TOKENIZER_DIR, name))
+    return step_dir
+
+
+def side_files(step_dir: str) -> tuple[str, list[str]]:
+    """The directory holding a checkpoint's tokenizer and generation files, and their names."""
+    directory = os.path.join(os.path.dirname(os.path.abspath(step_dir)), TOKENIZER_DIR)
+    names = [name for name in HF_SIDE_FILES if os.path.isfile(os.path.join(directory, name))]
+    return directory, names
 
 
 def train_overrides(step_dir: str) -> list[str]:
     """The `--config.model.*` flags under which the trainer accepts imported `step_dir`."""
     model = read_step_metadata(step_dir).model
-    return [f"--config.model.{field}={model[field]}" for field in STORED_FIELDS if field in model]
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    return [f"--config.model.{field}={value}" for field, value in model.items()
+            if field in STORED_FIELDS or (field in defaults and value != defaults[field]
+                                          and field not in ("remat", "dtype", "attention_impl", "norm_impl"))]
 
 
 def _remove_output(out_dir: str, created: str | None, names: list[str]) -> None:
@@ -282,11 +188,13 @@ def export_hf(ckpt: str, out_dir: str, *, dtype: str | None = None,
         record = metadata.leaves.get("params/" + m.leaf)
         if record is None or tuple(record.shape) != m.leaf_shape:
             raise HFError(f"{step_dir}: leaf params/{m.leaf} is missing or not shaped {list(m.leaf_shape)}")
+    hf_config = config_to_hf(cfg, dtype)  # refuses a model no HF architecture computes, before writing
     check_destination(out_dir, "OUT_DIR")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise HFError(f"OUT_DIR: {out_dir!r} is not empty; choose a new directory")
     created = first_missing_dir(out_dir)
     reader = VerifiedReader(step_dir, metadata)
+    side_dir, side = side_files(step_dir)
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
         for m in maps:
@@ -295,12 +203,14 @@ def export_hf(ckpt: str, out_dir: str, *, dtype: str | None = None,
                 yield name, m.to_hf(part).astype(out_dtype)
 
     plan = [TensorSpec(name, m.hf_shape, out_dtype) for m in maps for name in m.hf_names]
-    written = shard_files(plan, max_shard_bytes) + [INDEX_FILE, CONFIG_FILE]
+    written = shard_files(plan, max_shard_bytes) + [INDEX_FILE, CONFIG_FILE] + side
     try:
         os.makedirs(out_dir, exist_ok=True)
         files = write_safetensors(out_dir, plan, tensors(), max_shard_bytes)
         with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(config_to_hf(cfg, dtype), f, indent=2)
+            json.dump(hf_config, f, indent=2)
+        for name in side:
+            shutil.copyfile(os.path.join(side_dir, name), os.path.join(out_dir, name))
     except LeafDamaged:
         _remove_output(out_dir, created, written)
         damaged = reader.damaged("params/" + m.leaf for m in maps)

@@ -61,9 +61,9 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
     params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     maps = []
     for leaf, value in leaf_paths(params):
-        found = map_leaf(leaf, tuple(value.shape), cfg.num_layers)
+        found = map_leaf(leaf, tuple(value.shape), cfg.num_layers, cfg.sandwich_norms)
         if found is None:
-            raise HFError(f"parameter {leaf} has no Hugging Face Llama counterpart")
+            raise HFError(f"parameter {leaf} has no Hugging Face counterpart")
         maps.append(found)
     return maps
 

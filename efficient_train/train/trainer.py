@@ -234,7 +234,7 @@ class Trainer:
 
     def _model_record(self) -> dict:
         model_config = self.setup.model_config
-        return {} if model_config is None else dataclasses.asdict(model_config)
+        return {} if model_config is None else model_config.record()
 
     def _restore_or_init(self) -> TrainState:
         restored = self.checkpointer.restore_latest(

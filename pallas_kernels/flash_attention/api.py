@@ -71,6 +71,8 @@ def flash_attention(
     q_offset: int | jax.Array = 0,
     kv_offset: int | jax.Array = 0,
     sm_scale: float | None = None,
+    window: int | jax.Array | None = None,
+    softcap: float | None = None,
     return_lse: bool = False,
     block_sizes: BlockSizes | None = None,
     backend: str = "auto",
@@ -109,24 +111,34 @@ def flash_attention(
                                       or kv_segment_ids.shape != (b, s)):
         raise ValueError(f"segment ids must be [B, T] = {(b, t)} and [B, S] = {(b, s)}, got "
                          f"{q_segment_ids.shape} and {kv_segment_ids.shape}")
+    if window is not None and not causal:
+        raise ValueError("a sliding window needs causal=True")
     backend = resolve_backend(backend, interpret)
+    if softcap is not None and backend != "xla":
+        raise ValueError(f"softcap is computed by the 'xla' backend only, not {backend!r}")
     scale = float(d ** -0.5 if sm_scale is None else sm_scale)
-    offsets = jnp.stack([jnp.asarray(q_offset, jnp.int32), jnp.asarray(kv_offset, jnp.int32)])
+    # offsets[2] is the window; it is read only when `windowed`.
+    offsets = jnp.stack([jnp.asarray(q_offset, jnp.int32), jnp.asarray(kv_offset, jnp.int32),
+                         jnp.asarray(0 if window is None else window, jnp.int32)])
+    windowed = window is not None
     if backend == "xla":
         out, lse = _reference(q, k, v, q_segment_ids, kv_segment_ids, offsets, causal=causal,
-                              scale=scale)
+                              scale=scale, windowed=windowed, softcap=softcap)
     else:
         blocks = block_sizes or BlockSizes.default(backend, d, q.dtype.itemsize)
         out, lse = _pallas(q, k, v, q_segment_ids, kv_segment_ids, offsets, causal=causal,
-                           scale=scale, blocks=blocks, backend=backend, interpret=interpret)
+                           scale=scale, blocks=blocks, backend=backend, interpret=interpret,
+                           windowed=windowed)
     return (out, lse) if return_lse else out
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "scale"))
-def _reference(q, k, v, q_seg, kv_seg, offsets, *, causal: bool, scale: float):
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "windowed", "softcap"))
+def _reference(q, k, v, q_seg, kv_seg, offsets, *, causal: bool, scale: float, windowed: bool,
+               softcap: float | None):
     return reference.attention_reference(
         q, k, v, causal=causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-        q_offset=offsets[0], kv_offset=offsets[1], sm_scale=scale)
+        q_offset=offsets[0], kv_offset=offsets[1], sm_scale=scale,
+        window=offsets[2] if windowed else None, softcap=softcap)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +146,7 @@ class _Static:
     """Everything static about one kernel call (the custom_vjp's non-diff argument)."""
     backend: str
     causal: bool
+    windowed: bool  # offsets[2] holds a sliding window
     scale: float
     kv_len: int
     blocks: BlockSizes
@@ -150,9 +163,9 @@ def _round_up(n: int, m: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "blocks", "backend",
-                                             "interpret"))
+                                             "interpret", "windowed"))
 def _pallas(q, k, v, q_seg, kv_seg, offsets, *, causal: bool, scale: float,
-            blocks: BlockSizes, backend: str, interpret: bool):
+            blocks: BlockSizes, backend: str, interpret: bool, windowed: bool):
     t, d = q.shape[1], q.shape[3]
     s = k.shape[1]
     fit = dataclasses.replace(
@@ -171,7 +184,7 @@ def _pallas(q, k, v, q_seg, kv_seg, offsets, *, causal: bool, scale: float,
     if q_seg is not None:
         q_seg = jnp.pad(q_seg.astype(jnp.int32), ((0, 0), (0, t_pad - t)))
         kv_seg = jnp.pad(kv_seg.astype(jnp.int32), ((0, 0), (0, s_pad - s)))
-    static = _Static(backend, causal, scale, s, fit, interpret)
+    static = _Static(backend, causal, windowed, scale, s, fit, interpret)
     out, lse = _flash(static, pad(q, t_pad), pad(k, s_pad), pad(v, s_pad), q_seg, kv_seg,
                       offsets)
     return out[:, :t, :, :d], lse[:, :, :t]
@@ -186,10 +199,10 @@ def _forward(static: _Static, q, k, v, q_seg, kv_seg, offsets):
     bs = static.blocks
     if static.backend == "mosaic_tpu":
         return tpu.forward(q, k, v, q_seg, kv_seg, offsets, scale=static.scale,
-                           causal=static.causal, kv_len=static.kv_len, block_q=bs.block_q,
+                           causal=static.causal, windowed=static.windowed, kv_len=static.kv_len, block_q=bs.block_q,
                            block_kv=bs.block_kv, interpret=static.interpret)
     return gpu.forward(q, k, v, q_seg, kv_seg, offsets, scale=static.scale,
-                       causal=static.causal, kv_len=static.kv_len, block_q=bs.block_q,
+                       causal=static.causal, windowed=static.windowed, kv_len=static.kv_len, block_q=bs.block_q,
                        block_kv=bs.block_kv, num_warps=bs.num_warps,
                        num_stages=bs.num_stages, interpret=static.interpret)
 
@@ -206,7 +219,8 @@ def _flash_bwd(static: _Static, residuals, cotangents):
     delta = delta - dlse
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # rows that see nothing: p = exp(-inf)
     bs = static.blocks
-    kwargs = dict(scale=static.scale, causal=static.causal, kv_len=static.kv_len,
+    kwargs = dict(scale=static.scale, causal=static.causal, windowed=static.windowed,
+                  kv_len=static.kv_len,
                   block_q_dq=bs.block_q_dq, block_kv_dq=bs.block_kv_dq,
                   block_q_dkv=bs.block_q_dkv, block_kv_dkv=bs.block_kv_dkv,
                   interpret=static.interpret)

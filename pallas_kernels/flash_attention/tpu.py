@@ -11,7 +11,8 @@ copies still happen; kept simple, as this kernel is only lowered, never run, her
 - row statistics (lse, delta, query segment ids) are [.., T, 1] columns and key
   segment ids [B, 1, S] rows, so masks broadcast without in-kernel transposes;
 - dk/dv: grid (B, KV, kv blocks, group, q blocks), accumulating over the GQA group.
-Every score block is masked (causal, segments, key padding) with 2-D iotas.
+Every score block is masked (causal, window, segments, key padding) with 2-D iotas; a
+sliding window (offsets[2], traced) also skips the key blocks wholly behind it.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.flash_attention.reference import visible
+from pallas_kernels.flash_attention.reference import effective_window, visible
 
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -34,8 +35,12 @@ def _dot(a: jax.Array, b: jax.Array, dims=_NN) -> jax.Array:
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
+def _window(offsets_ref, windowed: bool) -> jax.Array | None:
+    return effective_window(offsets_ref[2]) if windowed else None
+
+
 def _masked_scores(q, k, offsets_ref, i, j, q_seg_ref, kv_seg_ref, *, scale: float,
-                   causal: bool, kv_len: int) -> jax.Array:
+                   causal: bool, windowed: bool, kv_len: int) -> jax.Array:
     """Scaled scores [block_q, block_kv] of query block i and key block j, -inf where
     masked."""
     block_q, block_kv = q.shape[0], k.shape[0]
@@ -46,21 +51,27 @@ def _masked_scores(q, k, offsets_ref, i, j, q_seg_ref, kv_seg_ref, *, scale: flo
     mask = key < kv_len
     seen = visible(q_pos, offsets_ref[1] + key,
                    None if q_seg_ref is None else q_seg_ref[...],
-                   None if kv_seg_ref is None else kv_seg_ref[...], causal=causal)
+                   None if kv_seg_ref is None else kv_seg_ref[...], causal=causal,
+                   window=_window(offsets_ref, windowed))
     if seen is not None:
         mask &= seen
     return jnp.where(mask, s, -jnp.inf)
 
 
-def _overlaps(offsets_ref, i, j, block_q: int, block_kv: int, causal: bool) -> jax.Array:
-    """Whether query block i can see anything of key block j (causality only)."""
+def _overlaps(offsets_ref, i, j, block_q: int, block_kv: int, causal: bool,
+              windowed: bool) -> jax.Array:
+    """Whether query block i can see anything of key block j (causality and window only)."""
     if not causal:
         return jnp.bool_(True)
-    return offsets_ref[1] + j * block_kv <= offsets_ref[0] + (i + 1) * block_q - 1
+    q_first, kv_first = offsets_ref[0] + i * block_q, offsets_ref[1] + j * block_kv
+    seen = kv_first <= q_first + block_q - 1
+    if windowed:  # the block's last key is within the first query's window
+        seen &= q_first - (kv_first + block_kv - 1) < _window(offsets_ref, windowed)
+    return seen
 
 
 def _fwd_kernel(offsets_ref, q_ref, k_ref, v_ref, *refs, scale: float, causal: bool,
-                segmented: bool, kv_len: int) -> None:
+                windowed: bool, segmented: bool, kv_len: int) -> None:
     if segmented:
         q_seg_ref, kv_seg_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
     else:
@@ -74,10 +85,10 @@ def _fwd_kernel(offsets_ref, q_ref, k_ref, v_ref, *refs, scale: float, causal: b
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    @pl.when(_overlaps(offsets_ref, i, j, block_q, block_kv, causal))
+    @pl.when(_overlaps(offsets_ref, i, j, block_q, block_kv, causal, windowed))
     def _step():
         s = _masked_scores(q_ref[...], k_ref[...], offsets_ref, i, j, q_seg_ref, kv_seg_ref,
-                           scale=scale, causal=causal, kv_len=kv_len)
+                           scale=scale, causal=causal, windowed=windowed, kv_len=kv_len)
         m = m_ref[...]
         m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that saw nothing yet
@@ -97,7 +108,8 @@ def _fwd_kernel(offsets_ref, q_ref, k_ref, v_ref, *refs, scale: float, causal: b
 
 
 def _dq_kernel(offsets_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-               scale: float, causal: bool, segmented: bool, kv_len: int) -> None:
+               scale: float, causal: bool, windowed: bool, segmented: bool,
+               kv_len: int) -> None:
     if segmented:
         q_seg_ref, kv_seg_ref, dq_ref, acc_ref = refs
     else:
@@ -108,11 +120,11 @@ def _dq_kernel(offsets_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
     def _init():
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    @pl.when(_overlaps(offsets_ref, i, j, q_ref.shape[0], k_ref.shape[0], causal))
+    @pl.when(_overlaps(offsets_ref, i, j, q_ref.shape[0], k_ref.shape[0], causal, windowed))
     def _step():
         k = k_ref[...]
         s = _masked_scores(q_ref[...], k, offsets_ref, i, j, q_seg_ref, kv_seg_ref,
-                           scale=scale, causal=causal, kv_len=kv_len)
+                           scale=scale, causal=causal, windowed=windowed, kv_len=kv_len)
         p = jnp.exp(s - lse_ref[...])
         ds = p * (_dot(do_ref[...], v_ref[...], _NT) - delta_ref[...])
         acc_ref[...] += _dot(ds.astype(k.dtype), k)
@@ -123,7 +135,8 @@ def _dq_kernel(offsets_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
 
 
 def _dkv_kernel(offsets_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-                scale: float, causal: bool, segmented: bool, kv_len: int) -> None:
+                scale: float, causal: bool, windowed: bool, segmented: bool,
+                kv_len: int) -> None:
     if segmented:
         q_seg_ref, kv_seg_ref, dk_ref, dv_ref, dk_acc, dv_acc = refs
     else:
@@ -135,11 +148,11 @@ def _dkv_kernel(offsets_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *r
         dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
         dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
-    @pl.when(_overlaps(offsets_ref, i, j, q_ref.shape[0], k_ref.shape[0], causal))
+    @pl.when(_overlaps(offsets_ref, i, j, q_ref.shape[0], k_ref.shape[0], causal, windowed))
     def _step():
         q, do = q_ref[...], do_ref[...]
         s = _masked_scores(q, k_ref[...], offsets_ref, i, j, q_seg_ref, kv_seg_ref,
-                           scale=scale, causal=causal, kv_len=kv_len)
+                           scale=scale, causal=causal, windowed=windowed, kv_len=kv_len)
         p = jnp.exp(s - lse_ref[...])
         dv_acc[...] += _dot(p.astype(do.dtype), do, _TN)
         ds = p * (_dot(do, v_ref[...], _NT) - delta_ref[...])
@@ -187,7 +200,7 @@ def _call(kernel, *, grid, in_specs, out_specs, out_shape, scratch, semantics,
 
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
             kv_seg: jax.Array | None, offsets: jax.Array, *, scale: float, causal: bool,
-            kv_len: int, block_q: int, block_kv: int,
+            windowed: bool, kv_len: int, block_q: int, block_kv: int,
             interpret: bool) -> tuple[jax.Array, jax.Array]:
     """out [B, T, H, D] and natural-log lse [B, H, T] (-inf for rows that see nothing)."""
     b, t, h, d = q.shape
@@ -202,8 +215,8 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
         segmented, block_q, block_kv, lambda bi, hi, i, j, o: (bi, i),
         lambda bi, hi, i, j, o: (bi, j))
     out, lse = _call(
-        functools.partial(_fwd_kernel, scale=scale, causal=causal, segmented=segmented,
-                          kv_len=kv_len),
+        functools.partial(_fwd_kernel, scale=scale, causal=causal, windowed=windowed,
+                          segmented=segmented, kv_len=kv_len),
         grid=(b, h, t // block_q, s // block_kv),
         in_specs=in_specs,
         out_specs=[q_spec, row_spec],
@@ -221,7 +234,8 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
 
 def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
              kv_seg: jax.Array | None, offsets: jax.Array, do: jax.Array,
-             lse: jax.Array, delta: jax.Array, *, scale: float, causal: bool, kv_len: int,
+             lse: jax.Array, delta: jax.Array, *, scale: float, causal: bool, windowed: bool,
+             kv_len: int,
              block_q_dq: int, block_kv_dq: int, block_q_dkv: int, block_kv_dkv: int,
              interpret: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
     """dq, dk, dv. lse [B, H, T] must be +inf (not -inf) on rows that see nothing;
@@ -230,7 +244,8 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
     s, kvh = k.shape[1], k.shape[2]
     groups = h // kvh
     segmented = q_seg is not None
-    kernel_args = dict(scale=scale, causal=causal, segmented=segmented, kv_len=kv_len)
+    kernel_args = dict(scale=scale, causal=causal, windowed=windowed, segmented=segmented,
+                       kv_len=kv_len)
     operands = (offsets, _heads_major(q), _heads_major(k), _heads_major(v), _heads_major(do),
                 lse[..., None], delta[..., None], *_seg_operands(q_seg, kv_seg))
 

@@ -18,7 +18,7 @@ import math
 from typing import Any, Literal
 
 from efficient_train.errors import ConfigError
-from efficient_train.models.choices import ATTENTION_IMPLS, NORM_IMPLS, REMAT_POLICIES
+from efficient_train.models.choices import ACTIVATIONS, ATTENTION_IMPLS, NORM_IMPLS, REMAT_POLICIES, ROPE_TYPES
 from efficient_train.models.choices import DTYPES as DTYPE_NAMES
 
 # The allowed names are models/choices.py's tuples; these Literals only spell them again
@@ -27,14 +27,35 @@ RematPolicy = Literal["none", "full", "save_dots"]
 AttentionImpl = Literal["auto", "xla", "cudnn", "pallas"]
 NormImpl = Literal["auto", "xla", "pallas"]
 DTypeName = Literal["float32", "bfloat16"]
+RopeType = Literal["default", "linear", "dynamic", "yarn", "llama3"]
+Activation = Literal["silu", "gelu_tanh"]
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-family decoder: pre-norm RMSNorm blocks, RoPE, GQA attention, SwiGLU MLP.
+    """A Llama-family decoder: pre-norm RMSNorm blocks, RoPE, GQA attention, gated MLP.
 
     dtype is the compute dtype (matmul inputs and activations); param_dtype is how
     parameters are stored (cast to dtype at use). Logits and softmax are always fp32.
+
+    The fields after `norm_impl` are what Llama 3, Qwen 2/3, Mistral and Gemma 2/3 add
+    to the plain decoder; their defaults are the plain Llama, and each is read in one
+    place (models/rope.py for the rope_* fields, models/llama/model.py for the rest):
+    - rope_type (transformers' names) with rope_factor; llama3 reads rope_low_freq_factor,
+      rope_high_freq_factor and rope_original_context; yarn reads rope_original_context,
+      rope_beta_fast, rope_beta_slow and rope_attention_factor (0: 0.1 ln(factor) + 1);
+      dynamic (NTK) rescales the base for rows longer than rope_original_context.
+    - qkv_bias, o_bias: biases of the q/k/v and output projections (Qwen 2: qkv only).
+    - qk_norm: an RMSNorm over head_dim on q and k before RoPE (Qwen 3, Gemma 3).
+    - sliding_window W > 0: a query sees itself and the W - 1 tokens before it; with
+      global_every N > 0 every N-th layer (i + 1 divisible by N) sees everything
+      (Gemma 2: N = 2, Gemma 3: N = 6), otherwise every layer is windowed (Mistral).
+      local_rope_theta > 0 gives windowed layers plain RoPE of that base (Gemma 3).
+    - Gemma: activation 'gelu_tanh' (GeGLU), norm_plus_one (RMSNorm scales by 1 + w),
+      embed_scale (embeddings times sqrt(hidden_size)), sandwich_norms (a norm after
+      attention and after the MLP, before each residual add), query_pre_attn_scalar
+      (scores scaled by its -1/2 power instead of head_dim's), attn_softcap and
+      final_softcap (c * tanh(x / c) on attention scores and on logits; 0: off).
     """
 
     vocab_size: int
@@ -53,6 +74,27 @@ class ModelConfig:
     param_dtype: DTypeName = "float32"
     attention_impl: AttentionImpl = "auto"
     norm_impl: NormImpl = "auto"
+    rope_type: RopeType = "default"
+    rope_factor: float = 1.0
+    rope_original_context: int = 0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_attention_factor: float = 0.0
+    local_rope_theta: float = 0.0
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int = 0
+    global_every: int = 0
+    activation: Activation = "silu"
+    norm_plus_one: bool = False
+    embed_scale: bool = False
+    sandwich_norms: bool = False
+    query_pre_attn_scalar: float = 0.0
+    attn_softcap: float = 0.0
+    final_softcap: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -80,6 +122,22 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPE_NAMES:
                 raise ConfigError(f"model.{name} must be one of {DTYPE_NAMES}, got {getattr(self, name)!r}")
+        problem = family_problem(self)
+        if problem:
+            raise ConfigError(problem)
+
+    def record(self) -> dict[str, Any]:
+        """The fields a checkpoint's metadata records: every field, except family fields
+        (those after norm_impl) left at their defaults, so a plain Llama's record is what
+        it was before the families existed and older checkpoints still match it."""
+        fields = dataclasses.fields(self)
+        first_family = [f.name for f in fields].index("rope_type")
+        return {f.name: getattr(self, f.name) for i, f in enumerate(fields)
+                if i < first_family or getattr(self, f.name) != f.default}
+
+    def layer_windows(self) -> tuple[int, ...]:
+        """Each layer's sliding window (0: the layer sees every earlier token)."""
+        return tuple(layer_window(self, i) for i in range(self.num_layers))
 
     @classmethod
     def from_config_dict(cls, cfg: Any, attention_impl: str | None = None,
@@ -125,14 +183,66 @@ class ModelConfig:
         per token and layer forward, times 3 for the backward: 12 * L * H * head_dim *
         seq_len; causal masking halves it on average (each query sees half the keys).
         Segment masking of packed documents is not counted (it depends on the data).
+        A windowed layer's query sees min(position + 1, window) keys, on average
+        window - window^2 / (2 seq_len) when the window is shorter than the sequence.
         """
         n_matmul = self.num_layers * layer_matmul_params(self) + self.vocab_size * self.hidden_size
-        attention = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len // 2
+        keys = sum(seq_len / 2 if not w or w >= seq_len else w - w * w / (2 * seq_len)
+                   for w in self.layer_windows())
+        attention = int(12 * self.num_heads * self.head_dim * keys)
         return 6 * n_matmul + attention
 
 
+def layer_window(model: Any, layer: int) -> int:
+    """Layer `layer`'s sliding window (0: none): model.sliding_window, except on every
+    global_every-th layer."""
+    if model.sliding_window <= 0:
+        return 0
+    if model.global_every > 0 and (layer + 1) % model.global_every == 0:
+        return 0
+    return model.sliding_window
+
+
+def family_problem(model: Any) -> str | None:
+    """Why the family fields of `model` (a ModelConfig or the config's model section) do
+    not make a model, as one line naming the field; None if they do. config.validate and
+    ModelConfig share it."""
+    if model.rope_type not in ROPE_TYPES:
+        return f"model.rope_type: {model.rope_type!r} is not one of {', '.join(map(repr, ROPE_TYPES))}"
+    if model.activation not in ACTIVATIONS:
+        return f"model.activation: {model.activation!r} is not one of {', '.join(map(repr, ACTIVATIONS))}"
+    for name in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_beta_fast", "rope_beta_slow"):
+        value = getattr(model, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            return f"model.{name}: {value!r} must be a finite number > 0"
+    for name in ("rope_attention_factor", "local_rope_theta", "query_pre_attn_scalar", "attn_softcap",
+                 "final_softcap"):
+        value = getattr(model, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            return f"model.{name}: {value!r} must be a finite number >= 0 (0: off)"
+    for name in ("rope_original_context", "sliding_window", "global_every"):
+        value = getattr(model, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"model.{name}: {value!r} must be an integer >= 0 (0: off)"
+    if model.rope_type != "default" and model.rope_factor < 1:
+        return f"model.rope_factor: {model.rope_factor} must be >= 1 for rope_type {model.rope_type!r}"
+    if model.rope_type in ("llama3", "yarn", "dynamic") and not model.rope_original_context:
+        return (f"model.rope_original_context: rope_type {model.rope_type!r} needs the context length the "
+                "model was trained at (> 0)")
+    if model.rope_type == "llama3" and model.rope_high_freq_factor <= model.rope_low_freq_factor:
+        return (f"model.rope_high_freq_factor: {model.rope_high_freq_factor} must exceed "
+                f"model.rope_low_freq_factor={model.rope_low_freq_factor}")
+    if model.rope_type == "dynamic" and model.head_dim <= 2:
+        return "model.head_dim: rope_type 'dynamic' needs head_dim > 2"
+    if model.global_every and not model.sliding_window:
+        return "model.global_every: set only with model.sliding_window > 0 (it picks the unwindowed layers)"
+    if model.local_rope_theta and not model.sliding_window:
+        return "model.local_rope_theta: set only with model.sliding_window > 0 (windowed layers use it)"
+    return None
+
+
 def layer_matmul_params(model: Any) -> int:
-    """Parameters of one decoder block's matmuls: q, o, k, v and the SwiGLU gate, up, down."""
+    """Parameters of one decoder block's matmuls: q, o, k, v and the gated MLP's gate, up, down."""
     e, d = model.hidden_size, model.head_dim
     attention = e * d * (2 * model.num_heads + 2 * model.num_kv_heads)
     mlp = 3 * e * model.intermediate_size
@@ -142,7 +252,11 @@ def layer_matmul_params(model: Any) -> int:
 def parameter_count(model: Any) -> int:
     """Exact parameter count of a Llama with `model`'s fields (a ModelConfig, or the run config's
     `model` section, which config.validate sizes before any ModelConfig exists), in Python ints."""
-    e = model.hidden_size
-    per_layer = layer_matmul_params(model) + 2 * e  # two RMSNorm scales
+    e, d = model.hidden_size, model.head_dim
+    norms = 4 if model.sandwich_norms else 2
+    per_layer = layer_matmul_params(model) + norms * e
+    per_layer += (model.num_heads + 2 * model.num_kv_heads) * d if model.qkv_bias else 0
+    per_layer += e if model.o_bias else 0
+    per_layer += 2 * d if model.qk_norm else 0
     embeddings = model.vocab_size * e * (1 if model.tie_embeddings else 2)
     return embeddings + model.num_layers * per_layer + e  # + final norm

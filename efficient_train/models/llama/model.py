@@ -1,7 +1,11 @@
 """The Llama-family decoder: embeddings, pre-norm blocks, final norm, output head.
 
 Block: x += Attention(RMSNorm(x)); x += SwiGLU(RMSNorm(x)), with RoPE on q and k and
-grouped-query attention through the one dispatch function `models.attention`.
+grouped-query attention through the one dispatch function `models.attention`. The
+family fields of `ModelConfig` turn the same decoder into Llama 3 (RoPE scaling, in
+models/rope.py), Qwen 2 (q/k/v biases), Qwen 3 (q/k RMSNorm before RoPE), Mistral
+(a sliding window on every layer) and Gemma 2/3 (GeGLU, (1 + w) norms, scaled
+embeddings, norms after attention and MLP too, soft-capping, local and global layers).
 
 Decisions:
 - Layers run as a pure function of one layer's nnx.State: `nnx.merge(graphdef,
@@ -17,6 +21,11 @@ Decisions:
   metadata (logical axes, the trainer's `zero_dim`) rides through scan, vmap and
   shard_map as pytree auxiliary data, so it is intact inside the layer function.
 - `scan_layers=False` keeps an `nnx.List` of Blocks (state paths blocks/0/..., ...).
+- Layers differ only in data, never in structure: each layer's sliding window (0 for a
+  global layer) is an int the scan carries beside the layer's parameters, and a
+  windowed layer with its own RoPE base picks the local cos/sin by that int. One
+  compiled layer therefore serves Gemma's local and global layers, the Pallas kernel
+  included (it reads the window as a traced scalar).
 - Non-layer parameters (embedding, final norm, output head) are gathered at each use;
   a tied embedding is therefore gathered twice under ZeRO-3 (lookup and output), which
   trades one extra all-gather for not holding the full table across the forward.
@@ -32,40 +41,65 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efficient_train.models import rope
 from efficient_train.models.attention import attention
-from efficient_train.models.layers import Embed, Linear, RMSNorm, apply_rope, rope_angles
+from efficient_train.models.layers import Embed, Linear, RMSNorm, apply_rope
 from efficient_train.models.llama.config import ModelConfig
 from efficient_train.parallel import param_gather
 from efficient_train.parallel.sharding import LAYER_AXIS
+
+# (cos, sin) of the global layers, and of the windowed layers when they have their own
+# plain RoPE (local_rope_theta), else None.
+Rope = tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array] | None]
 
 
 def _dtypes(cfg: ModelConfig) -> dict[str, jnp.dtype]:
     return {"dtype": jnp.dtype(cfg.dtype), "param_dtype": jnp.dtype(cfg.param_dtype)}
 
 
+def _norm(cfg: ModelConfig, size: int) -> RMSNorm:
+    return RMSNorm(size, eps=cfg.rms_norm_eps, impl=cfg.norm_impl, plus_one=cfg.norm_plus_one, **_dtypes(cfg))
+
+
+def _softcap(x: jax.Array, cap: float) -> jax.Array:
+    return cap * jnp.tanh(x / cap) if cap else x
+
+
 class Attention(nnx.Module):
-    """GQA self-attention with rotary q, k; kernels q/k/v (embed, [kv_]heads, head_dim), o (heads, head_dim, embed)."""
+    """GQA self-attention with rotary q, k; kernels q/k/v (embed, [kv_]heads, head_dim), o (heads, head_dim, embed).
+
+    Optional: biases on q/k/v (qkv_bias) and o (o_bias), RMSNorms over head_dim on q and
+    k before RoPE (qk_norm); scores scaled by query_pre_attn_scalar^-1/2 when it is set.
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         dt = _dtypes(cfg)
-        self.q = Linear((e,), (h, d), ("embed", "heads", "head_dim"), **dt, rngs=rngs)
-        self.k = Linear((e,), (kv, d), ("embed", "kv_heads", "head_dim"), **dt, rngs=rngs)
-        self.v = Linear((e,), (kv, d), ("embed", "kv_heads", "head_dim"), **dt, rngs=rngs)
-        self.o = Linear((h, d), (e,), ("heads", "head_dim", "embed"), **dt, rngs=rngs)
+        self.q = Linear((e,), (h, d), ("embed", "heads", "head_dim"), **dt, rngs=rngs, bias=cfg.qkv_bias)
+        self.k = Linear((e,), (kv, d), ("embed", "kv_heads", "head_dim"), **dt, rngs=rngs, bias=cfg.qkv_bias)
+        self.v = Linear((e,), (kv, d), ("embed", "kv_heads", "head_dim"), **dt, rngs=rngs, bias=cfg.qkv_bias)
+        self.o = Linear((h, d), (e,), ("heads", "head_dim", "embed"), **dt, rngs=rngs, bias=cfg.o_bias)
+        self.q_norm = _norm(cfg, d) if cfg.qk_norm else None
+        self.k_norm = _norm(cfg, d) if cfg.qk_norm else None
         self.impl = cfg.attention_impl
+        self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
+        self.softcap = cfg.attn_softcap or None
+        self.windowed = cfg.sliding_window > 0
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
-                 segment_ids: jax.Array) -> jax.Array:
-        q = apply_rope(self.q(x), cos, sin)
-        k = apply_rope(self.k(x), cos, sin)
-        out = attention(q, k, self.v(x), segment_ids=segment_ids, positions=positions,
-                        causal=True, impl=self.impl)
+                 segment_ids: jax.Array, window: jax.Array) -> jax.Array:
+        q, k = self.q(x), self.k(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        out = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), self.v(x), segment_ids=segment_ids,
+                        positions=positions, causal=True, impl=self.impl, scale=self.scale,
+                        window=window if self.windowed else None, softcap=self.softcap)
         return self.o(out)
 
 
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)); gate/up ('embed', 'mlp'), down ('mlp', 'embed')."""
+    """Gated MLP: down(act(gate(x)) * up(x)), act silu (SwiGLU) or tanh-gelu (GeGLU);
+    gate/up ('embed', 'mlp'), down ('mlp', 'embed')."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         e, m = cfg.hidden_size, cfg.intermediate_size
@@ -73,25 +107,34 @@ class MLP(nnx.Module):
         self.gate = Linear((e,), (m,), ("embed", "mlp"), **dt, rngs=rngs)
         self.up = Linear((e,), (m,), ("embed", "mlp"), **dt, rngs=rngs)
         self.down = Linear((m,), (e,), ("mlp", "embed"), **dt, rngs=rngs)
+        self.activation = cfg.activation
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        gate = self.gate(x)
+        act = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+        return self.down(act * self.up(x))
 
 
 class Block(nnx.Module):
-    """One pre-norm decoder layer."""
+    """One pre-norm decoder layer; with sandwich_norms also a norm on each branch's output."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        dt = _dtypes(cfg)
-        self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, impl=cfg.norm_impl, **dt)
+        self.attn_norm = _norm(cfg, cfg.hidden_size)
         self.attn = Attention(cfg, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, impl=cfg.norm_impl, **dt)
+        self.mlp_norm = _norm(cfg, cfg.hidden_size)
         self.mlp = MLP(cfg, rngs=rngs)
+        self.post_attn_norm = _norm(cfg, cfg.hidden_size) if cfg.sandwich_norms else None
+        self.post_mlp_norm = _norm(cfg, cfg.hidden_size) if cfg.sandwich_norms else None
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
-                 segment_ids: jax.Array) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), cos, sin, positions, segment_ids)
-        return x + self.mlp(self.mlp_norm(x))
+    def __call__(self, x: jax.Array, rope_tables: Rope, positions: jax.Array, segment_ids: jax.Array,
+                 window: jax.Array) -> jax.Array:
+        (cos, sin), local = rope_tables
+        if local is not None:  # windowed layers have their own RoPE
+            cos, sin = (jnp.where(window > 0, a, b) for a, b in zip(local, (cos, sin)))
+        h = self.attn(self.attn_norm(x), cos, sin, positions, segment_ids, window)
+        x = x + (h if self.post_attn_norm is None else self.post_attn_norm(h))
+        h = self.mlp(self.mlp_norm(x))
+        return x + (h if self.post_mlp_norm is None else self.post_mlp_norm(h))
 
 
 def _stacked_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
@@ -110,12 +153,11 @@ def _stacked_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
     return nnx.merge(graphdefs[0], state)
 
 
-def _layer_fn(graphdef: nnx.GraphDef, stacked_dims: int, state: nnx.State, x: jax.Array,
-              cos: jax.Array, sin: jax.Array, positions: jax.Array,
-              segment_ids: jax.Array) -> jax.Array:
-    """One layer as a pure function of its state; ZeRO-3 gathers its weights here."""
+def _layer_fn(graphdef: nnx.GraphDef, stacked_dims: int, state: nnx.State, window: jax.Array, x: jax.Array,
+              rope_tables: Rope, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """One layer as a pure function of its state and window; ZeRO-3 gathers its weights here."""
     block = nnx.merge(graphdef, param_gather.gather(state, stacked_dims=stacked_dims))
-    return block(x, cos, sin, positions, segment_ids)
+    return block(x, rope_tables, positions, segment_ids, window)
 
 
 def _remat(fn: Callable, policy: str, prevent_cse: bool) -> Callable:
@@ -142,6 +184,11 @@ class Llama(nnx.Module):
       blocks.mlp.down.kernel            ('mlp', 'embed')
       final_norm.scale                  ('norm',)
       lm_head.kernel                    ('embed', 'vocab')   (absent when tied)
+    and with the family fields:
+      blocks.attn.{q,k,v}.bias          ([kv_]heads, head_dim)   (qkv_bias)
+      blocks.attn.o.bias                ('embed',)               (o_bias)
+      blocks.attn.{q,k}_norm.scale      ('norm',)                (qk_norm)
+      blocks.post_{attn,mlp}_norm.scale ('norm',)                (sandwich_norms)
     """
 
     # Tells the trainer that ZeRO-3 gathers happen here, layer by layer (param_gather),
@@ -156,7 +203,7 @@ class Llama(nnx.Module):
             self.blocks = _stacked_block(cfg, rngs)
         else:
             self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, impl=cfg.norm_impl, **dt)
+        self.final_norm = _norm(cfg, cfg.hidden_size)
         self.lm_head = None if cfg.tie_embeddings else Linear(
             (cfg.hidden_size,), (cfg.vocab_size,), ("embed", "vocab"), **dt, rngs=rngs)
 
@@ -168,22 +215,29 @@ class Llama(nnx.Module):
         if segment_ids is None:  # no padding
             segment_ids = jnp.ones(inputs.shape, jnp.int32)
         x = param_gather.gather(self.embed)(inputs)
-        cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
+        if cfg.embed_scale:  # in the compute dtype, as transformers scales in the weights' dtype
+            x = x * jnp.asarray(cfg.hidden_size ** 0.5, x.dtype)
+        local = rope.angles(cfg, positions, local=True) if cfg.local_rope_theta else None
+        rope_tables = (rope.angles(cfg, positions), local)
+        windows = jnp.asarray(cfg.layer_windows(), jnp.int32)
         if cfg.scan_layers:
             graphdef, stacked = nnx.split(self.blocks)
             # Inside scan the body is traced once, so CSE cannot merge recomputation away.
             layer = _remat(functools.partial(_layer_fn, graphdef, 1), cfg.remat, prevent_cse=False)
 
-            def body(x: jax.Array, state: nnx.State) -> tuple[jax.Array, None]:
-                return layer(state, x, cos, sin, positions, segment_ids), None
+            def body(x: jax.Array, xs: tuple[nnx.State, jax.Array]) -> tuple[jax.Array, None]:
+                state, window = xs
+                return layer(state, window, x, rope_tables, positions, segment_ids), None
 
-            x, _ = jax.lax.scan(body, x, stacked)
+            x, _ = jax.lax.scan(body, x, (stacked, windows))
         else:
-            for block in self.blocks:
+            for i, block in enumerate(self.blocks):
                 graphdef, state = nnx.split(block)
                 layer = _remat(functools.partial(_layer_fn, graphdef, 0), cfg.remat, prevent_cse=True)
-                x = layer(state, x, cos, sin, positions, segment_ids)
+                x = layer(state, windows[i], x, rope_tables, positions, segment_ids)
         x = param_gather.gather(self.final_norm)(x)
         if self.lm_head is None:
-            return param_gather.gather(self.embed).attend(x)
-        return param_gather.gather(self.lm_head)(x, out_dtype=jnp.float32)
+            logits = param_gather.gather(self.embed).attend(x)
+        else:
+            logits = param_gather.gather(self.lm_head)(x, out_dtype=jnp.float32)
+        return _softcap(logits, cfg.final_softcap)
