@@ -11,7 +11,8 @@ from flax import nnx
 from efficient_train import cli
 from efficient_train.data.tokenizer import load_tokenizer
 from efficient_train.generate import SamplingOptions, complete, generate
-from efficient_train.generate.decode import left_pad
+from efficient_train.generate.decode import forward as decode_forward
+from efficient_train.generate.decode import init_cache, left_pad
 from efficient_train.generate.sampling import next_token
 from efficient_train.models import Llama, ModelConfig
 from tests.support.data_setup import make_tokenizer
@@ -20,10 +21,19 @@ from tests.support.zero_setup import small_config
 PROMPTS = [[5, 9, 13, 200, 7, 64, 1], [42, 3], [250]]
 
 
-def _model() -> Llama:
-    """A two-layer byte-level Llama, initialized in one compiled call."""
+# Family fields that change the forward pass (models/llama/config.py): decoding must compute each.
+GEMMA_LIKE = {"model.num_layers": 3, "model.sliding_window": 4, "model.global_every": 3, "model.local_rope_theta": 100.0,
+              "model.activation": "gelu_tanh", "model.norm_plus_one": True, "model.embed_scale": True,
+              "model.sandwich_norms": True, "model.query_pre_attn_scalar": 8.0, "model.attn_softcap": 20.0,
+              "model.final_softcap": 5.0, "model.qk_norm": True, "model.tie_embeddings": True}
+QWEN_LIKE = {"model.qkv_bias": True, "model.o_bias": True, "model.rope_type": "yarn", "model.rope_factor": 4.0,
+             "model.rope_original_context": 8}
+
+
+def _model(**family: object) -> Llama:
+    """A two-layer byte-level Llama (with `family` fields), initialized in one compiled call."""
     config = small_config(**{"model.hidden_size": 32, "model.intermediate_size": 64, "model.num_heads": 2,
-                             "model.num_kv_heads": 1, "model.head_dim": 16})
+                             "model.num_kv_heads": 1, "model.head_dim": 16, **family})
     model_config = ModelConfig.from_config_dict(config.model, attention_impl="xla")
     with nnx.use_eager_sharding(False):
         graphdef = nnx.split(nnx.eval_shape(lambda: Llama(model_config, rngs=nnx.Rngs(0))))[0]
@@ -55,6 +65,23 @@ def test_greedy_decoding_is_the_full_forward_argmax_at_every_position():
     assert generated == _full_forward_argmax(model, PROMPTS, generated)
     # A row decoded alone equals its row in the batch: padding is never attended.
     assert generate(model, PROMPTS[1:2], max_new_tokens=8, options=SamplingOptions(temperature=0)) == generated[1:2]
+
+
+@pytest.mark.parametrize("family", [GEMMA_LIKE, QWEN_LIKE], ids=["gemma_like", "qwen_like"])
+def test_greedy_decoding_computes_every_family_field(family):
+    """Sliding windows shorter than the decoded text, local RoPE, soft-caps, embedding scale,
+    sandwich and (1 + w) norms, q/k norms, biases and YaRN: the cached decode is the full
+    forward's argmax at every position, and the prefill's logits are the full forward's
+    (the final soft-cap keeps the argmax, so logits are compared too)."""
+    model = _model(**family)
+    tokens, positions, segments, _ = left_pad(PROMPTS)
+    cache = init_cache(model.cfg, len(PROMPTS), tokens.shape[1])
+    prefill, _ = nnx.jit(decode_forward)(model, cache, tokens, positions, segments)
+    visible = segments.astype(bool)
+    np.testing.assert_allclose(np.asarray(prefill)[visible], np.asarray(nnx.jit(Llama.__call__)(
+        model, tokens, positions, segments))[visible], rtol=1e-5, atol=1e-5)
+    generated = generate(model, PROMPTS, max_new_tokens=10, options=SamplingOptions(temperature=0))
+    assert generated == _full_forward_argmax(model, PROMPTS, generated)
 
 
 @pytest.mark.slow

@@ -35,7 +35,6 @@ from jax.sharding import PartitionSpec as P
 from efficient_train.errors import InputError
 from efficient_train.generate.sampling import DEFAULT_SAMPLING, SamplingOptions, next_token
 from efficient_train.models import kv_cache
-from efficient_train.models.layers import rope_angles
 from efficient_train.parallel.sharding import BATCH_AXES
 
 
@@ -65,34 +64,34 @@ def forward(model: nnx.Module, cache: KVCache, tokens: jax.Array, positions: jax
     start = (0, cache.index)
     kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, start)
     kv_positions = jax.lax.dynamic_update_slice(cache.positions, positions, start)
-    x = model.embed(tokens)
-    cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
+    x = model.embed_tokens(tokens)
+    rope_tables = model.rope_tables(positions)
+    windows = jnp.asarray(cfg.layer_windows(), jnp.int32)
 
-    def layer(block: nnx.Module, x: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def layer(block: nnx.Module, window: jax.Array, x: jax.Array, k: jax.Array,
+              v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         held = kv_cache.LayerCache(k, v, kv_segments, kv_positions, cache.index)
         with kv_cache.caching(held):
-            x = block(x, cos, sin, positions, segment_ids)
+            x = block(x, rope_tables, positions, segment_ids, window)
         return x, held.k, held.v
 
     if cfg.scan_layers:
         graphdef, stacked = nnx.split(model.blocks)
 
         def body(x: jax.Array, layer_inputs: tuple) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-            state, k, v = layer_inputs
-            x, k, v = layer(nnx.merge(graphdef, state), x, k, v)
+            state, window, k, v = layer_inputs
+            x, k, v = layer(nnx.merge(graphdef, state), window, x, k, v)
             return x, (k, v)
 
-        x, (ks, vs) = jax.lax.scan(body, x, (stacked, cache.k, cache.v))
+        x, (ks, vs) = jax.lax.scan(body, x, (stacked, windows, cache.k, cache.v))
     else:
         ks, vs = [], []
         for i, block in enumerate(model.blocks):
-            x, k, v = layer(block, x, cache.k[i], cache.v[i])
+            x, k, v = layer(block, windows[i], x, cache.k[i], cache.v[i])
             ks.append(k)
             vs.append(v)
         ks, vs = jnp.stack(ks), jnp.stack(vs)
-    x = model.final_norm(x)
-    logits = model.embed.attend(x) if model.lm_head is None else model.lm_head(x, out_dtype=jnp.float32)
-    return logits, KVCache(ks, vs, kv_segments, kv_positions, cache.index + tokens.shape[1])
+    return model.logits(x), KVCache(ks, vs, kv_segments, kv_positions, cache.index + tokens.shape[1])
 
 
 def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

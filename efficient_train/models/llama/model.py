@@ -214,11 +214,8 @@ class Llama(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(inputs.shape[-1], dtype=jnp.int32), inputs.shape)
         if segment_ids is None:  # no padding
             segment_ids = jnp.ones(inputs.shape, jnp.int32)
-        x = param_gather.gather(self.embed)(inputs)
-        if cfg.embed_scale:  # in the compute dtype, as transformers scales in the weights' dtype
-            x = x * jnp.asarray(cfg.hidden_size ** 0.5, x.dtype)
-        local = rope.angles(cfg, positions, local=True) if cfg.local_rope_theta else None
-        rope_tables = (rope.angles(cfg, positions), local)
+        x = self.embed_tokens(inputs)
+        rope_tables = self.rope_tables(positions)
         windows = jnp.asarray(cfg.layer_windows(), jnp.int32)
         if cfg.scan_layers:
             graphdef, stacked = nnx.split(self.blocks)
@@ -235,9 +232,28 @@ class Llama(nnx.Module):
                 graphdef, state = nnx.split(block)
                 layer = _remat(functools.partial(_layer_fn, graphdef, 0), cfg.remat, prevent_cse=True)
                 x = layer(state, windows[i], x, rope_tables, positions, segment_ids)
+        return self.logits(x)
+
+    # The pieces around the layers, shared by __call__ and KV-cache decoding (generate/decode.py).
+
+    def embed_tokens(self, inputs: jax.Array) -> jax.Array:
+        """Token embeddings [B, S, hidden] (scaled by sqrt(hidden) where the family does)."""
+        x = param_gather.gather(self.embed)(inputs)
+        if self.cfg.embed_scale:  # in the compute dtype, as transformers scales in the weights' dtype
+            x = x * jnp.asarray(self.cfg.hidden_size ** 0.5, x.dtype)
+        return x
+
+    def rope_tables(self, positions: jax.Array) -> Rope:
+        """The global RoPE (cos, sin) of `positions` and, with local_rope_theta, the windowed layers' own."""
+        cfg = self.cfg
+        local = rope.angles(cfg, positions, local=True) if cfg.local_rope_theta else None
+        return rope.angles(cfg, positions), local
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """fp32 logits [B, S, vocab] of the last layer's output (final norm, head, soft-cap)."""
         x = param_gather.gather(self.final_norm)(x)
         if self.lm_head is None:
             logits = param_gather.gather(self.embed).attend(x)
         else:
             logits = param_gather.gather(self.lm_head)(x, out_dtype=jnp.float32)
-        return _softcap(logits, cfg.final_softcap)
+        return _softcap(logits, self.cfg.final_softcap)
