@@ -179,6 +179,33 @@ def test_evaluation_records_match_a_plain_forward_pass(runs):
 
 
 @pytest.mark.slow
+def test_evaluation_under_ring_sequence_parallelism_is_the_plain_loss(runs):
+    """Ring attention over sequence=2 (the eval sets' rows in zigzag order, as training's) with
+    tensor=2 and ZeRO-3: each set's evaluated loss is the unsharded model's on the rows in their
+    natural order."""
+    from efficient_train.train.loss import next_token_loss
+    from efficient_train.train.state import bind
+
+    tmp, _ = runs
+    config = _config(tmp, tmp / "prepared", watched=False)
+    config.mesh.update(data=2, sequence=2, tensor=2)
+    config.sequence_parallel.mode = "ring"
+    config.eval.update(sets=f"validation,raw=text:{tmp / 'heldout'}", steps=2)
+    trainer = Trainer(config)
+    record = trainer.evaluator.run(trainer.state.params, 0)
+    step_def = trainer.setup.step_def
+    params = jax.tree.map(lambda x: jax.device_put(np.asarray(x), jax.devices()[0]), trainer.state.params)
+    model = bind(step_def.graphdef, step_def.param_structure, params, step_def.rest)
+    for spec in parse_eval_sets(config.eval.sets):
+        eval_set = build_eval_set(spec, config.data, vocab_size=256, global_batch_size=16, process_index=0,
+                                  process_count=1, column_order=None, cache_dir=None)
+        sums = [jax.jit(next_token_loss)(model, jax.tree.map(np.asarray, eval_set.batch(i))) for i in range(2)]
+        total, weight = (float(sum(float(s[k]) for s in sums)) for k in (0, 1))
+        assert record[f"eval/{spec.name}/loss"] == pytest.approx(total / weight, rel=1e-5)
+        assert record[f"eval/{spec.name}/tokens"] == weight
+
+
+@pytest.mark.slow
 def test_eval_command_on_the_checkpoint_equals_the_run(runs, capsys):
     """`efficient-train eval --checkpoint` on the run's final step, with the run's mesh, sets and
     batch, prints the record the run wrote at that step."""
