@@ -53,6 +53,7 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros(out_shape, param_dtype), out_sharding=axes[n_in:]) if bias else None
         self.n_in = n_in
         self.dtype = dtype
+        self.lora: nnx.Module | None = nnx.data(None)  # a LoRA adapter (models/lora.py attaches it)
 
     def __call__(self, x: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
         """x[..., *in_shape] -> [..., *out_shape] in `out_dtype` (default: compute dtype)."""
@@ -61,6 +62,8 @@ class Linear(nnx.Module):
         y = jax.lax.dot_general(
             x.astype(self.dtype), kernel, (contract, ((), ())),
             preferred_element_type=out_dtype or self.dtype)
+        if self.lora is not None:
+            y = y + self.lora(x).astype(y.dtype)
         if self.bias is not None:
             y = y + self.bias.get_value().astype(y.dtype)
         return y
@@ -75,9 +78,11 @@ class Embed(nnx.Module):
         self.embedding = nnx.Param(
             init(rngs.params(), (vocab_size, hidden_size), param_dtype), out_sharding=("vocab", "embed"))
         self.dtype = dtype
+        self.lora: nnx.Module | None = nnx.data(None)  # a LoRA adapter (models/lora.py attaches it)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding.get_value(), ids, axis=0).astype(self.dtype)
+        x = jnp.take(self.embedding.get_value(), ids, axis=0).astype(self.dtype)
+        return x if self.lora is None else x + self.lora.lookup(ids).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """x [..., embed] -> fp32 logits [..., vocab] = x @ embedding.T."""

@@ -447,7 +447,7 @@ class Trainer:
                         hook.fn(self, step, record)
                     interval = _Interval()
                 if self._eval_due(step):
-                    self.records.write(self.evaluator.run(self.state.params, step))
+                    self.records.write(self.evaluator.run(self.state.params, step, self.state.frozen))
                     interval = _Interval()  # throughput counts training steps only
         finally:
             self.profile.close()
