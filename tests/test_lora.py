@@ -7,6 +7,7 @@ export-hf merged and as PEFT adapters that `peft` loads) is in test_lora_checkpo
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,10 +18,10 @@ from efficient_train.config import ConfigError, validate_fields
 from efficient_train.models import Llama, ModelConfig
 from efficient_train.models.lora import LoRAConfig, LoRAParam, add_adapters, merge_delta
 from efficient_train.parallel.sharding import per_device_bytes
-from efficient_train.tree_paths import leaf_paths
 from efficient_train.train.step import make_local_grads
 from efficient_train.train.training_setup import build_setup
-from tests.support.lora_setup import BATCH, SEQ, fixed_batch, lora_config, mesh_of, train_steps
+from efficient_train.tree_paths import leaf_paths
+from tests.support.lora_setup import fixed_batch, lora_config, mesh_of, train_steps
 
 KERNELS = {"q": "attn/q", "k": "attn/k", "v": "attn/v", "o": "attn/o", "gate": "mlp/gate", "up": "mlp/up",
            "down": "mlp/down"}
@@ -103,7 +104,7 @@ def test_merged_kernels_give_the_adapter_forward():
     trained = nnx.to_pure_dict(nnx.state(model, LoRAParam))
     merged = _llama(model.cfg)
     params = nnx.to_pure_dict(nnx.state(merged, nnx.Param))
-    for target, path in KERNELS.items():
+    for path in KERNELS.values():
         owner, name = path.split("/")
         adapter = trained["blocks"][owner][name]["lora"]
         kernel = params["blocks"][owner][name]["kernel"]
@@ -121,7 +122,7 @@ def _dot_output_shapes(jaxpr) -> set[tuple[int, ...]]:
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
             shapes.add(tuple(eqn.outvars[0].aval.shape))
-        for sub in jax.core.jaxprs_in_params(eqn.params):  # scan, remat, custom_vjp bodies
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):  # scan, remat, custom_vjp bodies
             shapes |= _dot_output_shapes(sub)
     return shapes
 
@@ -206,6 +207,7 @@ def test_losses_on_data2_tensor2_equal_one_device():
         np.testing.assert_allclose(losses, reference, rtol=2e-5, err_msg=f"zero_stage {stage}")
 
 
+@pytest.mark.slow
 def test_dropout_draws_in_training_only():
     """With dropout the step's loss differs from the dropout-free one; evaluation sees no dropout."""
     from efficient_train.train.step import make_local_loss
@@ -217,7 +219,7 @@ def test_dropout_draws_in_training_only():
     state = init_state(setup)
     # Give B values so the adapters (and so their dropout) change the output.
     params = jax.tree.map(lambda x: x + 0.5, state.params)
-    loss = make_local_loss(setup.step_def)
+    loss = jax.jit(make_local_loss(setup.step_def))
     batch = fixed_batch()
     plain = loss(params, state.frozen, batch)[0]
     key = jax.random.key(3)

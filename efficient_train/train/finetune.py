@@ -22,7 +22,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from efficient_train.checkpoint.metadata import CheckpointError, CheckpointMetadata, DamagedCheckpoint, check_model_matches
+from efficient_train.checkpoint.metadata import (
+    CheckpointError,
+    CheckpointMetadata,
+    DamagedCheckpoint,
+    check_model_matches,
+)
 from efficient_train.checkpoint.paths import resolve_step
 from efficient_train.checkpoint.verify import LeafDamaged, VerifiedReader, read_step_metadata
 from efficient_train.models.lora import LoRAConfig

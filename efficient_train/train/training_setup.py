@@ -38,7 +38,6 @@ from efficient_train.train.loss import next_token_loss
 from efficient_train.train.state import TrainState, set_metadata
 from efficient_train.train.step import LossFn, StepDefinition
 
-
 LORA_KEY_SALT = 0x10EA  # adapters draw their init from the seed's key folded with this
 
 
