@@ -21,6 +21,7 @@ start with unit scale; norm scales start at one.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +54,7 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros(out_shape, param_dtype), out_sharding=axes[n_in:]) if bias else None
         self.n_in = n_in
         self.dtype = dtype
-        self.lora: nnx.Module | None = nnx.data(None)  # a LoRA adapter (models/lora.py attaches it)
+        self.lora: Any = nnx.data(None)  # a LoRA adapter (models/lora.py attaches it)
 
     def __call__(self, x: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
         """x[..., *in_shape] -> [..., *out_shape] in `out_dtype` (default: compute dtype)."""
@@ -78,7 +79,7 @@ class Embed(nnx.Module):
         self.embedding = nnx.Param(
             init(rngs.params(), (vocab_size, hidden_size), param_dtype), out_sharding=("vocab", "embed"))
         self.dtype = dtype
-        self.lora: nnx.Module | None = nnx.data(None)  # a LoRA adapter (models/lora.py attaches it)
+        self.lora: Any = nnx.data(None)  # a LoRA adapter (models/lora.py attaches it)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         x = jnp.take(self.embedding.get_value(), ids, axis=0).astype(self.dtype)

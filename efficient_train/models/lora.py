@@ -148,9 +148,9 @@ def add_adapters(model: nnx.Module, cfg: LoRAConfig, key: jax.Array) -> nnx.Modu
     top-level `embed` is the embedding. A target the model lacks is an error.
     """
     found: set[str] = set()
-    wanted = {TARGET_MODULES[t]: t for t in cfg.targets if t in LORA_LINEAR_TARGETS}
+    wanted: dict[tuple[str, ...], str] = {TARGET_MODULES[t]: t for t in cfg.targets if t in LORA_LINEAR_TARGETS}
     for path, node in list(nnx.iter_graph(model)):
-        target = wanted.get(tuple(path[-2:])) if isinstance(node, Linear) else (
+        target = wanted.get(tuple(str(part) for part in path[-2:])) if isinstance(node, Linear) else (
             "embed" if isinstance(node, Embed) and tuple(path) == ("embed",) and "embed" in cfg.targets else None)
         if target is None:
             continue

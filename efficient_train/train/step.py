@@ -68,7 +68,7 @@ class StepDefinition:
         """The model holding pure `params` (and a LoRA run's `frozen` base)."""
         states = [as_state(self.param_structure, params)]
         if self.frozen_structure is not None:
-            states.append(as_state(self.frozen_structure, frozen))
+            states.append(as_state(self.frozen_structure, frozen or {}))
         if self.rest is not None:
             states.append(self.rest)
         return nnx.merge(self.graphdef, *states)
@@ -230,7 +230,7 @@ def build_train_step(step_def: StepDefinition, state_shardings: TrainState, exam
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
         frozen = {} if state.frozen is None else state.frozen
         # LoRA dropout draws from a key of the seed and the step (raw key data crosses the shard_map).
-        keys = (jax.random.key_data(jax.random.fold_in(jax.random.key(step_def.dropout_seed), state.step)),) \
+        keys = (jax.random.key_data(jax.random.fold_in(jax.random.key(step_def.dropout_seed or 0), state.step)),) \
             if dropout else ()
         grads, total, weight = sharded_grads(state.params, frozen, batch, *keys)
         grads = jax.lax.with_sharding_constraint(grads, grad_shardings)

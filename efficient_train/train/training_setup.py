@@ -101,6 +101,7 @@ def build_setup(
 ) -> TrainSetup:
     model_config = None
     lora_config = None
+    create_model: Callable[[], nnx.Module]
     if model is None:
         model_config = ModelConfig.from_config_dict(config.model, attention_impl=config.attention.impl,
                                                     norm_impl=config.norm.impl)
