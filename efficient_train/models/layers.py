@@ -9,6 +9,8 @@ The names used across the model are 'vocab', 'embed', 'heads', 'kv_heads', 'head
 Parameters are stored in `param_dtype` and cast to the compute `dtype` at use, so a
 bf16 model can keep fp32 master weights. Norm statistics and rotary angles are always
 computed in fp32. The rotary tables themselves (and their scalings) are models/rope.py's.
+`Linear` and `Embed` have one hook, `lora` (None unless models/lora.py attaches an
+adapter), whose output is added to theirs.
 
 With Flax's default eager sharding, creating a Param with `out_sharding` requires a
 mesh; build models inside `with nnx.use_eager_sharding(False):` when there is none

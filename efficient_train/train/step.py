@@ -18,6 +18,12 @@ the CPU included, runs the collectives the stage promises):
    optimizer state untouched and counts itself in `skipped_steps`. An optimizer state
    placed in pinned host memory (offload) moves to the device for the update and back;
    `optim.apply_updates` lets a compressed AdamW write the parameters in its own pass.
+
+A LoRA run's frozen base (`TrainState.frozen`) enters the map beside the parameters in
+its own specs and leaves the step untouched: it is never differentiated (the gradient
+is taken with respect to the adapters only, so no weight gradient of the base is ever
+computed), reduced, clipped or optimized. LoRA dropout draws from a key of the seed and
+the step, folded inside the map with the device's batch index and the micro-batch.
 """
 from __future__ import annotations
 
