@@ -250,7 +250,7 @@ class Trainer:
         self._base = load_base(self.setup, self._model_record()) if self.setup.lora is not None else None
         frozen = None if self._base is None else self._base.params
         restored = self.checkpointer.restore_latest(
-            self.setup.abstract_state.replace(frozen=None), model=self._model_record(),
+            dataclasses.replace(self.setup.abstract_state, frozen=None), model=self._model_record(),
             optimizer=self.config.optimizer.to_dict(), finetune=self._finetune_record(),
         )
         if restored is None:
@@ -284,7 +284,7 @@ class Trainer:
             loader_state = self.loader.state()
         self.checkpointer.save(
             step,
-            self.state.replace(frozen=None),  # a LoRA run's base is referenced (finetune), not saved again
+            dataclasses.replace(self.state, frozen=None),  # a LoRA run's base is referenced (finetune), not saved again
             model=self._model_record(),
             mesh=dict(self.mesh.shape),
             zero_stage=self.config.zero_stage,

@@ -113,9 +113,11 @@ def build_setup(
         abstract_model = nnx.eval_shape(create_model) if model is None else model
     abstract_frozen = None
     if lora_config is None:
-        graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
+        graphdef, *states = nnx.split(abstract_model, nnx.Param, ...)
+        abstract_params, rest = states
     else:
-        graphdef, abstract_params, abstract_frozen, rest = nnx.split(abstract_model, LoRAParam, nnx.Param, ...)
+        graphdef, *states = nnx.split(abstract_model, LoRAParam, nnx.Param, ...)
+        abstract_params, abstract_frozen, rest = states
     if model is not None:
         abstract_params = jax.tree.map(
             lambda v: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype)),
@@ -206,9 +208,9 @@ def init_state(setup: TrainSetup, frozen: Any = None) -> TrainState:
                           frozen=base if frozen is None else None)
 
     if setup.model_config is not None:
-        shardings = setup.state_shardings if frozen is None else setup.state_shardings.replace(frozen=None)
+        shardings = setup.state_shardings if frozen is None else dataclasses.replace(setup.state_shardings, frozen=None)
         state = jax.jit(init, out_shardings=shardings)()
-        return state if frozen is None else state.replace(frozen=frozen)
+        return state if frozen is None else dataclasses.replace(state, frozen=frozen)
     # A user's module already holds concrete arrays: place them, then init the optimizer there.
     params = jax.device_put(nnx.to_pure_dict(nnx.state(setup.create_model(), nnx.Param)), setup.state_shardings.params)
     opt_state = jax.jit(step_def.optimizer.init, out_shardings=setup.state_shardings.opt_state)(params)
