@@ -197,3 +197,23 @@ def test_adapter_layout_names_every_layer_and_target(workflow):
     adapters = dict(leaf_paths(workflow["resumed"].state.params))
     np.testing.assert_array_equal(tensors["base_model.model.model.layers.1.self_attn.o_proj.lora_A.weight"],
                                   np.asarray(adapters["blocks/attn/o/lora/a"])[1].reshape(64, 8).T)
+
+
+def test_lora_tools_refuse_bad_input_with_one_line(workflow, capsys):
+    tmp, base, ckpt = workflow["tmp"], workflow["base"], workflow["ckpt"]
+    cases = [
+        (["checkpoint", "merge-lora", base, str(tmp / "m1")], "is not a LoRA checkpoint"),
+        (["checkpoint", "export-hf", base, str(tmp / "p1"), "--adapters_only"], "--adapters_only: "),
+        (["checkpoint", "merge-lora", ckpt, base], "DST: "),  # holds a step already
+        (["checkpoint", "convert", ckpt, str(tmp / "c1"), "--mesh", "data=1"], "merge-lora"),
+    ]
+    for argv, expected in cases:
+        capsys.readouterr()
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], (argv, err)
+        assert not any(os.path.exists(tmp / name) for name in ("m1", "p1", "c1"))
+    config = run_config(tmp, ckpt, steps=1)
+    config.workdir = str(tmp / "other_run")
+    with pytest.raises(CheckpointError, match=r"^finetune\.base: .* is itself a LoRA checkpoint"):
+        Trainer(config)
