@@ -53,9 +53,15 @@ def test_cli_refuses_a_missing_base_with_one_line(tmp_path, capsys):
     assert code == 2 and err.startswith("error: finetune.base:") and "is not a directory" in err and "\n" not in err
 
 
-def _llama(cfg: ModelConfig) -> Llama:
+def _built(create) -> nnx.Module:
+    """The module `create()` returns, initialized by one compiled program (eager init takes seconds)."""
     with nnx.use_eager_sharding(False):
-        return Llama(cfg, rngs=nnx.Rngs(0))
+        graphdef, _ = nnx.split(nnx.eval_shape(create))
+        return nnx.merge(graphdef, jax.jit(lambda: nnx.split(create())[1])())
+
+
+def _llama(cfg: ModelConfig) -> Llama:
+    return _built(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
 
 
 _forward = jax.jit(lambda graphdef, state, ids: nnx.merge(graphdef, state)(ids), static_argnums=0)
@@ -70,8 +76,7 @@ def _model(targets: str) -> tuple[Llama, LoRAConfig]:
     config = lora_config(targets=targets, **{"model.tie_embeddings": False})
     cfg = ModelConfig.from_config_dict(config.model, attention_impl="xla", norm_impl="xla")
     lora = LoRAConfig.from_config_dict(config.finetune.lora)
-    with nnx.use_eager_sharding(False):
-        return add_adapters(_llama(cfg), lora, jax.random.key(1)), lora
+    return _built(lambda: add_adapters(Llama(cfg, rngs=nnx.Rngs(0)), lora, jax.random.key(1))), lora
 
 
 def test_adapters_start_as_peft_does_and_leave_the_model_unchanged():
