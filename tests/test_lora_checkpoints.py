@@ -122,6 +122,11 @@ def test_resume_on_another_base_is_refused(workflow, capsys):
     other, _ = import_base(workflow["tmp"], seed=1)
     with pytest.raises(CheckpointError, match=r"^finetune\.base: .* is not the base step 5 was trained on"):
         Trainer(run_config(workflow["tmp"], other, steps=6))
+    other_rank = run_config(workflow["tmp"], workflow["base"], steps=6)
+    other_rank.finetune.lora.rank = 4
+    with pytest.raises(CheckpointError, match=r"^finetune\.lora: step 5 holds adapters of other settings \(rank: "
+                                              r"saved 8, this run 4\)"):
+        Trainer(other_rank)
     capsys.readouterr()
     code = cli.main(["train", "--config", "configs/lora_tiny.py", f"--config.finetune.base={other}",
                      "--config.finetune.lora.targets=q,k,v,o,gate,up,down,embed", "--config.data.source=synthetic",

@@ -247,9 +247,13 @@ def check_finetune_matches(step: int, saved: dict[str, Any] | None, current: dic
         raise CheckpointError(f"step {step} holds LoRA adapters (finetune.lora {saved['lora']}); resume it with the "
                               "same finetune.lora and finetune.base, or merge it first: efficient-train checkpoint "
                               "merge-lora SRC DST")
-    if saved["lora"] != current["lora"]:
-        raise CheckpointError(f"finetune.lora: step {step} was saved with {saved['lora']}, this run has "
-                              f"{current['lora']}; set them back, or start a new run in another checkpoint.dir")
+    # What the adapters mean: their shapes (rank, targets) and their scale (alpha / rank); dropout may change.
+    meaning = ("rank", "alpha", "targets")
+    changed = [f"{k}: saved {saved['lora'].get(k)!r}, this run {current['lora'].get(k)!r}" for k in meaning
+               if saved["lora"].get(k) != current["lora"].get(k)]
+    if changed:
+        raise CheckpointError(f"finetune.lora: step {step} holds adapters of other settings ({'; '.join(changed)}); "
+                              "set them back, or start a new run in another checkpoint.dir")
     old, new = saved["base"], current["base"]
     if old["fingerprint"] != new["fingerprint"]:
         raise CheckpointError(f"finetune.base: {new['path']} (fingerprint {new['fingerprint']}) is not the base step "
