@@ -53,20 +53,23 @@ def mesh_of(shape: dict[str, int]):
     return make_mesh(full, devices=jax.devices()[:count])
 
 
-def train_steps(config, mesh, steps: int):
+def train_steps(config, mesh, steps: int, hlo: list | None = None):
     """(losses, final state, setup, the frozen base before the first step as numpy) of `steps`
-    steps on the fixed batch."""
+    steps on the fixed batch; the compiled step's HLO text is appended to `hlo` if given."""
     from efficient_train.train.step import build_train_step
     from efficient_train.train.training_setup import build_setup, init_state, lm_batch_shapes
 
     setup = build_setup(config, mesh)
     state = init_state(setup)
     shapes = lm_batch_shapes(config)
-    step = build_train_step(setup.step_def, setup.state_shardings, shapes)
+    compiled = build_train_step(setup.step_def, setup.state_shardings, shapes).lower(
+        setup.abstract_state, setup.abstract_batch(shapes)).compile()
+    if hlo is not None:
+        hlo.append(compiled.as_text())
     batch = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), fixed_batch(), setup.abstract_batch(shapes))
     base = jax.tree.map(lambda x: np.array(x, copy=True), state.frozen)  # the step donates the state
     losses = []
     for _ in range(steps):
-        state, metrics = step(state, batch)
+        state, metrics = compiled(state, batch)
         losses.append(float(metrics["loss"]))
     return losses, state, setup, base
