@@ -13,7 +13,8 @@
                           [--field F] [--validation_fraction F] [--workers N] [--on_error fatal|skip]
     efficient-train checkpoint inspect|verify CKPT
     efficient-train checkpoint import-hf HF_DIR OUT [--param_dtype float32|bfloat16] [--no_scan_layers]
-    efficient-train checkpoint export-hf CKPT OUT_DIR [--dtype float32|bfloat16]
+    efficient-train checkpoint export-hf CKPT OUT_DIR [--dtype float32|bfloat16] [--adapters_only]
+    efficient-train checkpoint merge-lora SRC DST
     efficient-train checkpoint convert SRC DST --mesh data=2,tensor=2 [--zero_stage N]
                           [--state_format fp32|bf16|int8|fp8|int4] [--drop_optimizer] [--dtype bfloat16]
 
@@ -119,6 +120,8 @@ def _parser() -> argparse.ArgumentParser:
          (ckpt, ("out_dir", "a new or empty directory"))),
         ("convert", "rewrite a checkpoint for another mesh, optimizer state format or dtype, tensor by tensor",
          (("src", "a checkpoint directory or one step in it"), ("dst", "checkpoint directory to write the step into"))),
+        ("merge-lora", "LoRA checkpoint -> full params-only checkpoint (base + alpha/rank * A @ B)",
+         (("src", "a LoRA checkpoint directory or one step in it"), ("dst", "checkpoint directory to write the step into"))),
     ):
         sub = tools.add_parser(name, help=help_text)
         for arg, arg_help in positionals:
@@ -135,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--dtype", default=None, help="cast parameters: float32|bfloat16")
         if name == "export-hf":
             sub.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
+            sub.add_argument("--adapters_only", action="store_true",
+                             help="a LoRA checkpoint's adapters alone, in the PEFT layout (adapter_config.json + "
+                                  "adapter_model.safetensors); without it a LoRA checkpoint exports merged")
     return parser
 
 
@@ -159,8 +165,16 @@ def _checkpoint(args: argparse.Namespace) -> int:
         if args.tool == "export-hf":
             from efficient_train.tools import hf
 
-            files = hf.export_hf(args.ckpt, args.out_dir, dtype=args.dtype)
-            print(f"wrote {os.path.abspath(args.out_dir)}: config.json and {len(files)} safetensors file(s)")
+            files = hf.export_hf(args.ckpt, args.out_dir, dtype=args.dtype, adapters_only=args.adapters_only)
+            what = "PEFT adapters: " + " and ".join(files) if args.adapters_only else \
+                f"config.json and {len(files)} safetensors file(s)"
+            print(f"wrote {os.path.abspath(args.out_dir)}: {what}")
+            return 0
+        if args.tool == "merge-lora":
+            from efficient_train.tools.lora import merge_lora
+
+            step_dir = merge_lora(args.src, args.dst)
+            print(f"wrote {step_dir}: the base with the adapters merged in, parameters only")
             return 0
         if args.tool == "convert":
             mesh = parse_mesh_flag(args.mesh)

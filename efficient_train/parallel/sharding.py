@@ -49,11 +49,15 @@ DEFAULT_RULES: Rules = (
     ("head_dim", None),
     ("norm", None),
     ("layers", None),
+    ("lora_rank", None),
 )
 ZERO_GROUP = ("data", "sequence")
 BATCH_AXES = ("replica", "data")
 MANUAL_AXES = ("replica", "data", "sequence")
 LAYER_AXIS = "layers"
+# A LoRA adapter's rank axis: replicated, and never the ZeRO dimension (like `layers`), so
+# A keeps its base kernel's input placement and B its output placement.
+LORA_RANK_AXIS = "lora_rank"
 
 
 def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:
@@ -123,14 +127,14 @@ def tensor_spec(shape: Sequence[int], names: Sequence[str | None] | None, rules:
 
 
 def choose_zero_dim(shape: Sequence[int], spec: P, names: Sequence[str | None] | None, group: int) -> int | None:
-    """The largest dimension the ZeRO group divides and no mesh axis uses (never `layers`)."""
+    """The largest dimension the ZeRO group divides and no mesh axis uses (never `layers` or `lora_rank`)."""
     if group == 1:
         return None
     best = None
     for dim, (extent, entry) in enumerate(zip(shape, spec)):
         if entry is not None or extent % group:
             continue
-        if names is not None and names[dim] == LAYER_AXIS:
+        if names is not None and names[dim] in (LAYER_AXIS, LORA_RANK_AXIS):
             continue
         if best is None or extent > shape[best]:
             best = dim

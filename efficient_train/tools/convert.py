@@ -221,6 +221,9 @@ def convert(src: str, dst: str, *, mesh: dict[str, int], zero_stage: int | None 
     """
     step_dir, older = resolve_step(src, "SRC")
     metadata = read_step_metadata(step_dir)
+    if metadata.finetune is not None:
+        raise CheckpointError(f"SRC: {step_dir} is a LoRA checkpoint (adapters on a base); merge it into a full "
+                              "checkpoint first: efficient-train checkpoint merge-lora SRC DST")
     source_path = metadata_path(step_dir)
     source_optimizer = metadata.optimizer
     target_optimizer = None if drop_optimizer or source_optimizer is None else dict(source_optimizer)

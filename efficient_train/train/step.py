@@ -18,6 +18,12 @@ the CPU included, runs the collectives the stage promises):
    optimizer state untouched and counts itself in `skipped_steps`. An optimizer state
    placed in pinned host memory (offload) moves to the device for the update and back;
    `optim.apply_updates` lets a compressed AdamW write the parameters in its own pass.
+
+A LoRA run's frozen base (`TrainState.frozen`) enters the map beside the parameters in
+its own specs and leaves the step untouched: it is never differentiated (the gradient
+is taken with respect to the adapters only, so no weight gradient of the base is ever
+computed), reduced, clipped or optimized. LoRA dropout draws from a key of the seed and
+the step, folded inside the map with the device's batch index and the micro-batch.
 """
 from __future__ import annotations
 
@@ -33,11 +39,12 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from efficient_train.models import lora
 from efficient_train.optim import apply_updates, device_shardings, is_offloaded
 from efficient_train.parallel import param_gather
 from efficient_train.parallel import sequence as sequence_parallel
 from efficient_train.parallel.sharding import MANUAL_AXES, ShardingPlan, batch_spec
-from efficient_train.train.state import TrainState, as_state, bind
+from efficient_train.train.state import TrainState, as_state
 
 LossFn = Callable[[nnx.Module, Any], Any]
 
@@ -58,6 +65,23 @@ class StepDefinition:
     max_grad_norm: float
     shard_sequence: bool
     sequence_mode: str  # sequence_parallel.mode, used when the sequence axis is > 1
+    # A LoRA run: the frozen base's abstract structure (metadata as param_structure's) and placement.
+    frozen_structure: nnx.State | None = None
+    frozen_plan: ShardingPlan | None = None
+    dropout_seed: int | None = None  # LoRA dropout > 0: the seed its per-step keys come from
+
+    def module(self, params: dict, frozen: dict | None = None) -> nnx.Module:
+        """The model holding pure `params` (and a LoRA run's `frozen` base)."""
+        states = [as_state(self.param_structure, params)]
+        if self.frozen_structure is not None:
+            states.append(as_state(self.frozen_structure, frozen or {}))
+        if self.rest is not None:
+            states.append(self.rest)
+        return nnx.merge(self.graphdef, *states)
+
+    def manual_frozen_specs(self) -> Any:
+        """The frozen base's specs inside the step's shard_map ({} without one)."""
+        return {} if self.frozen_plan is None else self.frozen_plan.manual_param_specs()
 
 
 def loss_terms(output: Any) -> tuple[jax.Array, jax.Array]:
@@ -98,10 +122,11 @@ def micro_batches(batch: Any, count: int) -> Any:
     return jax.tree.map(lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]), batch)
 
 
-def make_local_loss(step_def: StepDefinition) -> Callable[[dict, Any], tuple[jax.Array, jax.Array]]:
-    """(local parameters, local batch) -> the loss's (sum, weight) on this device's tokens, as the
-    step's shard_map body sees them: ZeRO-3 gathers and the sequence split are opened here. The
-    train step differentiates it; evaluation (evaluation.py) runs it forward only."""
+def make_local_loss(step_def: StepDefinition) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """(local parameters, local frozen base, local batch[, dropout key]) -> the loss's (sum, weight)
+    on this device's tokens, as the step's shard_map body sees them: ZeRO-3 gathers, the sequence
+    split and LoRA dropout are opened here. The train step differentiates it with respect to the
+    parameters only; evaluation (evaluation.py) runs it forward only, without dropout."""
     plan = step_def.plan
     mesh_shape = dict(plan.mesh.shape)
     zero_axes = plan.zero_axes
@@ -109,16 +134,19 @@ def make_local_loss(step_def: StepDefinition) -> Callable[[dict, Any], tuple[jax
     gather_upfront = plan.params_sharded and not step_def.model_gathers_per_layer and bool(zero_axes)
     split_sequence = step_def.shard_sequence and mesh_shape["sequence"] > 1
 
-    def local_loss(params: dict, micro_batch: Any) -> tuple[jax.Array, jax.Array]:
+    def local_loss(params: dict, frozen: dict, micro_batch: Any,
+                   dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         if gather_upfront:
             with param_gather.gathering(zero_axes):
                 params = nnx.to_pure_dict(param_gather.gather(as_state(step_def.param_structure, params)))
-        model = bind(step_def.graphdef, step_def.param_structure, params, step_def.rest)
+        model = step_def.module(params, frozen)
         with contextlib.ExitStack() as contexts:
             if per_layer:
                 contexts.enter_context(param_gather.gathering(zero_axes))
             if split_sequence:
                 contexts.enter_context(sequence_parallel.sharding("sequence", step_def.sequence_mode))
+            if dropout_key is not None:
+                contexts.enter_context(lora.dropout_key(dropout_key))
             return loss_terms(step_def.loss_fn(model, micro_batch))
 
     return local_loss
@@ -132,7 +160,7 @@ def make_local_grads(step_def: StepDefinition) -> Callable:
     all_batch_axes = batch_axes(mesh_shape)
     replica_axes = _axes_over_one(mesh_shape, ("replica",))
     zero_dims = plan.zero_dims()
-    grad_fn = jax.value_and_grad(make_local_loss(step_def), has_aux=True)
+    grad_fn = jax.value_and_grad(make_local_loss(step_def), has_aux=True)  # parameters only, never `frozen`
 
     def reduce(grad: jax.Array, zero_dim: int | None) -> jax.Array:
         if zero_dim is None or not zero_axes:
@@ -145,18 +173,26 @@ def make_local_grads(step_def: StepDefinition) -> Callable:
             return jax.lax.psum(grad, all_batch_axes)
         return jax.lax.psum(reduced, replica_axes) if replica_axes else reduced
 
-    def local_grads(params: dict, batch: Any) -> tuple[dict, jax.Array, jax.Array]:
+    def local_grads(params: dict, frozen: dict, batch: Any,
+                    key_data: jax.Array | None = None) -> tuple[dict, jax.Array, jax.Array]:
+        # LoRA dropout: the step's key, folded with this device's place in the batch and the micro-batch.
+        key = None if key_data is None else jax.random.wrap_key_data(key_data)
+        if key is not None and all_batch_axes:
+            key = jax.random.fold_in(key, jax.lax.axis_index(all_batch_axes))
         if step_def.grad_accum == 1:
-            (total, weight), grads = grad_fn(params, batch)
+            (total, weight), grads = grad_fn(params, frozen, batch, key)
         else:
-            def accumulate(carry, micro_batch):
+            def accumulate(carry, xs):
                 grads, total, weight = carry
-                (t, w), g = grad_fn(params, micro_batch)
+                micro_batch, index = xs
+                micro_key = None if key is None else jax.random.fold_in(key, index)
+                (t, w), g = grad_fn(params, frozen, micro_batch, micro_key)
                 return (jax.tree.map(jnp.add, grads, g), total + t, weight + w), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)  # local shards: gradients have their shapes
+            indices = jnp.arange(step_def.grad_accum, dtype=jnp.int32)
             (grads, total, weight), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(()), jnp.zeros(())),
-                                                   micro_batches(batch, step_def.grad_accum))
+                                                   (micro_batches(batch, step_def.grad_accum), indices))
         grads = jax.tree.map(reduce, grads, zero_dims)
         if all_batch_axes:
             total, weight = jax.lax.psum((total, weight), all_batch_axes)
@@ -165,9 +201,11 @@ def make_local_grads(step_def: StepDefinition) -> Callable:
     return local_grads
 
 
-def over_batch_axes(local_fn: Callable, step_def: StepDefinition, example_batch: Any, out_specs: Any) -> Callable:
-    """`local_fn(params, batch)` mapped manually over the batch axes (replica x data x sequence),
-    parameters in their manual specs; `local_fn` itself when every such axis has one device."""
+def over_batch_axes(local_fn: Callable, step_def: StepDefinition, example_batch: Any, out_specs: Any,
+                    extra_specs: tuple = ()) -> Callable:
+    """`local_fn(params, frozen, batch, *extra)` mapped manually over the batch axes (replica x data x
+    sequence), parameters and the frozen base in their manual specs, `extra` in `extra_specs`;
+    `local_fn` itself when every such axis has one device."""
     plan = step_def.plan
     if all(plan.mesh.shape[axis] == 1 for axis in MANUAL_AXES):
         # Nothing to reduce over: skip the map, whose manual region costs the CPU
@@ -176,7 +214,8 @@ def over_batch_axes(local_fn: Callable, step_def: StepDefinition, example_batch:
     return jax.shard_map(
         local_fn,
         mesh=plan.mesh,
-        in_specs=(plan.manual_param_specs(), batch_specs(example_batch, step_def.shard_sequence)),
+        in_specs=(plan.manual_param_specs(), step_def.manual_frozen_specs(),
+                  batch_specs(example_batch, step_def.shard_sequence), *extra_specs),
         out_specs=out_specs,
         axis_names=set(MANUAL_AXES),
         check_vma=False,
@@ -187,14 +226,19 @@ def build_train_step(step_def: StepDefinition, state_shardings: TrainState, exam
     """A jitted `step(state, batch) -> (state, metrics)` with explicit shardings, state donated."""
     plan = step_def.plan
     mesh = plan.mesh
+    dropout = step_def.dropout_seed is not None
     sharded_grads = over_batch_axes(make_local_grads(step_def), step_def, example_batch,
-                                    (plan.manual_grad_specs(), P(), P()))
+                                    (plan.manual_grad_specs(), P(), P()), extra_specs=(P(),) if dropout else ())
     grad_shardings = plan.named(plan.grad_specs())
     offload = is_offloaded(state_shardings.opt_state)
     opt_on_device = device_shardings(state_shardings.opt_state)
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
-        grads, total, weight = sharded_grads(state.params, batch)
+        frozen = {} if state.frozen is None else state.frozen
+        # LoRA dropout draws from a key of the seed and the step (raw key data crosses the shard_map).
+        keys = (jax.random.key_data(jax.random.fold_in(jax.random.key(step_def.dropout_seed or 0), state.step)),) \
+            if dropout else ()
+        grads, total, weight = sharded_grads(state.params, frozen, batch, *keys)
         grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
         weight_ok = weight > 0  # a batch with nothing to learn from (all masked) is skipped
         loss_weight = weight
@@ -225,6 +269,7 @@ def build_train_step(step_def: StepDefinition, state_shardings: TrainState, exam
             params=new_params,
             opt_state=new_opt_state,
             skipped_steps=state.skipped_steps + jnp.where(applied, 0, 1).astype(jnp.int32),
+            frozen=state.frozen,
         )
         metrics = {
             "loss": loss,

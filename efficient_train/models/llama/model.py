@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efficient_train.models import rope
+from efficient_train.models import lora, rope
 from efficient_train.models.attention import attention
 from efficient_train.models.layers import Embed, Linear, RMSNorm, apply_rope
 from efficient_train.models.llama.config import ModelConfig
@@ -153,11 +153,13 @@ def _stacked_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
     return nnx.merge(graphdefs[0], state)
 
 
-def _layer_fn(graphdef: nnx.GraphDef, stacked_dims: int, state: nnx.State, window: jax.Array, x: jax.Array,
-              rope_tables: Rope, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """One layer as a pure function of its state and window; ZeRO-3 gathers its weights here."""
+def _layer_fn(graphdef: nnx.GraphDef, stacked_dims: int, state: nnx.State, window: jax.Array, index: jax.Array,
+              x: jax.Array, rope_tables: Rope, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """One layer as a pure function of its state, window and index (LoRA dropout draws per layer);
+    ZeRO-3 gathers its weights here."""
     block = nnx.merge(graphdef, param_gather.gather(state, stacked_dims=stacked_dims))
-    return block(x, rope_tables, positions, segment_ids, window)
+    with lora.layer_dropout(index):
+        return block(x, rope_tables, positions, segment_ids, window)
 
 
 def _remat(fn: Callable, policy: str, prevent_cse: bool) -> Callable:
@@ -222,16 +224,16 @@ class Llama(nnx.Module):
             # Inside scan the body is traced once, so CSE cannot merge recomputation away.
             layer = _remat(functools.partial(_layer_fn, graphdef, 1), cfg.remat, prevent_cse=False)
 
-            def body(x: jax.Array, xs: tuple[nnx.State, jax.Array]) -> tuple[jax.Array, None]:
-                state, window = xs
-                return layer(state, window, x, rope_tables, positions, segment_ids), None
+            def body(x: jax.Array, xs: tuple[nnx.State, jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+                state, window, index = xs
+                return layer(state, window, index, x, rope_tables, positions, segment_ids), None
 
-            x, _ = jax.lax.scan(body, x, (stacked, windows))
+            x, _ = jax.lax.scan(body, x, (stacked, windows, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
         else:
             for i, block in enumerate(self.blocks):
                 graphdef, state = nnx.split(block)
                 layer = _remat(functools.partial(_layer_fn, graphdef, 0), cfg.remat, prevent_cse=True)
-                x = layer(state, windows[i], x, rope_tables, positions, segment_ids)
+                x = layer(state, windows[i], jnp.int32(i), x, rope_tables, positions, segment_ids)
         return self.logits(x)
 
     # The pieces around the layers, shared by __call__ and KV-cache decoding (generate/decode.py).
