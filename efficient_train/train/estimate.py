@@ -21,7 +21,7 @@ import ml_collections
 from efficient_train.config import MAX_SIMULATED_DEVICES, ConfigError, validate
 from efficient_train.parallel.mesh import make_mesh
 from efficient_train.train.memory import memory_record
-from efficient_train.train.step import build_train_step
+from efficient_train.train.step import build_train_step, compiler_options
 from efficient_train.train.training_setup import build_setup, lm_batch_shapes
 
 GIB = 1024**3
@@ -37,7 +37,8 @@ def estimate_memory(config: ml_collections.ConfigDict) -> dict[str, Any]:
     setup = build_setup(config, mesh)
     batch = lm_batch_shapes(config)
     step = build_train_step(setup.step_def, setup.state_shardings, batch)
-    compiled = step.lower(setup.abstract_state, setup.abstract_batch(batch)).compile()
+    compiled = step.lower(setup.abstract_state, setup.abstract_batch(batch)).compile(
+        compiler_options=compiler_options(setup.step_def))
     return {
         "mesh": mesh_shape,
         "zero_stage": config.zero_stage,

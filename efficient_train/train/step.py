@@ -6,8 +6,9 @@ the CPU included, runs the collectives the stage promises):
 1. `jax.shard_map`, manual over replica x data x sequence (tensor stays with the
    compiler), computes gradients of the *unnormalized* loss sum on the local batch,
    scanning over micro-batches for gradient accumulation. Under ZeRO-3 the model
-   all-gathers each layer's parameters right before use (`parallel.param_gather`),
-   so autodiff turns those gathers into reduce-scatters of the gradients.
+   all-gathers each layer's parameters right before use (`parallel.param_gather`:
+   the Llama decoder per layer, any other module at each read of a Param, re-gathered
+   in the backward), so autodiff turns those gathers into reduce-scatters of the gradients.
 2. Still inside the map, gradients are reduced over the batch axes: an all-reduce
    (stages 0-1), a reduce-scatter over the ZeRO group (stage 2; stage 3 already has
    it), then an all-reduce over `replica` only (hybrid sharding).
@@ -37,7 +38,7 @@ from efficient_train.optim import apply_updates, device_shardings, is_offloaded
 from efficient_train.parallel import param_gather
 from efficient_train.parallel import sequence as sequence_parallel
 from efficient_train.parallel.sharding import MANUAL_AXES, ShardingPlan, batch_spec
-from efficient_train.train.state import TrainState, as_state, bind
+from efficient_train.train.state import TrainState, as_state
 
 LossFn = Callable[[nnx.Module, Any], Any]
 
@@ -98,6 +99,26 @@ def micro_batches(batch: Any, count: int) -> Any:
     return jax.tree.map(lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]), batch)
 
 
+def gathers_at_read(step_def: StepDefinition) -> bool:
+    """Whether the model's ZeRO-3 parameters gather at each read (any module but the Llama
+    decoder, which gathers per layer itself)."""
+    plan = step_def.plan
+    return plan.params_sharded and bool(plan.zero_axes) and not step_def.model_gathers_per_layer
+
+
+def compiler_options(step_def: StepDefinition) -> dict[str, Any]:
+    """XLA options the step compiles with (`lowered.compile(compiler_options=...)`).
+
+    XLA:CPU removes `jax.checkpoint`'s optimization barriers before its CSE pass, which
+    then merges the backward's re-gathers into the forward's gathers and keeps every
+    gathered parameter alive until the backward; GPU and TPU remove them only after
+    scheduling. So on a CPU a step that gathers at read keeps the barriers, and its
+    program (and `estimate`) is the one a GPU runs."""
+    if jax.default_backend() == "cpu" and gathers_at_read(step_def):
+        return {"xla_disable_hlo_passes": "cse_barrier_expander"}
+    return {}
+
+
 def make_local_loss(step_def: StepDefinition) -> Callable[[dict, Any], tuple[jax.Array, jax.Array]]:
     """(local parameters, local batch) -> the loss's (sum, weight) on this device's tokens, as the
     step's shard_map body sees them: ZeRO-3 gathers and the sequence split are opened here. The
@@ -105,23 +126,24 @@ def make_local_loss(step_def: StepDefinition) -> Callable[[dict, Any], tuple[jax
     plan = step_def.plan
     mesh_shape = dict(plan.mesh.shape)
     zero_axes = plan.zero_axes
-    per_layer = plan.params_sharded and step_def.model_gathers_per_layer and bool(zero_axes)
-    gather_upfront = plan.params_sharded and not step_def.model_gathers_per_layer and bool(zero_axes)
+    gathers = plan.params_sharded and bool(zero_axes)
+    gather_on_read = gathers_at_read(step_def)
     split_sequence = step_def.shard_sequence and mesh_shape["sequence"] > 1
 
     def local_loss(params: dict, micro_batch: Any) -> tuple[jax.Array, jax.Array]:
-        if gather_upfront:
-            with param_gather.gathering(zero_axes):
-                params = nnx.to_pure_dict(param_gather.gather(as_state(step_def.param_structure, params)))
-        model = bind(step_def.graphdef, step_def.param_structure, params, step_def.rest)
+        state = as_state(step_def.param_structure, params)
+        if gather_on_read:
+            state = param_gather.gather_on_read(state)
+        rest = () if step_def.rest is None else (step_def.rest,)
+        model = nnx.merge(step_def.graphdef, state, *rest)
         with contextlib.ExitStack() as contexts:
-            if per_layer:
+            if gathers:
                 contexts.enter_context(param_gather.gathering(zero_axes))
             if split_sequence:
                 contexts.enter_context(sequence_parallel.sharding("sequence", step_def.sequence_mode))
             return loss_terms(step_def.loss_fn(model, micro_batch))
 
-    return local_loss
+    return param_gather.regather_in_backward(local_loss) if gather_on_read else local_loss
 
 
 def make_local_grads(step_def: StepDefinition) -> Callable:
