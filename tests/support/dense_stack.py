@@ -49,7 +49,7 @@ def config(zero_stage: int, rows: int):
     c = get_config()
     c.mesh.data = -1
     c.zero_stage = zero_stage
-    c.train.update(steps=5, batch_size=rows, learning_rate=1e-2, warmup_steps=1)
+    c.train.update(steps=5, batch_size=rows, learning_rate=1e-4, warmup_steps=1)
     return c
 
 
@@ -71,3 +71,53 @@ def step_memory(width: int, layers: int, rows: int, zero_stage: int = 3) -> dict
     record = memory_record(setup, compiled)
     record["all_gathers"] = compiled.as_text().count(" all-gather(") + compiled.as_text().count(" all-gather-start(")
     return record
+
+
+def run_losses(zero_stage: int, width: int, layers: int, rows: int, steps: int) -> list[float]:
+    import tempfile
+
+    from efficient_train import Trainer
+
+    c = config(zero_stage, rows)
+    c.workdir = tempfile.mkdtemp(prefix="efficient_train_test_")
+    trainer = Trainer(c, model=make_model(width, layers), loss_fn=squared_error, data=batches(width, rows))
+    return [float(trainer.step()["loss"]) for _ in range(steps)]
+
+
+# The memory-frugal XLA:CPU scheduler: the default (concurrency-optimized, BFS) starts every
+# parameter gather as early as its input allows, so all of them are alive at once; a GPU's
+# latency-hiding scheduler bounds that prefetch by its memory limit instead.
+CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def measure_in_subprocess(width: int, rows: int, layer_counts: tuple[int, ...], loss_layers: int,
+                          steps: int) -> dict:
+    """Step memory per layer count (ZeRO-3) and losses (ZeRO-0 and 3) on 8 devices, in a process of its own."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.support.subprocess_env import subprocess_env
+
+    env = subprocess_env(8)
+    env["XLA_FLAGS"] = f"{env['XLA_FLAGS']} {CPU_SCHEDULER_FLAG}"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    args = json.dumps({"width": width, "rows": rows, "layer_counts": layer_counts, "loss_layers": loss_layers,
+                       "steps": steps})
+    out = subprocess.run([sys.executable, "-m", "tests.support.dense_stack", args], cwd=root, env=env,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    spec = json.loads(sys.argv[1])
+    width, rows = spec["width"], spec["rows"]
+    result = {
+        "memory": {str(n): step_memory(width, n, rows) for n in spec["layer_counts"]},
+        "losses": {str(stage): run_losses(stage, width, spec["loss_layers"], rows, spec["steps"]) for stage in (0, 3)},
+    }
+    print(json.dumps(result))

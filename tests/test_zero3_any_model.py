@@ -1,0 +1,51 @@
+"""ZeRO-3 for a user's own NNX module: parameters gather at each read, not all at once.
+
+The model (tests/support/dense_stack.py) is a stack of L equal dense layers that knows
+nothing of ZeRO. Its compiled train step on 8 devices must grow with L only by what each
+layer keeps for the backward (activations) and by its gradient's shard, never by a
+gathered parameter; every read gathers once in the forward and the backward gathers
+again where it needs a weight; and training equals ZeRO-0.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.support.dense_stack import measure_in_subprocess
+
+WIDTH, ROWS, DEVICES, FLOAT = 512, 32, 8, 4
+SMALL, LARGE = 4, 16
+
+
+@pytest.fixture(scope="module")
+def measured() -> dict:
+    return measure_in_subprocess(WIDTH, ROWS, (SMALL, LARGE), loss_layers=SMALL, steps=5)
+
+
+@pytest.mark.slow
+def test_step_memory_grows_by_activations_and_shards_not_gathered_layers(measured):
+    temp = {n: measured["memory"][str(n)]["temp"] for n in (SMALL, LARGE)}
+    extra_layers = LARGE - SMALL
+    gathered_layer = (WIDTH * WIDTH + WIDTH) * FLOAT  # one layer's kernel and bias, whole
+    gradient_shard = gathered_layer // DEVICES  # a layer's gradient, reduce-scattered (temp until the update)
+    activations = 2 * (ROWS // DEVICES) * WIDTH * FLOAT  # kept per layer: its input and its tanh output
+    growth = temp[LARGE] - temp[SMALL]
+    assert growth <= extra_layers * (gradient_shard + activations), (temp, growth)
+    # Holding the gathered layers would add 12 MiB; the bound above is 1.77 MiB.
+    assert extra_layers * gathered_layer > 6 * extra_layers * (gradient_shard + activations)
+
+
+@pytest.mark.slow
+def test_each_read_gathers_and_the_backward_gathers_again(measured):
+    for n in (SMALL, LARGE):
+        # Forward: L kernels, L biases, the head's kernel (its 1-wide bias is not sharded).
+        # Backward: the kernels that propagate a gradient to their input (layers 2..L and the head).
+        assert measured["memory"][str(n)]["all_gathers"] == (2 * n + 1) + n
+
+
+@pytest.mark.slow
+def test_losses_equal_zero0(measured):
+    zero0, zero3 = measured["losses"]["0"], measured["losses"]["3"]
+    assert len(zero0) == 5 and np.all(np.isfinite(zero0))
+    # Measured: bitwise equal (a gather and a reduce-scatter add no rounding here).
+    np.testing.assert_allclose(zero3, zero0, rtol=1e-5)
