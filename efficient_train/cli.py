@@ -330,6 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             config.workdir = args.workdir
         # Everything that can be checked without jax or the disk is checked before either is touched.
         validate_fields(config)
+        if args.command == "estimate" and args.remat is not None:
+            _remat_policies(args.remat)
         processes = 1
         if args.command == "train":
             from efficient_train.parallel.mesh import DistributedArgs, distributed_args_from_env
@@ -344,8 +346,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             validate_paths(config)  # os.stat only; before the backend starts or anything is written
         if args.command in ("eval", "generate"):
             return _eval(args, config) if args.command == "eval" else _generate(args, config)
-        if args.command == "estimate" and args.remat is not None:
-            _remat_policies(args.remat)  # a bad list is refused before jax starts
         return _train(args, config) if args.command == "train" else _estimate(config, args.json, args.remat)
     except RunError as error:  # not bad input: the disk, the filesystem or the data on it failed
         from efficient_train.train.library_log import details_hint

@@ -58,3 +58,21 @@ def test_a_step_too_large_to_compile_is_one_line_not_an_xla_abort():
         assert str(error).startswith("train.batch_size x data.seq_len: 1099511627776 x 128"), error
     else:
         raise AssertionError("estimate_memory accepted a batch of 2**40 rows")
+
+
+def test_remat_list_is_checked_before_jax_starts():
+    out = subprocess.run([sys.executable, "-m", "efficient_train.cli", "estimate", "--remat", "save_dots,save_all"],
+                         capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().startswith("error: --remat: 'save_dots,save_all'"), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_policy_table_models_offload_from_full_and_its_twin():
+    small = ["--config.model.num_layers=4", "--config.data.seq_len=64", "--config.mesh.data=1"]
+    rows = {row["policy"]: row for row in _estimate("--remat", "save_qkv,full,offload_qkv", *small)}
+    assert list(rows) == ["save_qkv", "full", "offload_qkv"]
+    offload, full, twin = (rows[p]["per_device_bytes"] for p in ("offload_qkv", "full", "save_qkv"))
+    assert rows["offload_qkv"]["modeled"] and not rows["save_qkv"]["modeled"]
+    assert offload == full and twin["temp"] > full["temp"]
+    assert rows["offload_qkv"]["host_bytes"] == twin["temp"] - full["temp"]
