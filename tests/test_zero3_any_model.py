@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.support.dense_stack import measure_in_subprocess
+from tests.support.dense_stack import measure_in_subprocess, run_losses
 
 WIDTH, ROWS, DEVICES, FLOAT = 512, 32, 8, 4
 SMALL, LARGE = 4, 16
@@ -48,4 +48,12 @@ def test_losses_equal_zero0(measured):
     zero0, zero3 = measured["losses"]["0"], measured["losses"]["3"]
     assert len(zero0) == 5 and np.all(np.isfinite(zero0))
     # Measured: bitwise equal (a gather and a reduce-scatter add no rounding here).
+    np.testing.assert_allclose(zero3, zero0, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_layers_stacked_and_scanned_by_nnx_gather_their_slice():
+    """nnx.vmap-stacked layers run by nnx.scan: a read inside the scan sees one layer's
+    slice, whose ZeRO dim is one less than the stored parameter's."""
+    zero0, zero3 = (run_losses(stage, 64, 4, ROWS, steps=3, scanned=True) for stage in (0, 3))
     np.testing.assert_allclose(zero3, zero0, rtol=1e-5)

@@ -78,11 +78,19 @@ def gather(state: T, stacked_dims: int = 0) -> T:
     )
 
 
-def _gather_at_read(value: jax.Array, dim: int) -> jax.Array:
+STORED_NDIM = "stored_ndim"  # rank of the parameter as stored, so a read of a slice finds its dim
+
+
+def _gather_at_read(value: jax.Array, dim: int, stored_ndim: int) -> jax.Array:
     axes = _GATHER_AXES.current()
     if not axes:
         return value
-    return checkpoint_name(jax.lax.all_gather(value, axes, axis=dim, tiled=True), GATHERED_NAME)
+    # Inside a scan or vmap over stacked layers (nnx.scan, nnx.vmap) a read sees the
+    # parameter without its leading layer dims.
+    local_dim = dim - (stored_ndim - value.ndim)
+    if local_dim < 0:
+        raise ValueError(f"zero_dim {dim} lies in the {stored_ndim - value.ndim} leading dims this read sliced off")
+    return checkpoint_name(jax.lax.all_gather(value, axes, axis=local_dim, tiled=True), GATHERED_NAME)
 
 
 _WHOLE = object()  # no index given to get_value
@@ -93,7 +101,8 @@ class GatheredOnRead(nnx.Param):
     all-gathers it over the gathering axes (`zero_dim` from the metadata)."""
 
     def get_value(self, *, index: Any = _WHOLE) -> Any:
-        whole = _gather_at_read(super().get_value(), self.get_metadata()[ZERO_DIM])
+        metadata = self.get_metadata()
+        whole = _gather_at_read(super().get_value(), metadata[ZERO_DIM], metadata[STORED_NDIM])
         return whole if index is _WHOLE or index is Ellipsis else whole[index]
 
     def __getattr__(self, name: str) -> Any:  # .T, .dtype, .ndim, ... of the whole value
@@ -108,7 +117,8 @@ def gather_on_read(state: nnx.State) -> nnx.State:
     def convert(variable: nnx.Variable) -> nnx.Variable:
         if not isinstance(variable, nnx.Param) or variable.get_metadata().get(ZERO_DIM) is None:
             return variable
-        return GatheredOnRead(variable.get_raw_value(), **variable.get_metadata())
+        value = variable.get_raw_value()
+        return GatheredOnRead(value, **(variable.get_metadata() | {STORED_NDIM: value.ndim}))
 
     return jax.tree.map(convert, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

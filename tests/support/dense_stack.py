@@ -26,6 +26,27 @@ class DenseStack(nnx.Module):
         return self.head(x)[..., 0]
 
 
+class ScannedStack(nnx.Module):
+    """The same layers stored stacked ([L, ...] parameters, `nnx.vmap`) and run by `nnx.scan`:
+    each read inside the scan sees one layer's slice."""
+
+    def __init__(self, width: int, layers: int, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs: nnx.Rngs) -> nnx.Linear:
+            return nnx.Linear(width, width, rngs=rngs)
+
+        self.layers = make(rngs)
+        self.head = nnx.Linear(width, 1, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x: jax.Array, layer: nnx.Linear) -> jax.Array:
+            return jnp.tanh(layer(x))
+
+        return self.head(body(x, self.layers))[..., 0]
+
+
 def squared_error(model: DenseStack, batch: dict) -> tuple[jax.Array, jax.Array]:
     error = model(batch["x"]) - batch["y"]
     return jnp.sum(error * error), jnp.asarray(error.size, jnp.float32)
@@ -73,14 +94,19 @@ def step_memory(width: int, layers: int, rows: int, zero_stage: int = 3) -> dict
     return record
 
 
-def run_losses(zero_stage: int, width: int, layers: int, rows: int, steps: int) -> list[float]:
+def run_losses(zero_stage: int, width: int, layers: int, rows: int, steps: int, scanned: bool = False) -> list[float]:
     import tempfile
 
     from efficient_train import Trainer
 
     c = config(zero_stage, rows)
     c.workdir = tempfile.mkdtemp(prefix="efficient_train_test_")
-    trainer = Trainer(c, model=make_model(width, layers), loss_fn=squared_error, data=batches(width, rows))
+    if scanned:
+        with nnx.use_eager_sharding(False):
+            model: nnx.Module = ScannedStack(width, layers, nnx.Rngs(0))
+    else:
+        model = make_model(width, layers)
+    trainer = Trainer(c, model=model, loss_fn=squared_error, data=batches(width, rows))
     return [float(trainer.step()["loss"]) for _ in range(steps)]
 
 
