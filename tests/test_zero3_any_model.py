@@ -8,13 +8,43 @@ again where it needs a weight; and training equals ZeRO-0.
 """
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from efficient_train.parallel import param_gather
 from tests.support.dense_stack import measure_in_subprocess, run_losses
 
 WIDTH, ROWS, DEVICES, FLOAT = 512, 32, 8, 4
 SMALL, LARGE = 4, 16
+
+
+def test_every_way_of_reading_a_param_sees_the_whole_parameter():
+    """Inside the step's shard_map each device holds an eighth of the rows; `p[...]`,
+    `p.get_value()`, `p.T`, `p.shape` and arithmetic all read the gathered whole."""
+    whole = np.arange(8 * 4 * 3, dtype=np.float32).reshape(8 * 4, 3)
+    mesh = jax.make_mesh((DEVICES,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = jax.device_put(whole, NamedSharding(mesh, P("data")))
+
+    def local(shard):
+        state = param_gather.gather_on_read(nnx.State({"w": nnx.Param(shard, zero_dim=0)}))
+        param = state["w"]
+        assert isinstance(param, param_gather.GatheredOnRead)
+        with param_gather.gathering(("data",)):
+            assert param.shape == whole.shape
+            reads = (param[...], param.get_value(), param.T.T, param * 1.0, param[2:5])
+        return jnp.stack([r if r.shape == whole.shape else jnp.pad(r, ((0, whole.shape[0] - 3), (0, 0)))
+                          for r in reads])[None]
+
+    out = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P("data"), out_specs=P("data")))(sharded)
+    for device_reads in np.asarray(out):
+        for read in device_reads[:4]:
+            np.testing.assert_array_equal(read, whole)
+        np.testing.assert_array_equal(device_reads[4][:3], whole[2:5])
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ computes exactly what its `save_*` twin computes.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import jax
@@ -63,6 +64,14 @@ DESCRIPTIONS = {
 assert tuple(DESCRIPTIONS) == REMAT_POLICIES
 
 
+def _offload_policy(names: tuple[str, ...]) -> Callable:
+    make = jax.checkpoint_policies.save_and_offload_only_these_names
+    kwargs = {"names_which_can_be_offloaded": list(names), "offload_src": "device", "offload_dst": "pinned_host"}
+    if "names_which_can_be_saved" in inspect.signature(make).parameters:  # jax 0.10 requires it; later ones dropped it
+        kwargs["names_which_can_be_saved"] = []
+    return make(**kwargs)
+
+
 def checkpoint_policy(policy: str) -> Callable | None:
     """The `jax.checkpoint` policy of a remat policy name other than `none` (None = save nothing)."""
     if policy == "full":
@@ -72,9 +81,7 @@ def checkpoint_policy(policy: str) -> Callable | None:
     if policy in SAVED_NAMES:
         return jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES[policy])
     if policy in OFFLOADED_NAMES:
-        return jax.checkpoint_policies.save_and_offload_only_these_names(
-            names_which_can_be_saved=[], names_which_can_be_offloaded=list(OFFLOADED_NAMES[policy]),
-            offload_src="device", offload_dst="pinned_host")
+        return _offload_policy(OFFLOADED_NAMES[policy])
     raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {policy!r}")
 
 
