@@ -3,7 +3,7 @@
     efficient-train train [--config FILE] [--config.FIELD=VALUE ...] [--workdir DIR]
                           [--coordinator HOST:PORT --num_processes N --process_id I]
                           [--devices N]
-    efficient-train estimate [--config FILE] [--config.FIELD=VALUE ...] [--devices N] [--json]
+    efficient-train estimate [--config FILE] [--config.FIELD=VALUE ...] [--devices N] [--json] [--remat all|P1,P2]
     efficient-train eval --checkpoint CKPT [--data SETS] [--steps N] [--config FILE] [--config.FIELD=VALUE ...]
                           [--devices N]
     efficient-train generate --checkpoint CKPT --prompt TEXT [--prompt TEXT ...] [--tokenizer T]
@@ -42,6 +42,7 @@ from efficient_train.config import (
     validate_paths,
 )
 from efficient_train.errors import InputError, RunError
+from efficient_train.models.choices import REMAT_POLICIES
 from efficient_train.parallel.axes import MESH_AXES
 
 
@@ -92,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--seed", type=int, default=0)
         if name == "estimate":
             sub.add_argument("--json", action="store_true", help="print one JSON record instead of a table")
+            sub.add_argument("--remat", default=None, help="a table over model.remat policies: 'all' or a "
+                             "comma-separated list (one compile each)")
         if name == "train":
             sub.add_argument("--workdir", default=None, help="where metrics.jsonl (and later checkpoints) go")
             sub.add_argument("--coordinator", default="", help="host:port of process 0 for multi-process runs")
@@ -247,9 +250,24 @@ def _train(args: argparse.Namespace, config) -> int:
     return 130 if trainer.stop_reason == "SIGINT" else 0  # a shell's convention for a run stopped by Ctrl-C
 
 
-def _estimate(config, as_json: bool) -> int:
-    from efficient_train.train.estimate import estimate_memory, format_estimate
+def _remat_policies(value: str) -> tuple[str, ...]:
+    """--remat: 'all' or a comma-separated list of model.remat policies."""
+    if value.strip() == "all":
+        return REMAT_POLICIES
+    policies = tuple(name.strip() for name in value.split(",") if name.strip())
+    unknown = [name for name in policies if name not in REMAT_POLICIES]
+    if unknown or not policies:
+        raise UsageError(f"--remat: {value!r}; give 'all' or policies from {', '.join(REMAT_POLICIES)}, comma-separated")
+    return policies
 
+
+def _estimate(config, as_json: bool, remat: str | None) -> int:
+    from efficient_train.train.estimate import estimate_memory, estimate_policies, format_estimate, format_policy_table
+
+    if remat is not None:
+        rows = estimate_policies(config, _remat_policies(remat))
+        print(json.dumps(rows) if as_json else format_policy_table(config, rows))
+        return 0
     estimate = estimate_memory(config)
     print(json.dumps(estimate) if as_json else format_estimate(config, estimate))
     return 0
@@ -326,6 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             config.workdir = args.workdir
         # Everything that can be checked without jax or the disk is checked before either is touched.
         validate_fields(config)
+        if args.command == "estimate" and args.remat is not None:
+            _remat_policies(args.remat)
         processes = 1
         if args.command == "train":
             from efficient_train.parallel.mesh import DistributedArgs, distributed_args_from_env
@@ -340,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             validate_paths(config)  # os.stat only; before the backend starts or anything is written
         if args.command in ("eval", "generate"):
             return _eval(args, config) if args.command == "eval" else _generate(args, config)
-        return _train(args, config) if args.command == "train" else _estimate(config, args.json)
+        return _train(args, config) if args.command == "train" else _estimate(config, args.json, args.remat)
     except RunError as error:  # not bad input: the disk, the filesystem or the data on it failed
         from efficient_train.train.library_log import details_hint
 

@@ -78,3 +78,21 @@ def test_lora_llama3_8b_saves_the_base_optimizer_state_and_gradients_on_one_devi
     assert 0 < counters <= 16 and theirs["opt_state"] == 2 * 2 * base + counters  # bf16 moments of every weight
     base_optimizer_and_gradients = (theirs["opt_state"] - ours["opt_state"]) + 2 * base
     assert theirs["total"] - ours["total"] >= base_optimizer_and_gradients
+
+
+def test_remat_list_is_checked_before_jax_starts():
+    out = subprocess.run([sys.executable, "-m", "efficient_train.cli", "estimate", "--remat", "save_dots,save_all"],
+                         capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().startswith("error: --remat: 'save_dots,save_all'"), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_policy_table_models_offload_from_full_and_its_twin():
+    small = ["--config.model.num_layers=4", "--config.data.seq_len=64", "--config.mesh.data=1"]
+    rows = {row["policy"]: row for row in _estimate("--remat", "save_qkv,full,offload_qkv", *small)}
+    assert list(rows) == ["save_qkv", "full", "offload_qkv"]
+    offload, full, twin = (rows[p]["per_device_bytes"] for p in ("offload_qkv", "full", "save_qkv"))
+    assert rows["offload_qkv"]["modeled"] and not rows["save_qkv"]["modeled"]
+    assert offload == full and twin["temp"] > full["temp"]
+    assert rows["offload_qkv"]["host_bytes"] == twin["temp"] - full["temp"]

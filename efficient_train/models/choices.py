@@ -7,7 +7,10 @@ live in a module that loads nothing. Every model family shares them.
 """
 from __future__ import annotations
 
-REMAT_POLICIES = ("none", "full", "save_dots")
+# What each keeps for the backward is in models/remat.py; offload_* keep the same set as
+# their save_* twin, in pinned host memory instead of device memory.
+REMAT_POLICIES = ("none", "save_dots", "save_attention", "save_qkv", "full",
+                  "offload_dots", "offload_attention", "offload_qkv")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 NORM_IMPLS = ("auto", "xla", "pallas")
 DTYPES = ("float32", "bfloat16")

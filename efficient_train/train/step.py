@@ -6,8 +6,9 @@ the CPU included, runs the collectives the stage promises):
 1. `jax.shard_map`, manual over replica x data x sequence (tensor stays with the
    compiler), computes gradients of the *unnormalized* loss sum on the local batch,
    scanning over micro-batches for gradient accumulation. Under ZeRO-3 the model
-   all-gathers each layer's parameters right before use (`parallel.param_gather`),
-   so autodiff turns those gathers into reduce-scatters of the gradients.
+   all-gathers each layer's parameters right before use (`parallel.param_gather`:
+   the Llama decoder per layer, any other module at each read of a Param, re-gathered
+   in the backward), so autodiff turns those gathers into reduce-scatters of the gradients.
 2. Still inside the map, gradients are reduced over the batch axes: an all-reduce
    (stages 0-1), a reduce-scatter over the ZeRO group (stage 2; stage 3 already has
    it), then an all-reduce over `replica` only (hybrid sharding).
@@ -70,11 +71,14 @@ class StepDefinition:
     frozen_plan: ShardingPlan | None = None
     dropout_seed: int | None = None  # LoRA dropout > 0: the seed its per-step keys come from
 
-    def module(self, params: dict, frozen: dict | None = None) -> nnx.Module:
-        """The model holding pure `params` (and a LoRA run's `frozen` base)."""
+    def module(self, params: dict, frozen: dict | None = None, *, gather_on_read: bool = False) -> nnx.Module:
+        """The model holding pure `params` (and a LoRA run's `frozen` base); with `gather_on_read`,
+        each ZeRO-3-sharded parameter all-gathers where it is read (`param_gather.gather_on_read`)."""
         states = [as_state(self.param_structure, params)]
         if self.frozen_structure is not None:
             states.append(as_state(self.frozen_structure, frozen or {}))
+        if gather_on_read:
+            states = [param_gather.gather_on_read(state) for state in states]
         if self.rest is not None:
             states.append(self.rest)
         return nnx.merge(self.graphdef, *states)
@@ -122,26 +126,44 @@ def micro_batches(batch: Any, count: int) -> Any:
     return jax.tree.map(lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]), batch)
 
 
+def gathers_at_read(step_def: StepDefinition) -> bool:
+    """Whether the model's ZeRO-3 parameters gather at each read (any module but the Llama
+    decoder, which gathers per layer itself)."""
+    plan = step_def.plan
+    return plan.params_sharded and bool(plan.zero_axes) and not step_def.model_gathers_per_layer
+
+
+def compiler_options(step_def: StepDefinition) -> dict[str, Any]:
+    """XLA options the step compiles with (`lowered.compile(compiler_options=...)`).
+
+    XLA:CPU removes `jax.checkpoint`'s optimization barriers before its CSE pass, which
+    then merges the backward's re-gathers into the forward's gathers and keeps every
+    gathered parameter alive until the backward; GPU and TPU remove them only after
+    scheduling. So on a CPU a step that gathers at read keeps the barriers, and its
+    program (and `estimate`) is the one a GPU runs."""
+    if jax.default_backend() == "cpu" and gathers_at_read(step_def):
+        return {"xla_disable_hlo_passes": "cse_barrier_expander"}
+    return {}
+
+
 def make_local_loss(step_def: StepDefinition) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """(local parameters, local frozen base, local batch[, dropout key]) -> the loss's (sum, weight)
-    on this device's tokens, as the step's shard_map body sees them: ZeRO-3 gathers, the sequence
-    split and LoRA dropout are opened here. The train step differentiates it with respect to the
+    on this device's tokens, as the step's shard_map body sees them: ZeRO-3 gathers (per layer, or at
+    each read for a module that does not gather itself), the sequence split and LoRA dropout are
+    opened here. The train step differentiates it with respect to the
     parameters only; evaluation (evaluation.py) runs it forward only, without dropout."""
     plan = step_def.plan
     mesh_shape = dict(plan.mesh.shape)
     zero_axes = plan.zero_axes
-    per_layer = plan.params_sharded and step_def.model_gathers_per_layer and bool(zero_axes)
-    gather_upfront = plan.params_sharded and not step_def.model_gathers_per_layer and bool(zero_axes)
+    gathers = plan.params_sharded and bool(zero_axes)
+    gather_on_read = gathers_at_read(step_def)
     split_sequence = step_def.shard_sequence and mesh_shape["sequence"] > 1
 
     def local_loss(params: dict, frozen: dict, micro_batch: Any,
                    dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        if gather_upfront:
-            with param_gather.gathering(zero_axes):
-                params = nnx.to_pure_dict(param_gather.gather(as_state(step_def.param_structure, params)))
-        model = step_def.module(params, frozen)
+        model = step_def.module(params, frozen, gather_on_read=gather_on_read)
         with contextlib.ExitStack() as contexts:
-            if per_layer:
+            if gathers:
                 contexts.enter_context(param_gather.gathering(zero_axes))
             if split_sequence:
                 contexts.enter_context(sequence_parallel.sharding("sequence", step_def.sequence_mode))
@@ -149,7 +171,7 @@ def make_local_loss(step_def: StepDefinition) -> Callable[..., tuple[jax.Array, 
                 contexts.enter_context(lora.dropout_key(dropout_key))
             return loss_terms(step_def.loss_fn(model, micro_batch))
 
-    return local_loss
+    return param_gather.regather_in_backward(local_loss) if gather_on_read else local_loss
 
 
 def make_local_grads(step_def: StepDefinition) -> Callable:

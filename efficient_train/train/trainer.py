@@ -64,7 +64,7 @@ from efficient_train.train.metrics import MetricsWriter, peak_tflops, throughput
 from efficient_train.train.profiling import ProfileWindow
 from efficient_train.train.records import RecordStream, tracker_sinks
 from efficient_train.train.state import TrainState
-from efficient_train.train.step import LossFn, build_train_step, place_batch
+from efficient_train.train.step import LossFn, build_train_step, compiler_options, place_batch
 from efficient_train.train.training_setup import build_setup, init_state, lm_batch_shapes
 
 
@@ -169,7 +169,8 @@ class Trainer:
             self._release_locks()  # fit() and save() take them again while they write
         self._step_fn = build_train_step(self.setup.step_def, self.setup.state_shardings, global_batch)
         self.abstract_batch = self.setup.abstract_batch(global_batch)
-        self.compiled = self._step_fn.lower(self.state, self.abstract_batch).compile()
+        self.compiled = self._step_fn.lower(self.state, self.abstract_batch).compile(
+            compiler_options=compiler_options(self.setup.step_def))
         self.writer = MetricsWriter(config.workdir, enabled=self.is_main)
         self._peak_tflops = peak_tflops(jax.devices()[0])
         self._batch_shardings = jax.tree.map(lambda x: x.sharding, self.abstract_batch)
