@@ -105,8 +105,9 @@ def test_evaluation_is_compiled_once_on_the_training_mesh_and_shardings(runs):
     _, trainer = out[True]
     compiled = trainer.evaluator.compiled
     assert isinstance(compiled, jax.stages.Compiled)
-    (eval_params, eval_batch), _ = compiled.input_shardings
+    (eval_params, eval_frozen, eval_batch), _ = compiled.input_shardings
     (train_state, train_batch), _ = trainer.compiled.input_shardings
+    assert jax.tree.leaves(eval_frozen) == []  # no LoRA base in this run
     assert jax.tree.leaves(eval_params) == jax.tree.leaves(train_state.params)
     assert jax.tree.leaves(eval_batch) == jax.tree.leaves(train_batch)
     assert all(s.mesh == trainer.mesh for s in jax.tree.leaves(eval_params))
