@@ -6,6 +6,10 @@
 #   bash scripts/bench_gpu.sh
 #   BENCH_ONLY="mfu_llama1b_b8_pallas attention" bash scripts/bench_gpu.sh   # a subset
 #   BENCH_ONLY=attention_sweep bash scripts/bench_gpu.sh   # opt-in runs must be named
+#   BENCH_ONLY="fp8_gemm fp8_8bwidth_bf16 fp8_8bwidth_fp8 fp8_curves_8bwidth loss_full_llama1b \
+#     loss_chunked_llama1b chunked_loss_sweep" bash scripts/bench_gpu.sh   # section 6 alone (issue 18)
+#   BENCH_SMOKE=1 BENCH_ONLY="<the same names>" bash scripts/bench_gpu.sh   # section 6 on a CPU, tiny
+#     settings (checks the plumbing, not the speed: run it before spending GPU time)
 #
 # Runs from the source tree (PYTHONPATH), so it works on an image whose jax is already
 # installed (jax 0.10 or 0.11). Wheels of pure-Python dependencies the image lacks may be
@@ -19,8 +23,10 @@ py=${PYTHON:-python3}
 if compgen -G ".wheels/*.whl" >/dev/null; then
   $py -m pip install --quiet --no-deps --no-index .wheels/*.whl >"$out/wheels.log" 2>&1 || cat "$out/wheels.log"
 fi
+smoke=${BENCH_SMOKE:-}
+if [[ -n "$smoke" ]]; then export JAX_PLATFORMS=cpu; fi
 {
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  [[ -n "$smoke" ]] || nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
   $py -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, jax.devices())'
 } 2>&1 | tee "$out/env.txt"
 
@@ -76,6 +82,38 @@ run checkpoint_io env JAX_PLATFORMS=cpu $py benchmarks/checkpoint_io.py --device
 #    The same save from the GPU's memory (fingerprints as device reductions, Orbax's copy over PCIe).
 run checkpoint_io_gpu env JAX_PLATFORMS=cuda $py benchmarks/checkpoint_io.py --devices 1 --megabytes 4096
 run convert_memory env JAX_PLATFORMS=cpu $py benchmarks/convert_memory.py
+
+# 6. Issue 18: FP8 matmuls and the vocabulary-chunked loss. Names (for BENCH_ONLY):
+#    fp8_gemm fp8_8bwidth_bf16 fp8_8bwidth_fp8 fp8_curves_8bwidth loss_full_llama1b loss_chunked_llama1b
+#    chunked_loss_sweep. Under BENCH_SMOKE=1 the same commands run with a tiny model on the CPU.
+if [[ -n "$smoke" ]]; then
+  few=(--steps 2 --warmup 1)
+  tiny=(--config.model.vocab_size=40960 --config.model.hidden_size=128 --config.model.intermediate_size=256
+        --config.model.num_layers=2 --config.model.num_heads=4 --config.model.num_kv_heads=2
+        --config.model.head_dim=32 --config.data.seq_len=64 --config.train.batch_size=2)
+  gemm=(--tokens 256 --hidden 256 --intermediate 512 --kv 64 --steps 2)
+  curve=(--steps 4 --every 2)
+  sweep=(--tokens 256 --hidden 64 --vocabs 2048,40960 --chunk 8192 --steps 2)
+else
+  few=(--steps 10) tiny=() gemm=() curve=(--steps 200 --every 10)
+  sweep=(--tokens 16384 --hidden 2048 --vocabs 8192,16384,32768,65536,128256 --chunk 8192 --dtype bfloat16)
+fi
+#    FP8 vs bf16 on a llama_8b-width model with 4 layers (fits one H100): the projections' GEMMs
+#    alone, then training tokens/s (look for __cublas$lt$matmul$f8 in custom_calls), then 200-step curves.
+run fp8_gemm $py benchmarks/fp8_matmul.py "${gemm[@]}"
+width8b=(--config configs/llama_8b.py --config.model.num_layers=4 --config.train.batch_size=4 --config.data.seq_len=2048
+         --config.train.grad_accum=1 --config.zero_stage=0 --config.mesh.data=1 --config.model.remat=save_dots)
+run fp8_8bwidth_bf16 $py benchmarks/mfu.py "${width8b[@]}" "${few[@]}" "${tiny[@]}" --config.model.matmul_precision=bf16
+run fp8_8bwidth_fp8 $py benchmarks/mfu.py "${width8b[@]}" "${few[@]}" "${tiny[@]}" --config.model.matmul_precision=fp8
+run fp8_curves_8bwidth $py benchmarks/loss_curves.py "${width8b[@]}" "${curve[@]}" "${tiny[@]}" \
+  --field model.matmul_precision --values bf16,fp8
+#    The whole-logits loss against the chunked one (the default at this vocabulary) on llama_1b:
+#    step time and per-device memory; then the loss alone over vocabulary sizes (the auto threshold).
+llama1b=(--config configs/llama_1b.py --config.train.batch_size=8 --config.zero_stage=0 --config.mesh.data=1
+         --config.model.remat=save_dots)
+run loss_full_llama1b $py benchmarks/mfu.py "${llama1b[@]}" "${few[@]}" "${tiny[@]}" --config.train.loss_chunk=0
+run loss_chunked_llama1b $py benchmarks/mfu.py "${llama1b[@]}" "${few[@]}" "${tiny[@]}" --config.train.loss_chunk=-1
+run chunked_loss_sweep $py benchmarks/chunked_loss.py "${sweep[@]}"
 
 echo "=============== summary ==============="
 cat "$out/summary.txt"
