@@ -112,7 +112,9 @@ def _forward(h: jax.Array, weight: jax.Array, targets: jax.Array,
     chunks = _Chunks(h, weight, targets, spec)
     n, shards = h.shape[0], spec.vocab_shards
 
-    def body(carry: tuple[jax.Array, ...], i: jax.Array) -> tuple[tuple[jax.Array, ...], None]:
+    Carry = tuple[jax.Array, jax.Array, jax.Array]
+
+    def body(carry: Carry, i: jax.Array) -> tuple[Carry, None]:
         running_max, running_sum, target_logit = carry
         logits, fresh, hit = chunks.logits(i)
         logits = jnp.where(fresh, logits, -jnp.inf)

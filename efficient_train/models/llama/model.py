@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,11 +55,11 @@ from efficient_train.parallel.sharding import LAYER_AXIS
 Rope = tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array] | None]
 
 
-def _dtypes(cfg: ModelConfig) -> dict[str, jnp.dtype]:
+def _dtypes(cfg: ModelConfig) -> dict[str, Any]:
     return {"dtype": jnp.dtype(cfg.dtype), "param_dtype": jnp.dtype(cfg.param_dtype)}
 
 
-def _layer_dtypes(cfg: ModelConfig) -> dict:
+def _layer_dtypes(cfg: ModelConfig) -> dict[str, Any]:
     """A decoder layer's Linear arguments: the dtypes and the matmul precision (fp8 or not)."""
     return {**_dtypes(cfg), "precision": cfg.matmul_precision}
 
