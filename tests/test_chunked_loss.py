@@ -33,7 +33,7 @@ CHUNK = 48  # does not divide 256: the last chunk overlaps the one before
 
 
 def model_and_batch(**overrides) -> tuple[Llama, Batch]:
-    cfg = ModelConfig(**(dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+    cfg = ModelConfig(**(dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                               num_kv_heads=1, head_dim=16, dtype="float32", attention_impl="xla") | overrides))
     with nnx.use_eager_sharding(False):
         model = Llama(cfg, rngs=nnx.Rngs(0))
@@ -45,17 +45,19 @@ def model_and_batch(**overrides) -> tuple[Llama, Batch]:
     return model, batch
 
 
-def loss_and_grads(model: Llama, batch: Batch, **loss_args) -> tuple[float, dict]:
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "z_loss"),
+                   compiler_options={"xla_backend_optimization_level": 0})  # tiny programs compile faster
+def _mean_loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, chunk: int,
+                         z_loss: float) -> tuple[jax.Array, nnx.State]:
+    def mean(params: nnx.State) -> jax.Array:
+        total, weight = next_token_loss(nnx.merge(graphdef, params), batch, chunk=chunk, z_loss=z_loss)
+        return total / weight
+    return jax.value_and_grad(mean)(params)
+
+
+def loss_and_grads(model: Llama, batch: Batch, chunk: int, z_loss: float = 0.0) -> tuple[float, dict]:
     graphdef, params = nnx.split(model)
-
-    @jax.jit
-    def run(params):
-        def mean(params):
-            total, weight = next_token_loss(nnx.merge(graphdef, params), batch, **loss_args)
-            return total / weight
-        return jax.value_and_grad(mean)(params)
-
-    value, grads = run(params)
+    value, grads = _mean_loss_and_grads(graphdef, params, batch, chunk, z_loss)
     return float(value), nnx.to_pure_dict(grads)
 
 
@@ -86,9 +88,10 @@ def test_vocab_shards_change_nothing_but_the_layout() -> None:
     h = jax.random.normal(jax.random.key(0), (64, 32))
     head = OutputHead(jax.random.normal(jax.random.key(1), (V, 32)), True, jnp.dtype(jnp.float32), 0.0)
     targets = jax.random.randint(jax.random.key(2), (64,), 0, V)
-    full = cross_entropy(h, head, targets)
+    losses = jax.jit(functools.partial(cross_entropy, head=head, targets=targets), static_argnames=("chunk", "vocab_shards"))
+    full = losses(h)
     for shards, chunk in ((2, 40), (4, 64), (8, 1000)):
-        np.testing.assert_allclose(cross_entropy(h, head, targets, chunk=chunk, vocab_shards=shards), full, rtol=1e-6)
+        np.testing.assert_allclose(losses(h, chunk=chunk, vocab_shards=shards), full, rtol=1e-6)
 
 
 def test_compiled_program_holds_no_full_logits() -> None:
@@ -140,6 +143,7 @@ def step_grads(mesh_axes: dict, loss_chunk: int) -> tuple[float, dict]:
     return float(total / weight), grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_axes", [dict(data=4, tensor=2), dict(data=2, sequence=4)], ids=["tensor2", "sequence4"])
 def test_chunked_equals_full_in_the_step(mesh_axes) -> None:
     full_loss, full_grads = step_grads(mesh_axes, 0)
@@ -153,3 +157,20 @@ def test_loss_fields_refused_with_a_custom_loss() -> None:
     mesh = make_mesh(validate(config, jax.device_count(), check_paths=False))
     with pytest.raises(ConfigError, match=r"^train\.loss_chunk: 64 applies to the built-in loss only"):
         build_setup(config, mesh, loss_fn=functools.partial(next_token_loss))
+
+
+@pytest.mark.slow
+def test_estimate_of_the_train_step_loses_the_logits() -> None:
+    """`estimate` (the compiled train step on 8 devices) for a vocabulary above the auto
+    threshold: the default (-1) chunks, and temp falls by more than the fp32 logits' bytes."""
+    from efficient_train.train.estimate import estimate_memory
+
+    def temp(loss_chunk: int) -> int:
+        config = small_config(**{"train.loss_chunk": loss_chunk, "model.vocab_size": 32768, "model.hidden_size": 32,
+                                 "model.intermediate_size": 64, "model.num_heads": 2, "model.num_kv_heads": 2,
+                                 "model.num_layers": 1, "train.batch_size": 32, "data.seq_len": 128,
+                                 "mesh.data": 8})
+        return estimate_memory(config)["per_device_bytes"]["temp"]
+
+    logits_bytes = (32 // 8) * 128 * 32768 * 4  # per device: its 4 rows
+    assert temp(-1) < temp(0) - logits_bytes
