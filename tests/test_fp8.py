@@ -96,12 +96,13 @@ def train_step_hlo(cfg: ModelConfig) -> str:
     return jax.jit(jax.grad(loss)).lower(params).compiler_ir("hlo").as_hlo_text()
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_hlo_has_fp8_dots_where_configured(tied: bool) -> None:
+@pytest.mark.parametrize("tied,remat", [(True, "none"), (False, "save_dots")])
+def test_hlo_has_fp8_dots_where_configured(tied: bool, remat: str) -> None:
     e4m3, e5m2 = "f8e4m3fn", "f8e5m2"
-    dots = dot_operand_types(train_step_hlo(tiny(matmul_precision="fp8", tie_embeddings=tied)))
+    dots = dot_operand_types(train_step_hlo(tiny(matmul_precision="fp8", tie_embeddings=tied, remat=remat)))
     # One scanned layer body: q, k, v, o, gate, up, down forward as E4M3 x E4M3, and each
-    # one's two backward GEMMs with the E5M2 gradient.
+    # one's two backward GEMMs with the E5M2 gradient. Under save_dots too: the FP8 operands
+    # are the saved residuals, so no forward GEMM is recomputed (remat 'full' has 13).
     assert dots[(e4m3, e4m3)] == 7
     assert dots[(e5m2, e4m3)] == 7  # dx = dy . w^T
     assert dots[(e4m3, e5m2)] == 7  # dw = x^T . dy
@@ -109,7 +110,7 @@ def test_hlo_has_fp8_dots_where_configured(tied: bool) -> None:
     assert all("f8" not in a and "f8" not in b for a, b in dots if (a, b) not in
                {(e4m3, e4m3), (e5m2, e4m3), (e4m3, e5m2)})
     assert sum(n for (a, b), n in dots.items() if "bf16" in a + b) > 0
-    bf16_hlo = train_step_hlo(tiny(tie_embeddings=tied))
+    bf16_hlo = train_step_hlo(tiny(tie_embeddings=tied, remat=remat))
     assert "f8e" not in bf16_hlo
 
 
