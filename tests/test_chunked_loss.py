@@ -124,12 +124,12 @@ def test_auto_chunk_follows_vocabulary_size() -> None:
     assert resolve_chunk(0, 128256) == 0 and resolve_chunk(100, 256) == 100
 
 
-def step_grads(mesh_axes: dict, loss_chunk: int) -> tuple[float, dict]:
+def step_grads(mesh_axes: dict, zero_stage: int, loss_chunk: int) -> tuple[float, dict]:
     """The loss and the reduced gradients of the real step's shard_map on 8 devices."""
     config = small_config(**{f"mesh.{k}": v for k, v in mesh_axes.items()},
                           **{"train.loss_chunk": loss_chunk, "model.hidden_size": 32, "model.intermediate_size": 64,
                              "model.num_heads": 2, "model.num_kv_heads": 2, "model.num_layers": 1,
-                             "model.tie_embeddings": False, "train.batch_size": 8, "zero_stage": 0})
+                             "model.tie_embeddings": False, "train.batch_size": 8, "zero_stage": zero_stage})
     mesh = make_mesh(validate(config, jax.device_count(), check_paths=False))
     setup = build_setup(config, mesh)
     state = init_state(setup)
@@ -144,10 +144,12 @@ def step_grads(mesh_axes: dict, loss_chunk: int) -> tuple[float, dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh_axes", [dict(data=4, tensor=2), dict(data=2, sequence=4)], ids=["tensor2", "sequence4"])
-def test_chunked_equals_full_in_the_step(mesh_axes) -> None:
-    full_loss, full_grads = step_grads(mesh_axes, 0)
-    loss, grads = step_grads(mesh_axes, CHUNK)
+@pytest.mark.parametrize("mesh_axes,zero_stage", [(dict(data=4, tensor=2), 3), (dict(data=2, sequence=4), 0)],
+                         ids=["tensor2-zero3", "sequence4"])
+def test_chunked_equals_full_in_the_step(mesh_axes, zero_stage) -> None:
+    """The vocabulary split over tensor (with ZeRO-3's gathered head), or the tokens over sequence."""
+    full_loss, full_grads = step_grads(mesh_axes, zero_stage, 0)
+    loss, grads = step_grads(mesh_axes, zero_stage, CHUNK)
     assert abs(loss - full_loss) <= 1e-5 * abs(full_loss)
     assert_trees_close(grads, full_grads)
 
