@@ -163,6 +163,7 @@ def final_loss(precision: str, seed: int, steps: int) -> float:
 @pytest.mark.slow
 def test_fp8_training_ends_within_one_percent_of_bf16() -> None:
     """300 steps of the tiny recipe (byte-level text) in bf16 and in FP8, same seed and data.
-    Measured over seeds 0, 1, 2 (BENCHMARKS.md): FP8 / bf16 final loss 1.0003, 1.0015, 0.9993."""
+    Measured over seeds 0, 1, 2 (BENCHMARKS.md): FP8 / bf16 final loss 1.0063, 1.0044, 1.0090,
+    while bf16 alone spreads 1.2% across those seeds. Deterministic on a CPU: seed 0 gives 1.0063."""
     bf16, fp8_loss = final_loss("bf16", 0, 300), final_loss("fp8", 0, 300)
     assert abs(fp8_loss / bf16 - 1.0) < 0.01, (fp8_loss, bf16)
