@@ -62,11 +62,11 @@ def test_product_and_gradients_within_fp8_error() -> None:
     (_, y), grads = jax.jit(jax.value_and_grad(fp8_loss, argnums=(0, 1), has_aux=True))(x, w)
     (_, y_exact), grads_exact = jax.value_and_grad(exact_loss, argnums=(0, 1), has_aux=True)(x, w)
     assert grads[0].dtype == jnp.bfloat16 and grads[1].dtype == jnp.float32  # master weights keep fp32 gradients
-    # E4M3 has 3 mantissa bits (relative step 2^-4 per element), E5M2 2 bits; products of 64
-    # terms average the rounding down. Measured: 0.025 forward, 0.05 / 0.04 for dx / dw.
-    assert 0.005 < relative_error(y, y_exact) < 0.05
-    assert 0.005 < relative_error(grads[0], grads_exact[0]) < 0.1
-    assert 0.005 < relative_error(grads[1], grads_exact[1]) < 0.1
+    # E4M3 has 3 mantissa bits, E5M2 2. Measured: 0.038 forward, 0.046 / 0.047 for dx / dw; the
+    # bf16 product is at 0.0024 / 0.0029 / 0.0026, so the lower bound also proves FP8 ran.
+    assert 0.01 < relative_error(y, y_exact) < 0.06
+    assert 0.01 < relative_error(grads[0], grads_exact[0]) < 0.08
+    assert 0.01 < relative_error(grads[1], grads_exact[1]) < 0.08
 
 
 def tiny(**overrides) -> ModelConfig:
