@@ -167,3 +167,21 @@ def test_fp8_training_ends_within_one_percent_of_bf16() -> None:
     while bf16 alone spreads 1.2% across those seeds. Deterministic on a CPU: seed 0 gives 1.0063."""
     bf16, fp8_loss = final_loss("bf16", 0, 300), final_loss("fp8", 0, 300)
     assert abs(fp8_loss / bf16 - 1.0) < 0.01, (fp8_loss, bf16)
+
+
+def test_config_reaches_the_train_step() -> None:
+    """`model.matmul_precision=fp8` in a run config: the Trainer's step program has the FP8 dots."""
+    from efficient_train.train.step import build_train_step
+    from efficient_train.train.training_setup import lm_batch_shapes
+
+    def step_hlo(precision: str) -> str:
+        config = config_with(matmul_precision=precision, num_layers=1)
+        config.mesh.data = 8
+        setup = build_setup(config, make_mesh(validate(config, jax.device_count(), check_paths=False)))
+        batch = lm_batch_shapes(config)
+        step = build_train_step(setup.step_def, setup.state_shardings, batch)
+        return step.lower(setup.abstract_state, setup.abstract_batch(batch)).as_text()
+
+    fp8_step = step_hlo("fp8")  # StableHLO: the float8 types are spelled f8E4M3FN, f8E5M2
+    assert "f8E4M3FN" in fp8_step and "f8E5M2" in fp8_step
+    assert "f8E" not in step_hlo("bf16")
