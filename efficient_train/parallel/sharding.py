@@ -90,7 +90,9 @@ def indivisible_dims(shape: Sequence[int], names: Sequence[str | None] | None, r
     table = _rule_table(rules)
     found = []
     for dim, (extent, name) in enumerate(zip(shape, names or ())):
-        for axis in mesh_axes(table.get(name)) if name else ():
+        if name is None:
+            continue
+        for axis in mesh_axes(table.get(name)):
             size = mesh_shape.get(axis, 1)
             if size > 1 and extent % size:
                 found.append((dim, name, axis, size))

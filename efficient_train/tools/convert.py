@@ -251,7 +251,7 @@ def convert(src: str, dst: str, *, mesh: dict[str, int], zero_stage: int | None 
         raise CheckpointError(f"SRC: {step_dir}'s leaves do not match its own model and optimizer config "
                               f"(e.g. {', '.join(differing[:3])})")
     shardings = dict(leaf_paths(jax.tree.map(lambda leaf: leaf.sharding, target)))
-    same_format = target_optimizer is not None and all(
+    same_format = source_optimizer is not None and target_optimizer is not None and all(
         source_optimizer.get(key) == target_optimizer.get(key) for key in STATE_LAYOUT_FIELDS)
     reader = VerifiedReader(step_dir, metadata)
 

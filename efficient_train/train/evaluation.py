@@ -120,7 +120,8 @@ class Evaluator:
             host_batch = eval_set.batch(0)
             for i in range(count):
                 out = self.compiled(params, place_batch(host_batch, self._batch_shardings))
-                host_batch = eval_set.batch(i + 1) if i + 1 < count else None
+                if i + 1 < count:
+                    host_batch = eval_set.batch(i + 1)
                 batch_total, batch_weight = jax.device_get(out)
                 total, weight = total + float(batch_total), weight + float(batch_weight)
             record.update(set_metrics(eval_set.name, total, weight, eval_set.bytes_per_token))
