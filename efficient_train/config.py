@@ -130,7 +130,7 @@ def default_config() -> ml_collections.ConfigDict:
             min_lr_ratio=0.1,
             max_grad_norm=1.0,
             log_every=10,
-            # The loss over the vocabulary in chunks of this many entries (train/chunked_loss.py):
+            # The loss over the vocabulary in chunks of this many entries per tensor shard (train/chunked_loss.py):
             # -1 auto (chunked when model.vocab_size >= 32768), 0 whole logits, N > 0 chunks of N.
             loss_chunk=-1,
             # z-loss coefficient (PaLM): z_loss * logsumexp(logits)^2 added per target token; 0 = off.
