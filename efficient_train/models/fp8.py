@@ -48,7 +48,10 @@ def quantize(x: jax.Array, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
 
 def _gemm(a: jax.Array, b: jax.Array, contract: tuple[int, int], scale: jax.Array,
           out_dtype: jnp.dtype) -> jax.Array:
-    """One FP8 GEMM of 2-D operands, contracting a's dim contract[0] with b's contract[1], rescaled."""
+    """One FP8 GEMM of 2-D operands, contracting a's dim contract[0] with b's contract[1], rescaled.
+
+    dot(f8, f8) -> f32 times a broadcast scalar is the shape XLA's GPU GEMM rewriter folds
+    into one `__cublas$lt$matmul$f8` call, the scale passed as its operand."""
     product = jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
                                   preferred_element_type=jnp.float32)
     return (product * scale).astype(out_dtype)
