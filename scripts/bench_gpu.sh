@@ -6,8 +6,9 @@
 #   bash scripts/bench_gpu.sh
 #   BENCH_ONLY="mfu_llama1b_b8_pallas attention" bash scripts/bench_gpu.sh   # a subset
 #   BENCH_ONLY=attention_sweep bash scripts/bench_gpu.sh   # opt-in runs must be named
-#   BENCH_ONLY="fp8_gemm fp8_8bwidth_bf16 fp8_8bwidth_fp8 fp8_curves_8bwidth loss_full_llama1b \
-#     loss_chunked_llama1b chunked_loss_sweep" bash scripts/bench_gpu.sh   # section 6 alone (issue 18)
+#   BENCH_ONLY="fp8_gemm fp8_8bwidth_bf16 fp8_8bwidth_fp8 loss_full_llama1b loss_chunked_llama1b \
+#     chunked_loss_sweep" bash scripts/bench_gpu.sh   # section 6 alone (issue 18), about 8 minutes
+#   BENCH_ONLY=fp8_curves_8bwidth bash scripts/bench_gpu.sh   # opt-in: 2 x 200 steps, about 6 minutes
 #   BENCH_SMOKE=1 BENCH_ONLY="<the same names>" bash scripts/bench_gpu.sh   # section 6 on a CPU, tiny
 #     settings (checks the plumbing, not the speed: run it before spending GPU time)
 #
@@ -30,7 +31,7 @@ if [[ -n "$smoke" ]]; then export JAX_PLATFORMS=cpu; fi
   $py -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, jax.devices())'
 } 2>&1 | tee "$out/env.txt"
 
-OPT_IN=" attention_sweep "  # run only when BENCH_ONLY names them
+OPT_IN=" attention_sweep fp8_curves_8bwidth "  # run only when BENCH_ONLY names them
 failed=""  # the runs that failed; the script exits 1 if any did
 run() {  # name, then the command; BENCH_ONLY="name1 name2" runs a subset
   local name=$1; shift
@@ -99,7 +100,8 @@ else
   sweep=(--tokens 16384 --hidden 2048 --vocabs 8192,16384,32768,65536,128256 --chunk 8192 --dtype bfloat16)
 fi
 #    FP8 vs bf16 on a llama_8b-width model with 4 layers (fits one H100): the projections' GEMMs
-#    alone, then training tokens/s (look for __cublas$lt$matmul$f8 in custom_calls), then 200-step curves.
+#    alone, then training tokens/s (look for __cublas$lt$matmul$f8 in custom_calls), then (opt-in,
+#    a call of its own: it takes about as long as the rest of the section) 200-step loss curves.
 run fp8_gemm $py benchmarks/fp8_matmul.py "${gemm[@]}"
 width8b=(--config configs/llama_8b.py --config.model.num_layers=4 --config.train.batch_size=4 --config.data.seq_len=2048
          --config.train.grad_accum=1 --config.zero_stage=0 --config.mesh.data=1 --config.model.remat=save_dots)
