@@ -26,6 +26,7 @@ from efficient_train.parallel.mesh import make_mesh
 from efficient_train.train.loss import AUTO_CHUNK, cross_entropy, next_token_loss, resolve_chunk
 from efficient_train.train.step import make_local_grads, over_batch_axes
 from efficient_train.train.training_setup import build_setup, init_state
+from tests.support.hlo_utils import collectives
 from tests.support.zero_setup import small_config
 
 B, S, V = 4, 32, 256
@@ -124,8 +125,8 @@ def test_auto_chunk_follows_vocabulary_size() -> None:
     assert resolve_chunk(0, 128256) == 0 and resolve_chunk(100, 256) == 100
 
 
-def step_grads(mesh_axes: dict, zero_stage: int, loss_chunk: int) -> tuple[float, dict]:
-    """The loss and the reduced gradients of the real step's shard_map on 8 devices."""
+def step_grads(mesh_axes: dict, zero_stage: int, loss_chunk: int) -> tuple[float, dict, str]:
+    """The loss, the reduced gradients and the compiled HLO of the real step's shard_map on 8 devices."""
     config = small_config(**{f"mesh.{k}": v for k, v in mesh_axes.items()},
                           **{"train.loss_chunk": loss_chunk, "model.hidden_size": 32, "model.intermediate_size": 64,
                              "model.num_heads": 2, "model.num_kv_heads": 2, "model.num_layers": 1,
@@ -139,19 +140,25 @@ def step_grads(mesh_axes: dict, zero_stage: int, loss_chunk: int) -> tuple[float
     plan = setup.plan
     local = over_batch_axes(make_local_grads(setup.step_def), setup.step_def, batch,
                             (plan.manual_grad_specs(), P(), P()))
-    grads, total, weight = jax.jit(local)(state.params, batch)
-    return float(total / weight), grads
+    compiled = jax.jit(local).lower(state.params, batch).compile()
+    grads, total, weight = compiled(state.params, batch)
+    return float(total / weight), grads, compiled.as_text()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh_axes,zero_stage", [(dict(data=4, tensor=2), 3), (dict(data=2, sequence=4), 0)],
-                         ids=["tensor2-zero3", "sequence4"])
+@pytest.mark.parametrize("mesh_axes,zero_stage", [(dict(data=4, tensor=2), 0), (dict(data=4, tensor=2), 3),
+                                                   (dict(data=2, sequence=4), 0)],
+                         ids=["tensor2", "tensor2-zero3", "sequence4"])
 def test_chunked_equals_full_in_the_step(mesh_axes, zero_stage) -> None:
     """The vocabulary split over tensor (with ZeRO-3's gathered head), or the tokens over sequence."""
-    full_loss, full_grads = step_grads(mesh_axes, zero_stage, 0)
-    loss, grads = step_grads(mesh_axes, zero_stage, CHUNK)
+    full_loss, full_grads, _ = step_grads(mesh_axes, zero_stage, 0)
+    loss, grads, hlo = step_grads(mesh_axes, zero_stage, CHUNK)
     assert abs(loss - full_loss) <= 1e-5 * abs(full_loss)
     assert_trees_close(grads, full_grads)
+    if "tensor" in mesh_axes and zero_stage == 0:  # (ZeRO-3 gathers parameters, all_gather attention k/v)
+        # Each tensor shard keeps its half of the vocabulary: the compiled step gathers nothing,
+        # the shards' log-sum-exps meet in all-reduces of per-token values.
+        assert "all-gather" not in {c.op for c in collectives(hlo)}
 
 
 def test_loss_fields_refused_with_a_custom_loss() -> None:
