@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -158,7 +159,7 @@ def final_loss(precision: str, seed: int, steps: int) -> float:
     config.seed = seed
     config.checkpoint.every = 0
     config.tracker.tensorboard = False
-    config.workdir = f"/tmp/efficient_train_fp8_{precision}_{seed}"
+    config.workdir = tempfile.mkdtemp(prefix=f"efficient_train_fp8_{precision}_")  # fresh: nothing to resume
     trainer = Trainer(config)
     losses = [float(trainer.step()["loss"]) for _ in range(steps)]
     return float(np.mean(losses[-20:]))
