@@ -69,6 +69,8 @@ def main() -> None:
         "remat": config.model.remat,
         "attention": config.attention.impl,
         "norm": config.norm.impl,
+        "matmul_precision": config.model.matmul_precision,
+        "loss_chunk": config.train.loss_chunk,
         # Which kernels the compiled step really calls (cuDNN fused attention, Triton from Pallas, ...):
         "custom_calls": dict(collections.Counter(re.findall(r'custom_call_target="([^"]+)"', trainer.compiled.as_text()))),
         "per_device_gib": {k: round(v / 2**30, 3) for k, v in startup["per_device_bytes"].items()},

@@ -47,7 +47,7 @@ from efficient_train.data.eval_sets import parse_eval_sets
 from efficient_train.data.sources import TOKEN_DTYPES
 from efficient_train.errors import ConfigError, InputError
 from efficient_train.models.choices import ATTENTION_IMPLS, DTYPES, LORA_TARGETS, NORM_IMPLS, REMAT_POLICIES
-from efficient_train.models.llama.config import family_problem, parameter_count
+from efficient_train.models.llama.config import family_problem, matmul_precision_problem, parameter_count
 from efficient_train.optim.choices import BLOCK_SIZES, OPTIMIZER_KERNELS, SCHEDULES, STATE_FORMATS
 from efficient_train.parallel.axes import MESH_AXES, SEQUENCE_PARALLEL_MODES, ZERO_STAGES
 from efficient_train.parallel.heads import ulysses_head_problem
@@ -110,6 +110,8 @@ def default_config() -> ml_collections.ConfigDict:
             query_pre_attn_scalar=0.0,
             attn_softcap=0.0,
             final_softcap=0.0,
+            # bf16: the layers' projections in model.dtype; fp8: FP8 GEMMs (models/fp8.py).
+            matmul_precision="bf16",
         )
     )
     c.attention = ml_collections.ConfigDict(dict(impl="auto"))
@@ -128,6 +130,11 @@ def default_config() -> ml_collections.ConfigDict:
             min_lr_ratio=0.1,
             max_grad_norm=1.0,
             log_every=10,
+            # The loss over the vocabulary in chunks of this many entries per tensor shard (train/chunked_loss.py):
+            # -1 auto (chunked when model.vocab_size >= 32768), 0 whole logits, N > 0 chunks of N.
+            loss_chunk=-1,
+            # z-loss coefficient (PaLM): z_loss * logsumexp(logits)^2 added per target token; 0 = off.
+            z_loss=0.0,
         )
     )
     # state_format: fp32 (optax.adamw), bf16, int8, fp8, int4 (experimental); see
@@ -527,7 +534,8 @@ def validate_fields(config: ml_collections.ConfigDict) -> None:
         _check_positive(config, field)
     for field in ("train.warmup_steps", "train.min_lr_ratio", "optimizer.weight_decay",
                   "optimizer.min_quantized_size", "checkpoint.every", "checkpoint.keep", "checkpoint.keep_every",
-                  "data.seed", "eval.every", "eval.steps", "profile.steps", "sample.every", "sample.temperature"):
+                  "data.seed", "eval.every", "eval.steps", "profile.steps", "sample.every", "sample.temperature",
+                  "train.z_loss"):
         _check_positive(config, field, allow_zero=True)
     for field in ("profile.start_step", "sample.max_new_tokens"):
         _check_positive(config, field)
@@ -546,6 +554,9 @@ def validate_fields(config: ml_collections.ConfigDict) -> None:
     _check_range(config, "train.min_lr_ratio", 0.0, 1.0)
     for field in ("optimizer.b1", "optimizer.b2"):
         _check_range(config, field, 0.0, 1.0, high_open=True)
+    if config.train.loss_chunk < -1:
+        raise ConfigError(f"train.loss_chunk: {config.train.loss_chunk} must be -1 (auto), 0 (whole logits) "
+                          "or a chunk width > 0")
     if config.data.eos_id < -1:
         raise ConfigError(f"data.eos_id: {config.data.eos_id} must be -1 (no end-of-document token) or a token id >= 0")
     for field in ("model.vocab_size", "model.hidden_size", "model.intermediate_size", "model.num_layers",
@@ -573,7 +584,7 @@ def validate_fields(config: ml_collections.ConfigDict) -> None:
     if model.head_dim % 2:
         raise ConfigError(f"model.head_dim: {model.head_dim} is odd; rotary embeddings rotate pairs, "
                           "so it must be even")
-    problem = family_problem(model)
+    problem = family_problem(model) or matmul_precision_problem(model)
     if problem:
         raise ConfigError(problem)
     if model.attn_softcap and config.attention.impl in ("cudnn", "pallas"):

@@ -6,6 +6,11 @@
 #   bash scripts/bench_gpu.sh
 #   BENCH_ONLY="mfu_llama1b_b8_pallas attention" bash scripts/bench_gpu.sh   # a subset
 #   BENCH_ONLY=attention_sweep bash scripts/bench_gpu.sh   # opt-in runs must be named
+#   BENCH_ONLY="fp8_gemm fp8_8bwidth_bf16 fp8_8bwidth_fp8 loss_full_llama1b loss_chunked_llama1b \
+#     chunked_loss_sweep" bash scripts/bench_gpu.sh   # section 6 alone (issue 18), about 8 minutes
+#   BENCH_ONLY=fp8_curves_8bwidth bash scripts/bench_gpu.sh   # opt-in: 2 x 200 steps, about 6 minutes
+#   BENCH_SMOKE=1 BENCH_ONLY="<the same names>" bash scripts/bench_gpu.sh   # section 6 on a CPU, tiny
+#     settings (checks the plumbing, not the speed: run it before spending GPU time)
 #
 # Runs from the source tree (PYTHONPATH), so it works on an image whose jax is already
 # installed (jax 0.10 or 0.11). Wheels of pure-Python dependencies the image lacks may be
@@ -19,12 +24,14 @@ py=${PYTHON:-python3}
 if compgen -G ".wheels/*.whl" >/dev/null; then
   $py -m pip install --quiet --no-deps --no-index .wheels/*.whl >"$out/wheels.log" 2>&1 || cat "$out/wheels.log"
 fi
+smoke=${BENCH_SMOKE:-}
+if [[ -n "$smoke" ]]; then export JAX_PLATFORMS=cpu; fi
 {
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  [[ -n "$smoke" ]] || nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
   $py -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, jax.devices())'
 } 2>&1 | tee "$out/env.txt"
 
-OPT_IN=" attention_sweep "  # run only when BENCH_ONLY names them
+OPT_IN=" attention_sweep fp8_curves_8bwidth "  # run only when BENCH_ONLY names them
 failed=""  # the runs that failed; the script exits 1 if any did
 run() {  # name, then the command; BENCH_ONLY="name1 name2" runs a subset
   local name=$1; shift
@@ -77,20 +84,53 @@ run checkpoint_io env JAX_PLATFORMS=cpu $py benchmarks/checkpoint_io.py --device
 run checkpoint_io_gpu env JAX_PLATFORMS=cuda $py benchmarks/checkpoint_io.py --devices 1 --megabytes 4096
 run convert_memory env JAX_PLATFORMS=cpu $py benchmarks/convert_memory.py
 
-# ---- 6. Remat and offload policies (issue 18b): activation offload vs recompute ------------
+# 6. Issue 18: FP8 matmuls and the vocabulary-chunked loss. Names (for BENCH_ONLY):
+#    fp8_gemm fp8_8bwidth_bf16 fp8_8bwidth_fp8 fp8_curves_8bwidth loss_full_llama1b loss_chunked_llama1b
+#    chunked_loss_sweep. Under BENCH_SMOKE=1 the same commands run with a tiny model on the CPU.
+if [[ -n "$smoke" ]]; then
+  few=(--steps 2 --warmup 1)
+  tiny=(--config.model.vocab_size=40960 --config.model.hidden_size=128 --config.model.intermediate_size=256
+        --config.model.num_layers=2 --config.model.num_heads=4 --config.model.num_kv_heads=2
+        --config.model.head_dim=32 --config.data.seq_len=64 --config.train.batch_size=2)
+  gemm=(--tokens 256 --hidden 256 --intermediate 512 --kv 64 --steps 2)
+  curve=(--steps 4 --every 2)
+  sweep=(--tokens 256 --hidden 64 --vocabs 2048,40960 --chunk 8192 --steps 2)
+else
+  few=(--steps 10) tiny=() gemm=() curve=(--steps 200 --every 10)
+  sweep=(--tokens 16384 --hidden 2048 --vocabs 8192,16384,32768,65536,128256 --chunk 8192 --dtype bfloat16)
+fi
+#    FP8 vs bf16 on a llama_8b-width model with 4 layers (fits one H100): the projections' GEMMs
+#    alone, then training tokens/s (look for __cublas$lt$matmul$f8 in custom_calls), then (opt-in,
+#    a call of its own: it takes about as long as the rest of the section) 200-step loss curves.
+run fp8_gemm $py benchmarks/fp8_matmul.py "${gemm[@]}"
+width8b=(--config configs/llama_8b.py --config.model.num_layers=4 --config.train.batch_size=4 --config.data.seq_len=2048
+         --config.train.grad_accum=1 --config.zero_stage=0 --config.mesh.data=1 --config.model.remat=save_dots)
+run fp8_8bwidth_bf16 $py benchmarks/mfu.py "${width8b[@]}" "${few[@]}" "${tiny[@]}" --config.model.matmul_precision=bf16
+run fp8_8bwidth_fp8 $py benchmarks/mfu.py "${width8b[@]}" "${few[@]}" "${tiny[@]}" --config.model.matmul_precision=fp8
+run fp8_curves_8bwidth $py benchmarks/loss_curves.py "${width8b[@]}" "${curve[@]}" "${tiny[@]}" \
+  --field model.matmul_precision --values bf16,fp8
+#    The whole-logits loss against the chunked one (the default at this vocabulary) on llama_1b:
+#    step time and per-device memory; then the loss alone over vocabulary sizes (the auto threshold).
+llama1b=(--config configs/llama_1b.py --config.train.batch_size=8 --config.zero_stage=0 --config.mesh.data=1
+         --config.model.remat=save_dots)
+run loss_full_llama1b $py benchmarks/mfu.py "${llama1b[@]}" "${few[@]}" "${tiny[@]}" --config.train.loss_chunk=0
+run loss_chunked_llama1b $py benchmarks/mfu.py "${llama1b[@]}" "${few[@]}" "${tiny[@]}" --config.train.loss_chunk=-1
+run chunked_loss_sweep $py benchmarks/chunked_loss.py "${sweep[@]}"
+
+# ---- 7. Remat and offload policies (issue 18b): activation offload vs recompute ------------
 #    benchmarks/remat_offload.py: per policy, the largest batch that fits (each try in its own
 #    process), step time, peak bytes, host buffers (S(5)) in the compiled step, first losses.
 #    About 1-1.5 min per (policy, batch) try on llama_1b; at most 9 tries here.
 #    BENCH_SMOKE=1 runs this section with tiny settings (checks it end to end on a CPU):
 #      BENCH_SMOKE=1 BENCH_ONLY=remat_offload_llama1b bash scripts/bench_gpu.sh
-if [[ -n "${BENCH_SMOKE:-}" ]]; then
+if [[ -n "$smoke" ]]; then
   remat_args=(--batches 2,4 --steps 2 --warmup 1 --policies full,save_attention,offload_attention)
 else
   remat_args=(--config configs/llama_1b.py --config.zero_stage=0 --batches 8,12,16 --steps 10 --warmup 2
               --policies save_dots,offload_dots,full)
 fi
 run remat_offload_llama1b $py benchmarks/remat_offload.py "${remat_args[@]}"
-# ---- end of section 6 ------------------------------------------------------------------------
+# ---- end of section 7 ------------------------------------------------------------------------
 
 echo "=============== summary ==============="
 cat "$out/summary.txt"

@@ -517,6 +517,7 @@ def test_model_choice_literals_spell_the_choice_tuples():
     assert typing.get_args(model_config.DTypeName) == choices.DTYPES
     assert typing.get_args(model_config.RopeType) == choices.ROPE_TYPES
     assert typing.get_args(model_config.Activation) == choices.ACTIVATIONS
+    assert typing.get_args(model_config.MatmulPrecision) == choices.MATMUL_PRECISIONS
 
 
 def test_sliding_window_model_runs_the_pallas_kernel_with_a_traced_window():

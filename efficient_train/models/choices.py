@@ -1,5 +1,5 @@
 """The model's allowed values: remat policies, attention and norm implementations, dtypes,
-RoPE scalings, MLP activations and LoRA targets. Plain names, no imports.
+RoPE scalings, MLP activations, matmul precisions and LoRA targets. Plain names, no imports.
 
 `ModelConfig`, the attention dispatch and `RMSNorm` check against these, and
 `config.validate` refuses the same values by field name before jax starts, so they
@@ -19,3 +19,4 @@ ACTIVATIONS = ("silu", "gelu_tanh")  # SwiGLU (Llama, Qwen, Mistral), GeGLU with
 # LoRA targets (finetune.lora.targets): the projections by their short names, and the token embedding.
 LORA_LINEAR_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 LORA_TARGETS = (*LORA_LINEAR_TARGETS, "embed")
+MATMUL_PRECISIONS = ("bf16", "fp8")  # the decoder layers' projections: model.dtype, or FP8 (models/fp8.py)

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efficient_train.models import fp8
 from efficient_train.models.choices import NORM_IMPLS
 
 Axes = tuple[str, ...]
@@ -40,10 +41,11 @@ class Linear(nnx.Module):
     The kernel has shape in_shape + out_shape (e.g. q: (embed, heads, head_dim)) so each
     dimension keeps its own logical axis name rather than being flattened away; a bias
     (Qwen's q/k/v) has out_shape and the output dims' names, and starts at zero.
+    precision 'fp8' runs the product as FP8 GEMMs (models/fp8.py); 'bf16' in `dtype`.
     """
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], axes: Axes, *,
-                 dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs, bias: bool = False):
+                 dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs, bias: bool = False, precision: str = "bf16"):
         in_shape, out_shape = tuple(in_shape), tuple(out_shape)
         shape = in_shape + out_shape
         if len(axes) != len(shape):
@@ -57,14 +59,18 @@ class Linear(nnx.Module):
         self.n_in = n_in
         self.dtype = dtype
         self.lora: Any = nnx.data(None)  # a LoRA adapter (models/lora.py attaches it)
+        self.precision = precision
 
     def __call__(self, x: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
         """x[..., *in_shape] -> [..., *out_shape] in `out_dtype` (default: compute dtype)."""
-        kernel = self.kernel.get_value().astype(self.dtype)
-        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-        y = jax.lax.dot_general(
-            x.astype(self.dtype), kernel, (contract, ((), ())),
-            preferred_element_type=out_dtype or self.dtype)
+        if self.precision == "fp8":
+            y = fp8.matmul(x.astype(self.dtype), self.kernel.get_value(), self.n_in, out_dtype or self.dtype)
+        else:
+            kernel = self.kernel.get_value().astype(self.dtype)
+            contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+            y = jax.lax.dot_general(
+                x.astype(self.dtype), kernel, (contract, ((), ())),
+                preferred_element_type=out_dtype or self.dtype)
         if self.lora is not None:
             y = y + self.lora(x).astype(y.dtype)
         if self.bias is not None:
@@ -73,7 +79,7 @@ class Linear(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding table ('vocab', 'embed'); `attend` reuses it as a tied output head."""
+    """Token embedding table ('vocab', 'embed'); a tied output head reads it too (`Llama.output_head`)."""
 
     def __init__(self, vocab_size: int, hidden_size: int, *, dtype: jnp.dtype,
                  param_dtype: jnp.dtype, rngs: nnx.Rngs):
@@ -86,12 +92,6 @@ class Embed(nnx.Module):
     def __call__(self, ids: jax.Array) -> jax.Array:
         x = jnp.take(self.embedding.get_value(), ids, axis=0).astype(self.dtype)
         return x if self.lora is None else x + self.lora.lookup(ids).astype(self.dtype)
-
-    def attend(self, x: jax.Array) -> jax.Array:
-        """x [..., embed] -> fp32 logits [..., vocab] = x @ embedding.T."""
-        table = self.embedding.get_value().astype(self.dtype)
-        return jnp.einsum("...e,ve->...v", x.astype(self.dtype), table,
-                          preferred_element_type=jnp.float32)
 
 
 class RMSNorm(nnx.Module):

@@ -28,13 +28,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from efficient_train.data import Batch
+from efficient_train.errors import ConfigError
 from efficient_train.models import Llama, ModelConfig
 from efficient_train.models.lora import LoRAConfig, LoRAParam, add_adapters
 from efficient_train.optim import adamw, decay_mask, make_schedule, quantize_mask
 from efficient_train.optim import state_shardings as optimizer_state_shardings
 from efficient_train.parallel.param_gather import ZERO_DIM
 from efficient_train.parallel.sharding import ShardingPlan, plan_sharding
-from efficient_train.train.loss import next_token_loss
+from efficient_train.train.loss import make_loss, resolve_chunk
 from efficient_train.train.state import TrainState, set_metadata
 from efficient_train.train.step import LossFn, StepDefinition
 
@@ -99,6 +100,7 @@ def build_setup(
     loss_fn: LossFn | None = None,
     shard_sequence: bool = True,
 ) -> TrainSetup:
+    _check_custom(config, model, loss_fn)
     model_config = None
     lora_config = None
     create_model: Callable[[], nnx.Module]
@@ -167,7 +169,7 @@ def build_setup(
         plan=plan,
         optimizer=optimizer,
         schedule=schedule,
-        loss_fn=loss_fn or next_token_loss,
+        loss_fn=loss_fn or _builtin_loss(config, mesh),
         model_gathers_per_layer=bool(getattr(abstract_model, "gathers_params_per_layer", False)),
         grad_accum=train.grad_accum,
         max_grad_norm=train.max_grad_norm,
@@ -186,6 +188,24 @@ def _create_llama(model_config: ModelConfig, lora_config: LoRAConfig | None, see
     if lora_config is not None:
         add_adapters(model, lora_config, jax.random.fold_in(jax.random.key(seed), LORA_KEY_SALT))
     return model
+
+
+def _check_custom(config: ml_collections.ConfigDict, model: nnx.Module | None, loss_fn: LossFn | None) -> None:
+    """Refuse, in one line, the fields that only the built-in model or loss reads."""
+    if model is not None and config.model.matmul_precision != "bf16":
+        raise ConfigError(f"model.matmul_precision: {config.model.matmul_precision!r} applies to the built-in "
+                          "Llama only; a custom model chooses its own matmuls (use models.fp8.matmul)")
+    if loss_fn is not None:
+        for field, value in (("loss_chunk", config.train.loss_chunk > 0), ("z_loss", config.train.z_loss > 0)):
+            if value:
+                raise ConfigError(f"train.{field}: {config.train[field]} applies to the built-in loss only; "
+                                  "the loss_fn given computes its own (leave it at its default)")
+
+
+def _builtin_loss(config: ml_collections.ConfigDict, mesh: Mesh) -> LossFn:
+    """next_token_loss with the run's chunk width, the tensor split of the vocabulary and z-loss."""
+    chunk = resolve_chunk(config.train.loss_chunk, config.model.vocab_size)
+    return make_loss(chunk, vocab_shards=int(mesh.shape["tensor"]), z_loss=float(config.train.z_loss))
 
 
 def init_state(setup: TrainSetup, frozen: Any = None) -> TrainState:

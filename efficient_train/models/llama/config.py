@@ -18,7 +18,14 @@ import math
 from typing import Any, Literal
 
 from efficient_train.errors import ConfigError
-from efficient_train.models.choices import ACTIVATIONS, ATTENTION_IMPLS, NORM_IMPLS, REMAT_POLICIES, ROPE_TYPES
+from efficient_train.models.choices import (
+    ACTIVATIONS,
+    ATTENTION_IMPLS,
+    MATMUL_PRECISIONS,
+    NORM_IMPLS,
+    REMAT_POLICIES,
+    ROPE_TYPES,
+)
 from efficient_train.models.choices import DTYPES as DTYPE_NAMES
 
 # The allowed names are models/choices.py's tuples; these Literals only spell them again
@@ -30,6 +37,7 @@ NormImpl = Literal["auto", "xla", "pallas"]
 DTypeName = Literal["float32", "bfloat16"]
 RopeType = Literal["default", "linear", "dynamic", "yarn", "llama3"]
 Activation = Literal["silu", "gelu_tanh"]
+MatmulPrecision = Literal["bf16", "fp8"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +65,11 @@ class ModelConfig:
       attention and after the MLP, before each residual add), query_pre_attn_scalar
       (scores scaled by its -1/2 power instead of head_dim's), attn_softcap and
       final_softcap (c * tanh(x / c) on attention scores and on logits; 0: off).
+
+    matmul_precision (last, so a default one is left out of `record`): 'bf16' runs every
+    projection of the decoder layers in `dtype`; 'fp8' runs them as FP8 GEMMs (models/fp8.py:
+    E4M3 forward, E5M2 gradients, per-tensor current scaling). How to compute, not what is
+    stored: a checkpoint restores under either. The output head stays in `dtype`.
     """
 
     vocab_size: int
@@ -96,6 +109,7 @@ class ModelConfig:
     query_pre_attn_scalar: float = 0.0
     attn_softcap: float = 0.0
     final_softcap: float = 0.0
+    matmul_precision: MatmulPrecision = "bf16"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -124,6 +138,9 @@ class ModelConfig:
             if getattr(self, name) not in DTYPE_NAMES:
                 raise ConfigError(f"model.{name} must be one of {DTYPE_NAMES}, got {getattr(self, name)!r}")
         problem = family_problem(self)
+        if problem:
+            raise ConfigError(problem)
+        problem = matmul_precision_problem(self)
         if problem:
             raise ConfigError(problem)
 
@@ -239,6 +256,27 @@ def family_problem(model: Any) -> str | None:
         return "model.global_every: set only with model.sliding_window > 0 (it picks the unwindowed layers)"
     if model.local_rope_theta and not model.sliding_window:
         return "model.local_rope_theta: set only with model.sliding_window > 0 (windowed layers use it)"
+    return None
+
+
+def matmul_precision_problem(model: Any) -> str | None:
+    """Why `model.matmul_precision` does not fit the other model fields, as one line; None if it does.
+
+    FP8 GEMMs (cuBLASLt on H100/H200) take bf16-era inputs and need every matmul dimension
+    a multiple of 16; an fp32 model has no business mixing in 3-bit-mantissa matmuls.
+    """
+    if model.matmul_precision not in MATMUL_PRECISIONS:
+        return f"model.matmul_precision: {model.matmul_precision!r} is not one of {', '.join(map(repr, MATMUL_PRECISIONS))}"
+    if model.matmul_precision != "fp8":
+        return None
+    if model.dtype != "bfloat16":
+        return f"model.matmul_precision: 'fp8' needs model.dtype='bfloat16' (got {model.dtype!r})"
+    sizes = {"hidden_size": model.hidden_size, "intermediate_size": model.intermediate_size,
+             "num_heads x head_dim": model.num_heads * model.head_dim,
+             "num_kv_heads x head_dim": model.num_kv_heads * model.head_dim}
+    odd = [f"{name}={value}" for name, value in sizes.items() if value % 16]
+    if odd:
+        return f"model.matmul_precision: 'fp8' GEMMs need multiples of 16; {', '.join(odd)} are not"
     return None
 
 

@@ -35,7 +35,9 @@ Decisions:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -56,8 +58,13 @@ from efficient_train.parallel.sharding import LAYER_AXIS
 Rope = tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array] | None]
 
 
-def _dtypes(cfg: ModelConfig) -> dict[str, jnp.dtype]:
+def _dtypes(cfg: ModelConfig) -> dict[str, Any]:
     return {"dtype": jnp.dtype(cfg.dtype), "param_dtype": jnp.dtype(cfg.param_dtype)}
+
+
+def _layer_dtypes(cfg: ModelConfig) -> dict[str, Any]:
+    """A decoder layer's Linear arguments: the dtypes and the matmul precision (fp8 or not)."""
+    return {**_dtypes(cfg), "precision": cfg.matmul_precision}
 
 
 def _norm(cfg: ModelConfig, size: int) -> RMSNorm:
@@ -77,7 +84,7 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        dt = _dtypes(cfg)
+        dt = _layer_dtypes(cfg)
         self.q = Linear((e,), (h, d), ("embed", "heads", "head_dim"), **dt, rngs=rngs, bias=cfg.qkv_bias)
         self.k = Linear((e,), (kv, d), ("embed", "kv_heads", "head_dim"), **dt, rngs=rngs, bias=cfg.qkv_bias)
         self.v = Linear((e,), (kv, d), ("embed", "kv_heads", "head_dim"), **dt, rngs=rngs, bias=cfg.qkv_bias)
@@ -107,7 +114,7 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         e, m = cfg.hidden_size, cfg.intermediate_size
-        dt = _dtypes(cfg)
+        dt = _layer_dtypes(cfg)
         self.gate = Linear((e,), (m,), ("embed", "mlp"), **dt, rngs=rngs)
         self.up = Linear((e,), (m,), ("embed", "mlp"), **dt, rngs=rngs)
         self.down = Linear((m,), (e,), ("mlp", "embed"), **dt, rngs=rngs)
@@ -208,6 +215,12 @@ class Llama(nnx.Module):
 
     def __call__(self, inputs: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
+        return self.output_head().logits(self.hidden(inputs, positions, segment_ids))
+
+    def hidden(self, inputs: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+        """The final-normed hidden states [B, S, hidden] in the compute dtype: what the head
+        turns into logits, and what a vocabulary-chunked loss takes instead of the logits."""
         cfg = self.cfg
         if positions is None:  # one document per row
             positions = jnp.broadcast_to(jnp.arange(inputs.shape[-1], dtype=jnp.int32), inputs.shape)
@@ -231,7 +244,7 @@ class Llama(nnx.Module):
                 graphdef, state = nnx.split(block)
                 layer = remat(functools.partial(_layer_fn, graphdef, 0), cfg.remat, prevent_cse=True)
                 x = layer(state, windows[i], jnp.int32(i), x, rope_tables, positions, segment_ids)
-        return self.logits(x)
+        return param_gather.gather(self.final_norm)(x)
 
     # The pieces around the layers, shared by __call__ and KV-cache decoding (generate/decode.py).
 
@@ -250,9 +263,32 @@ class Llama(nnx.Module):
 
     def logits(self, x: jax.Array) -> jax.Array:
         """fp32 logits [B, S, vocab] of the last layer's output (final norm, head, soft-cap)."""
-        x = param_gather.gather(self.final_norm)(x)
+        return self.output_head().logits(param_gather.gather(self.final_norm)(x))
+
+    def output_head(self) -> OutputHead:
+        """The output projection's weight (ZeRO-3-gathered) and how to apply it."""
         if self.lm_head is None:
-            logits = param_gather.gather(self.embed).attend(x)
+            weight, vocab_major = param_gather.gather(self.embed).embedding.get_value(), True
         else:
-            logits = param_gather.gather(self.lm_head)(x, out_dtype=jnp.float32)
-        return _softcap(logits, self.cfg.final_softcap)
+            weight, vocab_major = param_gather.gather(self.lm_head).kernel.get_value(), False
+        return OutputHead(weight, vocab_major, jnp.dtype(self.cfg.dtype), self.cfg.final_softcap)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputHead:
+    """The output projection as data: `weight` as stored ([vocab, hidden] when `vocab_major`, the
+    tied embedding; else the head's [hidden, vocab]), cast to `dtype` at use, logits soft-capped
+    at `softcap` (0: off). `logits` is the whole-vocabulary product; the chunked loss
+    (train/chunked_loss.py) applies the same arithmetic one slice of the vocabulary at a time."""
+
+    weight: jax.Array
+    vocab_major: bool
+    dtype: jnp.dtype
+    softcap: float
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """x [..., hidden] -> fp32 logits [..., vocab]."""
+        spec = "...e,ve->...v" if self.vocab_major else "...e,ev->...v"
+        logits = jnp.einsum(spec, x.astype(self.dtype), self.weight.astype(self.dtype),
+                            preferred_element_type=jnp.float32)
+        return _softcap(logits, self.softcap)
