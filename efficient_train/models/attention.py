@@ -84,6 +84,8 @@ def attention(
         raise ValueError(f"attention impl {impl!r} does not soft-cap scores (model.attn_softcap); use 'xla' or 'auto'")
     cache = kv_cache.active()
     if cache is not None:  # decoding (generate/): this layer's keys and values join its KV cache
+        if positions is None:
+            raise ValueError("decoding with a KV cache needs the new tokens' positions")
         local = functools.partial(_local_attention, causal=causal, impl="xla" if impl == "pallas" else impl,
                                   scale=scale, window=window,
                                   softcap=softcap)  # the Pallas kernel's causal mask assumes the keys are the queries
@@ -184,6 +186,7 @@ def _pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
         q_offset=q_offset, kv_offset=0, sm_scale=scale, window=window,
         interpret=default_interpret(),
     )
+    assert isinstance(out, jax.Array)  # no log-sum-exp asked for
     # The kernel treats segment 0 like any other; padding queries output zeros here.
     return jnp.where((segment_ids != 0)[:, :, None, None], out, jnp.zeros((), out.dtype))
 

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
+from typing import cast
 
 import jax.numpy as jnp
 import numpy as np
@@ -34,6 +35,7 @@ from efficient_train.checkpoint.paths import check_destination, first_missing_di
 from efficient_train.checkpoint.verify import LeafDamaged, VerifiedReader, read_step_metadata
 from efficient_train.checkpoint.writer import write_checkpoint
 from efficient_train.models import Llama, ModelConfig
+from efficient_train.models.llama.config import AttentionImpl, DTypeName
 from efficient_train.tools.hf_config import CONFIG_FILE, config_from_hf, config_to_hf
 from efficient_train.tools.report import damaged_step_message, model_config
 from efficient_train.tools.safetensors import (
@@ -92,14 +94,14 @@ def load_llama(hf_dir: str, *, dtype: str = "float32", attention_impl: str = "xl
     `model(ids)` on int token ids [batch, seq] gives fp32 logits [batch, seq, vocab].
     """
     np_dtype = _dtype(dtype, "dtype")
-    cfg = dataclasses.replace(read_hf_config(hf_dir), dtype=dtype, param_dtype=dtype,
-                              attention_impl=attention_impl)
+    cfg = dataclasses.replace(read_hf_config(hf_dir), dtype=cast(DTypeName, dtype), param_dtype=cast(DTypeName, dtype),
+                              attention_impl=cast(AttentionImpl, attention_impl))
     files = SafetensorsDir(hf_dir)
     maps = {m.leaf: m for m in tensor_maps(cfg)}
     files.check(list(maps.values()))
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    graphdef, params, rest = cast(tuple[nnx.GraphDef, nnx.State, nnx.State], nnx.split(abstract, nnx.Param, ...))
     loaded = [
         (path, variable.replace(jnp.asarray(files.read_leaf(maps["/".join(map(str, path))], np_dtype))))
         for path, variable in nnx.to_flat_state(params)
@@ -122,7 +124,7 @@ def import_hf(hf_dir: str, out: str, *, param_dtype: str = "float32", scan_layer
     np_dtype = _dtype(param_dtype, "param_dtype")
     check_destination(out, "OUT")
     refuse_existing_steps(out, "OUT")
-    cfg = dataclasses.replace(read_hf_config(hf_dir), param_dtype=param_dtype, scan_layers=scan_layers)
+    cfg = dataclasses.replace(read_hf_config(hf_dir), param_dtype=cast(DTypeName, param_dtype), scan_layers=scan_layers)
     files = SafetensorsDir(hf_dir)
     maps = tensor_maps(cfg)
     files.check(maps)

@@ -11,16 +11,16 @@ from __future__ import annotations
 from typing import Any
 
 import flax.struct
-import jax
 from flax import nnx, traverse_util
 
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array  # int32 scalar: steps taken, skipped ones included
+    # Arrays in a live state; the same structure also carries shardings and ShapeDtypeStructs.
+    step: Any  # int32 scalar: steps taken, skipped ones included
     params: Any  # pure dict of what trains (a LoRA run: the adapters only)
     opt_state: Any  # optax state over the pure-dict parameters
-    skipped_steps: jax.Array  # int32 scalar: steps whose gradients were not finite
+    skipped_steps: Any  # int32 scalar: steps whose gradients were not finite
     # A LoRA run's frozen base weights (pure dict): read by the step, never differentiated, never in
     # the optimizer, and not saved with the run (its checkpoint names the base instead). None otherwise.
     frozen: Any = None

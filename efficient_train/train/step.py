@@ -244,7 +244,7 @@ def over_batch_axes(local_fn: Callable, step_def: StepDefinition, example_batch:
     )
 
 
-def build_train_step(step_def: StepDefinition, state_shardings: TrainState, example_batch: Any) -> Callable:
+def build_train_step(step_def: StepDefinition, state_shardings: TrainState, example_batch: Any) -> jax.stages.Wrapped:
     """A jitted `step(state, batch) -> (state, metrics)` with explicit shardings, state donated."""
     plan = step_def.plan
     mesh = plan.mesh

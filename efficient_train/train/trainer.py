@@ -116,6 +116,7 @@ class Trainer:
         self.hooks = list(hooks)
         self.is_main = jax.process_index() == 0
         self._first_batch: Any = None
+        self.loader: Any  # the built-in data loader (a DataLoader or MixtureLoader), None with user data
         if data is None:
             try:
                 self.loader = build_loader(
@@ -353,7 +354,7 @@ class Trainer:
         """(the signal any process got, the data problem any process met), the same on every
         process, so all of them stop together (one small gather per step when there are several)."""
         signals = (None, "SIGINT", "SIGTERM")  # later wins
-        kinds = (None, StopIteration, DataReadError, DataError)  # later wins
+        kinds: tuple[Any, ...] = (None, StopIteration, DataReadError, DataError)  # later wins
         signal_code = signals.index(self._stop_signal)
         data_code = 0 if problem is None else max(i for i, kind in enumerate(kinds) if kind and isinstance(problem, kind))
         if jax.process_count() > 1:
@@ -466,6 +467,7 @@ class Trainer:
                         hook.fn(self, step, record)
                     interval = _Interval()
                 if self._eval_due(step):
+                    assert self.evaluator is not None  # _eval_due: evaluation sets exist
                     self.records.write(self.evaluator.run(self.state.params, step, self.state.frozen))
                     interval = _Interval()  # throughput counts training steps only
         finally:
@@ -499,7 +501,7 @@ class Trainer:
         the last record, and the loader's own figures (a mixture's realized shares)."""
         self._check_state_finite(step)
         fetched = {name: float(value) for name, value in jax.device_get(metrics).items() if name not in GUARD_METRICS}
-        record = {"step": step, **fetched}
+        record: dict[str, Any] = {"step": step, **fetched}
         record.update(
             throughput(
                 tokens_per_step=self.tokens_per_step,

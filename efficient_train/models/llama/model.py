@@ -100,7 +100,7 @@ class Attention(nnx.Module):
                  segment_ids: jax.Array, window: jax.Array) -> jax.Array:
         q, k = checkpoint_name(self.q(x), names.Q_NAME), checkpoint_name(self.k(x), names.K_NAME)
         v = checkpoint_name(self.v(x), names.V_NAME)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         out = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, segment_ids=segment_ids,
                         positions=positions, causal=True, impl=self.impl, scale=self.scale,
@@ -205,6 +205,7 @@ class Llama(nnx.Module):
         dt = _dtypes(cfg)
         self.cfg = cfg
         self.embed = Embed(cfg.vocab_size, cfg.hidden_size, **dt, rngs=rngs)
+        self.blocks: Any  # one Block with stacked parameters (scan_layers), else an nnx.List of Blocks
         if cfg.scan_layers:
             self.blocks = _stacked_block(cfg, rngs)
         else:
