@@ -140,8 +140,8 @@ def step_grads(mesh_axes: dict, zero_stage: int, loss_chunk: int) -> tuple[float
     plan = setup.plan
     local = over_batch_axes(make_local_grads(setup.step_def), setup.step_def, batch,
                             (plan.manual_grad_specs(), P(), P()))
-    compiled = jax.jit(local).lower(state.params, batch).compile()
-    grads, total, weight = compiled(state.params, batch)
+    compiled = jax.jit(local).lower(state.params, {}, batch).compile()  # {}: no LoRA base
+    grads, total, weight = compiled(state.params, {}, batch)
     return float(total / weight), grads, compiled.as_text()
 
 
