@@ -70,7 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.zero_stage = 1
 
-    c.mesh = ml_collections.ConfigDict(dict(replica=1, data=-1, sequence=1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(replica=1, data=-1, expert=1, sequence=1, tensor=1))
 
     c.model = ml_collections.ConfigDict(
         dict(
@@ -110,8 +110,22 @@ def default_config() -> ml_collections.ConfigDict:
             query_pre_attn_scalar=0.0,
             attn_softcap=0.0,
             final_softcap=0.0,
+            # Mixture of Experts (num_experts 0: dense); see models/llama/config.py and models/moe.py.
+            num_experts=0,
+            experts_per_token=2,
+            moe_intermediate_size=0,
+            shared_experts=0,
+            first_dense_layers=0,
+            router="softmax_topk",
+            norm_topk_prob=True,
+            routed_scaling=1.0,
+            capacity_factor=0.0,
         )
     )
+    # MoE training (train/moe_balance.py): load-balancing loss coefficient (frequencies over the global
+    # batch: every micro-batch and data rank, when balance_scope is "global"; "micro_batch": each
+    # micro-batch's own, over the data ranks) and router z-loss coefficient.
+    c.moe = ml_collections.ConfigDict(dict(aux_loss=0.01, z_loss=0.001, balance_scope="global"))
     c.attention = ml_collections.ConfigDict(dict(impl="auto"))
     # norm.impl: auto (= xla for now), xla, pallas (the fused pallas_kernels.rms_norm).
     c.norm = ml_collections.ConfigDict(dict(impl="auto"))

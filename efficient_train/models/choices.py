@@ -1,5 +1,5 @@
 """The model's allowed values: remat policies, attention and norm implementations, dtypes,
-RoPE scalings and MLP activations. Plain names, no imports.
+RoPE scalings, MLP activations and Mixture-of-Experts routers. Plain names, no imports.
 
 `ModelConfig`, the attention dispatch and `RMSNorm` check against these, and
 `config.validate` refuses the same values by field name before jax starts, so they
@@ -13,3 +13,4 @@ NORM_IMPLS = ("auto", "xla", "pallas")
 DTYPES = ("float32", "bfloat16")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")  # transformers' rope_type names
 ACTIVATIONS = ("silu", "gelu_tanh")  # SwiGLU (Llama, Qwen, Mistral), GeGLU with tanh gelu (Gemma)
+ROUTERS = ("softmax_topk", "sigmoid_topk")  # Mixtral / Qwen MoE; DeepSeek V3 (normalized sigmoid scores)
