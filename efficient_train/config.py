@@ -46,7 +46,7 @@ from efficient_train.data.errors import DataError
 from efficient_train.data.eval_sets import parse_eval_sets
 from efficient_train.data.sources import TOKEN_DTYPES
 from efficient_train.errors import ConfigError, InputError
-from efficient_train.models.choices import ATTENTION_IMPLS, DTYPES, NORM_IMPLS, REMAT_POLICIES
+from efficient_train.models.choices import ATTENTION_IMPLS, DTYPES, MOE_BALANCE_SCOPES, NORM_IMPLS, REMAT_POLICIES
 from efficient_train.models.llama.config import family_problem, parameter_count
 from efficient_train.optim.choices import BLOCK_SIZES, OPTIMIZER_KERNELS, SCHEDULES, STATE_FORMATS
 from efficient_train.parallel.axes import MESH_AXES, SEQUENCE_PARALLEL_MODES, ZERO_STAGES
@@ -409,7 +409,7 @@ def _check_step_size(config: ml_collections.ConfigDict, mesh: dict[str, int]) ->
             f"model: {params:.3g} parameters need about {param_bytes:.3g} bytes per device for parameters, "
             f"gradients and optimizer state, beyond the bound of 2**50 (1 PiB); make model.vocab_size, "
             f"model.hidden_size, model.intermediate_size or model.num_layers smaller")
-    split = mesh["replica"] * mesh["data"] * mesh["sequence"]
+    split = mesh["replica"] * mesh["data"] * mesh["expert"] * mesh["sequence"]
     tokens = -(-batch * seq_len // split)  # per device
     e, i, qkv = model.hidden_size, model.intermediate_size, (model.num_heads + 2 * model.num_kv_heads) * model.head_dim
     per_token = 4 * (model.num_layers * (4 * e + 3 * i + 2 * qkv + model.num_heads * seq_len) + 3 * model.vocab_size)
@@ -557,6 +557,9 @@ def validate_fields(config: ml_collections.ConfigDict) -> None:
     _check_choice(config, "optimizer.kernel", OPTIMIZER_KERNELS)
     _check_choice(config, "data.source", DATA_SOURCES)
     _check_choice(config, "data.token_dtype", TOKEN_DTYPES)
+    _check_choice(config, "moe.balance_scope", MOE_BALANCE_SCOPES)
+    for field in ("moe.aux_loss", "moe.z_loss"):
+        _check_positive(config, field, allow_zero=True)
     if not config.data.jsonl_field:
         raise ConfigError("data.jsonl_field: '' is empty; name the JSON field that holds each document")
 
@@ -597,12 +600,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, *, check_paths
             "attention.impl: 'pallas' runs whole heads per device and is not split by the compiler; "
             "use mesh.tensor=1 with it, or 'auto'/'xla' with tensor parallelism"
         )
-    data_parallel = mesh["replica"] * mesh["data"]
+    if model.num_experts and model.num_experts % mesh["expert"]:
+        raise ConfigError(f"mesh.expert: {mesh['expert']} must divide model.num_experts={model.num_experts}")
+    if model.num_experts and (model.moe_intermediate_size or model.intermediate_size) % mesh["tensor"]:
+        raise ConfigError(f"mesh.tensor: {mesh['tensor']} must divide the experts' intermediate size "
+                          f"{model.moe_intermediate_size or model.intermediate_size} (model.moe_intermediate_size)")
+    data_parallel = mesh["replica"] * mesh["data"] * mesh["expert"]
     batch = config.train.batch_size
     if batch % data_parallel:
         raise ConfigError(
             f"train.batch_size: {batch} is not divisible by the data-parallel size "
-            f"mesh.replica x mesh.data = {data_parallel}"
+            f"mesh.replica x mesh.data x mesh.expert = {data_parallel}"
         )
     if (batch // data_parallel) % config.train.grad_accum:
         raise ConfigError(

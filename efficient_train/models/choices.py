@@ -14,3 +14,4 @@ DTYPES = ("float32", "bfloat16")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")  # transformers' rope_type names
 ACTIVATIONS = ("silu", "gelu_tanh")  # SwiGLU (Llama, Qwen, Mistral), GeGLU with tanh gelu (Gemma)
 ROUTERS = ("softmax_topk", "sigmoid_topk")  # Mixtral / Qwen MoE; DeepSeek V3 (normalized sigmoid scores)
+MOE_BALANCE_SCOPES = ("global", "micro_batch")  # expert frequencies of the balance loss (train/moe_balance.py)

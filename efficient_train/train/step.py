@@ -3,14 +3,18 @@
 Shape of the step (DeepSpeed's ZeRO, stated in the program so every backend,
 the CPU included, runs the collectives the stage promises):
 
-1. `jax.shard_map`, manual over replica x data x sequence (tensor stays with the
+1. `jax.shard_map`, manual over replica x data x expert x sequence (tensor stays with the
    compiler), computes gradients of the *unnormalized* loss sum on the local batch,
    scanning over micro-batches for gradient accumulation. Under ZeRO-3 the model
    all-gathers each layer's parameters right before use (`parallel.param_gather`),
    so autodiff turns those gathers into reduce-scatters of the gradients.
 2. Still inside the map, gradients are reduced over the batch axes: an all-reduce
    (stages 0-1), a reduce-scatter over the ZeRO group (stage 2; stage 3 already has
-   it), then an all-reduce over `replica` only (hybrid sharding).
+   it), then an all-reduce over `replica` only (hybrid sharding). An expert weight
+   (split over `expert`) is summed over the batch axes less `expert`: its gradient
+   arrived with the tokens, by all-to-all. A model with experts also gets the MoE
+   balance and z losses over the global batch (train/moe_balance.py), which may take a
+   forward pass over every micro-batch first.
 3. Outside the map, with the compiler partitioning: normalize by the global loss
    weight, clip by global norm, AdamW update with the optimizer state where the stage
    puts it; stage 1 and 2 parameters are all-gathered back to whole by the output
@@ -33,10 +37,14 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from efficient_train.models import moe
 from efficient_train.optim import apply_updates, device_shardings, is_offloaded
+from efficient_train.parallel import experts as expert_parallel
 from efficient_train.parallel import param_gather
 from efficient_train.parallel import sequence as sequence_parallel
-from efficient_train.parallel.sharding import MANUAL_AXES, ShardingPlan, batch_spec
+from efficient_train.parallel.sharding import MANUAL_AXES, LeafPlan, ShardingPlan, batch_spec
+from efficient_train.train import moe_balance
+from efficient_train.train.moe_balance import Frequencies, MoeBalance
 from efficient_train.train.state import TrainState, as_state, bind
 
 LossFn = Callable[[nnx.Module, Any], Any]
@@ -58,6 +66,7 @@ class StepDefinition:
     max_grad_norm: float
     shard_sequence: bool
     sequence_mode: str  # sequence_parallel.mode, used when the sequence axis is > 1
+    moe: MoeBalance | None = None  # the MoE losses, for a model with experts
 
 
 def loss_terms(output: Any) -> tuple[jax.Array, jax.Array]:
@@ -98,18 +107,23 @@ def micro_batches(batch: Any, count: int) -> Any:
     return jax.tree.map(lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]), batch)
 
 
-def make_local_loss(step_def: StepDefinition) -> Callable[[dict, Any], tuple[jax.Array, jax.Array]]:
-    """(local parameters, local batch) -> the loss's (sum, weight) on this device's tokens, as the
-    step's shard_map body sees them: ZeRO-3 gathers and the sequence split are opened here. The
-    train step differentiates it; evaluation (evaluation.py) runs it forward only."""
+LossAndStats = Callable[[dict, Any], tuple[tuple[jax.Array, jax.Array], moe.Stats | None]]
+
+
+def make_local_loss_and_stats(step_def: StepDefinition) -> LossAndStats:
+    """(local parameters, local batch) -> the loss's (sum, weight) on this device's tokens and the
+    MoE router statistics of the forward (None without experts), as the step's shard_map body
+    sees them: ZeRO-3 gathers, the sequence split and the expert exchange are opened here."""
     plan = step_def.plan
     mesh_shape = dict(plan.mesh.shape)
     zero_axes = plan.zero_axes
     per_layer = plan.params_sharded and step_def.model_gathers_per_layer and bool(zero_axes)
     gather_upfront = plan.params_sharded and not step_def.model_gathers_per_layer and bool(zero_axes)
     split_sequence = step_def.shard_sequence and mesh_shape["sequence"] > 1
+    expert_axis = expert_parallel.EXPERT_AXIS
+    split_experts = mesh_shape.get(expert_axis, 1) > 1
 
-    def local_loss(params: dict, micro_batch: Any) -> tuple[jax.Array, jax.Array]:
+    def local_loss(params: dict, micro_batch: Any) -> tuple[tuple[jax.Array, jax.Array], moe.Stats | None]:
         if gather_upfront:
             with param_gather.gathering(zero_axes):
                 params = nnx.to_pure_dict(param_gather.gather(as_state(step_def.param_structure, params)))
@@ -119,54 +133,112 @@ def make_local_loss(step_def: StepDefinition) -> Callable[[dict, Any], tuple[jax
                 contexts.enter_context(param_gather.gathering(zero_axes))
             if split_sequence:
                 contexts.enter_context(sequence_parallel.sharding("sequence", step_def.sequence_mode))
-            return loss_terms(step_def.loss_fn(model, micro_batch))
+            if split_experts:
+                contexts.enter_context(expert_parallel.exchanging(expert_axis, mesh_shape[expert_axis]))
+            sink = contexts.enter_context(moe.collecting())
+            terms = loss_terms(step_def.loss_fn(model, micro_batch))
+        return terms, (sink[0] if sink else None)
 
     return local_loss
+
+
+def make_local_loss(step_def: StepDefinition) -> Callable[[dict, Any], tuple[jax.Array, jax.Array]]:
+    """(local parameters, local batch) -> the loss's (sum, weight) on this device's tokens. The
+    train step differentiates it; evaluation (evaluation.py) runs it forward only."""
+    local_loss = make_local_loss_and_stats(step_def)
+    return lambda params, micro_batch: local_loss(params, micro_batch)[0]
+
+
+def zero_extras(balance: MoeBalance | None) -> dict:
+    """The accumulator of what `objective` returns beside the weight: MoE statistics and terms."""
+    if balance is None:
+        return {}
+    per_layer = jnp.zeros((balance.layers, balance.num_experts))
+    scalars = jnp.zeros((balance.layers,))
+    return {"load": per_layer, "prob_sum": per_layer, "z_sum": scalars, "tokens": scalars, "dropped": scalars,
+            "aux": jnp.zeros(()), "z": jnp.zeros(()), "lm": jnp.zeros(())}
 
 
 def make_local_grads(step_def: StepDefinition) -> Callable:
     """The shard_map body: local gradients reduced over the batch axes, loss sum and weight."""
     plan = step_def.plan
     mesh_shape = dict(plan.mesh.shape)
-    zero_axes = plan.zero_axes
     all_batch_axes = batch_axes(mesh_shape)
     replica_axes = _axes_over_one(mesh_shape, ("replica",))
-    zero_dims = plan.zero_dims()
-    grad_fn = jax.value_and_grad(make_local_loss(step_def), has_aux=True)
+    forward = make_local_loss_and_stats(step_def)
+    balance = step_def.moe
 
-    def reduce(grad: jax.Array, zero_dim: int | None) -> jax.Array:
-        if zero_dim is None or not zero_axes:
-            return jax.lax.psum(grad, all_batch_axes) if all_batch_axes else grad
+    def objective(params: dict, micro_batch: Any, freq: Frequencies | None) -> tuple[jax.Array, tuple]:
+        """The differentiated sum: the loss's, plus the MoE terms (times the global weight)."""
+        (total, weight), stats = forward(params, micro_batch)
+        if balance is None or stats is None:
+            return total, (weight, {})
+        if freq.loads is None:  # this forward's own loads, over the batch axes
+            loads = moe_balance.psum(jax.lax.stop_gradient(stats["load"]), all_batch_axes)
+            freq = dataclasses.replace(freq, loads=loads, tokens=moe_balance.psum(stats["tokens"], all_batch_axes))
+        aux, z = moe_balance.terms(balance, stats, freq)
+        extras = {**jax.lax.stop_gradient(stats), "aux": jax.lax.stop_gradient(aux), "z": jax.lax.stop_gradient(z)}
+        return total + moe_balance.objective_extra(balance, aux, z, freq.weight), (weight, extras | {"lm": total})
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+    def frequencies(params: dict, batch: Any) -> Frequencies | None:
+        """The global loads the MoE terms use: counted by a forward over every micro-batch first
+        (scope 'global' with grad_accum > 1), else None parts filled in by each forward."""
+        if balance is None:
+            return None
+        weight = moe_balance.psum(moe_balance.batch_weight(batch), all_batch_axes)
+        if step_def.grad_accum == 1 or balance.scope != "global":
+            share = 1.0 if step_def.grad_accum == 1 else 1.0 / step_def.grad_accum
+            return Frequencies(loads=None, tokens=None, weight=weight, share=share)
+
+        def count(carry: tuple, micro_batch: Any) -> tuple[tuple, None]:
+            _, stats = forward(params, micro_batch)
+            return (carry[0] + stats["load"], carry[1] + stats["tokens"]), None
+
+        zeros = (jnp.zeros((balance.layers, balance.num_experts)), jnp.zeros((balance.layers,)))
+        (loads, tokens), _ = jax.lax.scan(count, zeros, micro_batches(batch, step_def.grad_accum))
+        loads, tokens = moe_balance.psum((jax.lax.stop_gradient(loads), tokens), all_batch_axes)
+        return Frequencies(loads=loads, tokens=tokens, weight=weight, share=1.0)
+
+    def reduce(grad: jax.Array, leaf: LeafPlan) -> jax.Array:
+        batch = leaf.reduce_axes(all_batch_axes)  # an expert weight is not summed over `expert`
+        if leaf.zero_dim is None or not leaf.zero_axes:
+            return jax.lax.psum(grad, batch) if batch else grad
         if plan.params_sharded:  # already reduce-scattered by the gather's transpose
             reduced = grad
         elif plan.grads_sharded:
-            reduced = jax.lax.psum_scatter(grad, zero_axes, scatter_dimension=zero_dim, tiled=True)
+            reduced = jax.lax.psum_scatter(grad, leaf.zero_axes, scatter_dimension=leaf.zero_dim, tiled=True)
         else:
-            return jax.lax.psum(grad, all_batch_axes)
+            return jax.lax.psum(grad, batch)
         return jax.lax.psum(reduced, replica_axes) if replica_axes else reduced
 
-    def local_grads(params: dict, batch: Any) -> tuple[dict, jax.Array, jax.Array]:
+    def local_grads(params: dict, batch: Any) -> tuple[dict, jax.Array, jax.Array, dict]:
+        freq = frequencies(params, batch)
         if step_def.grad_accum == 1:
-            (total, weight), grads = grad_fn(params, batch)
+            (total, (weight, extras)), grads = grad_fn(params, batch, freq)
         else:
             def accumulate(carry, micro_batch):
-                grads, total, weight = carry
-                (t, w), g = grad_fn(params, micro_batch)
-                return (jax.tree.map(jnp.add, grads, g), total + t, weight + w), None
+                grads, total, weight, extras = carry
+                (t, (w, e)), g = grad_fn(params, micro_batch, freq)
+                return (jax.tree.map(jnp.add, grads, g), total + t, weight + w, jax.tree.map(jnp.add, extras, e)), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)  # local shards: gradients have their shapes
-            (grads, total, weight), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(()), jnp.zeros(())),
-                                                   micro_batches(batch, step_def.grad_accum))
-        grads = jax.tree.map(reduce, grads, zero_dims)
+            first = micro_batches(batch, step_def.grad_accum)
+            carry = (zeros, jnp.zeros(()), jnp.zeros(()), zero_extras(balance))
+            (grads, total, weight, extras), _ = jax.lax.scan(accumulate, carry, first)
+        grads = jax.tree.map(reduce, grads, plan.leaves)
+        if extras:
+            total = extras.pop("lm")  # the loss's own sum; the MoE terms are metrics of their own
         if all_batch_axes:
-            total, weight = jax.lax.psum((total, weight), all_batch_axes)
-        return grads, total, weight
+            total, weight, extras = jax.lax.psum((total, weight, extras), all_batch_axes)
+        return grads, total, weight, extras
 
     return local_grads
 
 
 def over_batch_axes(local_fn: Callable, step_def: StepDefinition, example_batch: Any, out_specs: Any) -> Callable:
-    """`local_fn(params, batch)` mapped manually over the batch axes (replica x data x sequence),
+    """`local_fn(params, batch)` mapped manually over the batch axes (replica x data x expert x sequence),
     parameters in their manual specs; `local_fn` itself when every such axis has one device."""
     plan = step_def.plan
     if all(plan.mesh.shape[axis] == 1 for axis in MANUAL_AXES):
@@ -188,13 +260,13 @@ def build_train_step(step_def: StepDefinition, state_shardings: TrainState, exam
     plan = step_def.plan
     mesh = plan.mesh
     sharded_grads = over_batch_axes(make_local_grads(step_def), step_def, example_batch,
-                                    (plan.manual_grad_specs(), P(), P()))
+                                    (plan.manual_grad_specs(), P(), P(), P()))
     grad_shardings = plan.named(plan.grad_specs())
     offload = is_offloaded(state_shardings.opt_state)
     opt_on_device = device_shardings(state_shardings.opt_state)
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
-        grads, total, weight = sharded_grads(state.params, batch)
+        grads, total, weight, extras = sharded_grads(state.params, batch)
         grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
         weight_ok = weight > 0  # a batch with nothing to learn from (all masked) is skipped
         loss_weight = weight
@@ -235,6 +307,8 @@ def build_train_step(step_def: StepDefinition, state_shardings: TrainState, exam
             # The trainer never saves a state for which this is 0 (it stops the run instead).
             "state_finite": all_finite((new_params, new_opt_state)).astype(jnp.int32),
         }
+        if extras:
+            metrics.update(moe_balance.metrics(extras, extras["aux"], extras["z"]))
         return new_state, metrics
 
     batch_shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), batch_specs(example_batch, step_def.shard_sequence))
