@@ -26,6 +26,7 @@ model's alone, the terms are `moe/aux_loss` and `moe/z_loss`.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +56,8 @@ class Frequencies:
     share: float  # 1, or 1 / grad_accum for a micro-batch's own frequencies
 
 
-def psum(tree: jax.Array | Stats, axes: tuple[str, ...]):  # type: ignore[no-untyped-def]
+def psum(tree: Any, axes: tuple[str, ...]) -> Any:
+    """`jax.lax.psum` over `axes`; the tree itself when there are none (outside any shard_map)."""
     return jax.lax.psum(tree, axes) if axes else tree
 
 
@@ -67,6 +69,7 @@ def batch_weight(batch: object) -> jax.Array:
 def terms(balance: MoeBalance, stats: Stats, freq: Frequencies) -> tuple[jax.Array, jax.Array]:
     """This device's (balance, z) contributions: summed over every device and micro-batch they give
     the losses, and their gradients are the losses' gradients."""
+    assert freq.loads is not None and freq.tokens is not None, "the global loads are filled in before the terms"
     layers = stats["prob_sum"].shape[0]
     n = jnp.maximum(freq.tokens, 1.0)  # [L]
     fraction = freq.loads / (n[:, None] * balance.experts_per_token)

@@ -171,7 +171,7 @@ def make_local_grads(step_def: StepDefinition) -> Callable:
     def objective(params: dict, micro_batch: Any, freq: Frequencies | None) -> tuple[jax.Array, tuple]:
         """The differentiated sum: the loss's, plus the MoE terms (times the global weight)."""
         (total, weight), stats = forward(params, micro_batch)
-        if balance is None or stats is None:
+        if balance is None or stats is None or freq is None:
             return total, (weight, {})
         if freq.loads is None:  # this forward's own loads, over the batch axes
             loads = moe_balance.psum(jax.lax.stop_gradient(stats["load"]), all_batch_axes)
@@ -194,6 +194,7 @@ def make_local_grads(step_def: StepDefinition) -> Callable:
 
         def count(carry: tuple, micro_batch: Any) -> tuple[tuple, None]:
             _, stats = forward(params, micro_batch)
+            assert stats is not None, "a model with experts records its router statistics"
             return (carry[0] + stats["load"], carry[1] + stats["tokens"]), None
 
         zeros = (jnp.zeros((balance.layers, balance.num_experts)), jnp.zeros((balance.layers,)))
