@@ -2,6 +2,7 @@
 expert=2 and expert=1, and `checkpoint convert` lays it out for another expert count, byte-identically."""
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -36,6 +37,10 @@ def _host(tree) -> dict[str, np.ndarray]:
 def test_saved_on_expert_4_restores_on_expert_2_and_1_and_converts_byte_identically(tmp_path):
     source = Trainer(_config(tmp_path / "source", **{"mesh.data": 2, "mesh.expert": 4}))
     source.fit()
+    with open(tmp_path / "source" / "metrics.jsonl", encoding="utf-8") as f:
+        steps = [record for record in map(json.loads, f) if "loss" in record]
+    assert {"moe/aux_loss", "moe/z_loss", "moe/dropped_fraction", "moe/max_load_ratio", "moe/layer1/max_load",
+            "moe/layer1/mean_load"} <= set(steps[-1])
     saved = _host(source.state)
     gate = saved["params/blocks/mlp/experts/gate"]
     assert gate.shape == (2, 4, 64, 32)  # [layers, experts, embed, expert_mlp]: the global tensor
