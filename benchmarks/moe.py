@@ -39,15 +39,20 @@ import numpy as np  # noqa: E402
 from efficient_train import Trainer, get_config  # noqa: E402
 from efficient_train.data import Batch  # noqa: E402
 
-_ALL_TO_ALL = re.compile(r"=\s*(\w+)\[([0-9,]*)\][^=]*\sall-to-all\(")
+_SHAPE = re.compile(r"\b(f32|bf16|f16|s32|u32)\[([0-9,]*)\]")
 _ITEMSIZE = {"f32": 4, "bf16": 2, "s32": 4, "u32": 4, "f16": 2}
 
 
 def all_to_all_bytes(hlo: str) -> int:
-    """Sum of the result bytes of every all-to-all op in the HLO text (each counted once)."""
+    """Sum of the result bytes (a tuple's parts included) of every all-to-all op in the HLO text, each
+    counted once."""
     total = 0
-    for dtype, dims in _ALL_TO_ALL.findall(hlo):
-        total += math.prod(int(d) for d in dims.split(",") if d) * _ITEMSIZE[dtype]
+    for line in hlo.splitlines():
+        where = line.find(" all-to-all(")
+        if where < 0 or "=" not in line[:where]:
+            continue
+        for dtype, dims in _SHAPE.findall(line[line.index("=") + 1: where]):
+            total += math.prod(int(d) for d in dims.split(",") if d) * _ITEMSIZE[dtype]
     return total
 
 
