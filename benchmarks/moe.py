@@ -94,6 +94,8 @@ def measure(args: argparse.Namespace, mode: str) -> tuple[float, int]:
 
 
 def formula(args: argparse.Namespace, mode: str) -> int:
+    if args.expert == 1:
+        return 0  # no expert axis: nothing is exchanged
     tokens = args.batch * args.seq_len // (args.data * args.expert)
     a, g, h, b = tokens * args.experts_per_token, args.expert, args.hidden, 4  # fp32 activations (the tiny recipe)
     if mode == "capacity":
@@ -124,7 +126,7 @@ def main() -> None:
         seconds, hlo_bytes = measure(args, mode)
         expected = formula(args, mode)
         print(f"moe {mode:<9}: {seconds * 1e3:8.1f} ms/step  {seconds / dense:.2f} x dense; all-to-all per layer "
-              f"(HLO) {hlo_bytes:,} B vs formula {expected:,} B ({hlo_bytes / expected:.3f}); per step "
+              f"(HLO) {hlo_bytes:,} B vs formula {expected:,} B ({hlo_bytes / max(expected, 1):.3f}); per step "
               f"{hlo_bytes * args.layers:,} B")
 
 
