@@ -157,3 +157,25 @@ def test_expert_axis_must_divide_the_experts():
     c.mesh.update(data=2, expert=4)
     with pytest.raises(ConfigError, match="mesh.expert: 4 must divide model.num_experts=6"):
         validate(c, 8, check_paths=False)
+
+
+def test_sharding_plan_splits_experts_over_expert_and_zero_over_the_rest():
+    """data=2 x expert=4, ZeRO-3: an expert weight's experts are split 4 ways by `expert` and its ZeRO
+    group is `data` alone (it is summed over data only); dense weights and the router are ZeRO-split
+    over data x expert; nothing is replicated where a stage promises a shard."""
+    from efficient_train.parallel.mesh import make_mesh
+    from efficient_train.parallel.sharding import BATCH_AXES, plan_sharding
+
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: Llama(BASE, rngs=nnx.Rngs(0)))
+    params = nnx.state(model, nnx.Param)
+    plan = plan_sharding(params, make_mesh({"data": 2, "expert": 4}, jax.devices()[:8]), zero_stage=3)
+    specs = plan.named(plan.param_specs())
+    experts = plan.leaves["blocks"]["mlp"]["experts"]
+    for name in ("gate", "up", "down"):
+        leaf = experts[name]
+        assert leaf.zero_axes == ("data",) and leaf.reduce_axes(BATCH_AXES) == ("replica", "data")
+        shard = specs["blocks"]["mlp"]["experts"][name].shard_shape(leaf.shape)
+        assert shard[1] == BASE.num_experts // 4 and np.prod(shard) * 8 == np.prod(leaf.shape)
+    for leaf in (plan.leaves["blocks"]["mlp"]["router"], plan.leaves["blocks"]["attn"]["q"]["kernel"]):
+        assert leaf.zero_axes == ("data", "expert") and "expert" in leaf.reduce_axes(BATCH_AXES)
