@@ -31,13 +31,15 @@ def _batch(rows: int, seq_len: int = 32, seed: int = 0) -> Batch:
 @pytest.mark.slow
 def test_expert_parallel_training_equals_one_device():
     """5 steps: data=2 x expert=4 (ZeRO-1 and ZeRO-3, and with grad_accum=4), data=2 x expert=2 x
-    tensor=2, and data=2 x expert=2 x sequence=2 (Ulysses, ZeRO-3) give the single-device losses
-    (dropless routing: equal up to summation order)."""
+    tensor=2, data=2 x expert=2 x sequence=2 (Ulysses, ZeRO-3), and the capacity exchange with room for
+    every assignment give the single-device losses (dropless routing: equal up to summation order)."""
     reference = losses_in_subprocess(1, {**MOE, "mesh.data": 1})
     for mesh in ({"mesh.data": 2, "mesh.expert": 4},
                  {"mesh.data": 2, "mesh.expert": 4, "zero_stage": 3},
                  {"mesh.data": 2, "mesh.expert": 4, "train.grad_accum": 4, "zero_stage": 2},
                  {"mesh.data": 2, "mesh.expert": 2, "mesh.tensor": 2},
+                 # Capacity dispatch (GShard's exchange) with room for every assignment: nothing dropped.
+                 {"mesh.data": 2, "mesh.expert": 4, "model.capacity_factor": 4.0},
                  {"mesh.data": 2, "mesh.expert": 2, "mesh.sequence": 2, "sequence_parallel.mode": "ulysses",
                   "zero_stage": 3}):
         losses, _ = run_losses({**MOE, **mesh})
