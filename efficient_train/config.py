@@ -120,6 +120,7 @@ def default_config() -> ml_collections.ConfigDict:
             norm_topk_prob=True,
             routed_scaling=1.0,
             capacity_factor=0.0,
+            router_bias_update=0.0,
         )
     )
     # MoE training (train/moe_balance.py): load-balancing loss coefficient (frequencies over the global

@@ -179,3 +179,18 @@ def test_sharding_plan_splits_experts_over_expert_and_zero_over_the_rest():
         assert shard[1] == BASE.num_experts // 4 and np.prod(shard) * 8 == np.prod(leaf.shape)
     for leaf in (plan.leaves["blocks"]["mlp"]["router"], plan.leaves["blocks"]["attn"]["q"]["kernel"]):
         assert leaf.zero_axes == ("data", "expert") and "expert" in leaf.reduce_axes(BATCH_AXES)
+
+
+def test_selection_bias_picks_experts_but_never_weighs_them():
+    """DeepSeek V3's auxiliary-loss-free bias: it changes which experts are chosen, not their weights."""
+    cfg = dataclasses.replace(BASE, router="sigmoid_topk", norm_topk_prob=False, router_bias_update=0.01)
+    logits = jax.random.normal(jax.random.key(6), (16, 4))
+    bias = jnp.asarray([0.0, 0.0, 0.0, 10.0])
+    weights, ids, _ = moe.route(cfg, logits, bias)
+    assert (np.asarray(ids) == 3).any(axis=1).all()  # expert 3 is always among the two chosen
+    np.testing.assert_allclose(np.asarray(weights), np.take_along_axis(np.asarray(jax.nn.sigmoid(logits)),
+                                                                       np.asarray(ids), axis=1), rtol=1e-6)
+    with nnx.use_eager_sharding(False):
+        block = nnx.eval_shape(lambda: moe.MoE(cfg, rngs=nnx.Rngs(0)))
+    assert block.router_bias.get_value().shape == (4,)
+    assert dataclasses.replace(cfg, scan_layers=False).num_params() == BASE.num_params() + 2 * 4

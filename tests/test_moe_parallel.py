@@ -135,3 +135,27 @@ def test_model_statistics_are_whole_batch_counts():
     s = stats(state, jnp.asarray(_batch(4).inputs))
     np.testing.assert_array_equal(np.asarray(s["load"]).sum(axis=1), [4 * 32 * 2] * 2)
     np.testing.assert_allclose(np.asarray(s["prob_sum"]).sum(axis=1), [4 * 32] * 2, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_selection_bias_moves_against_the_global_load():
+    """router_bias_update u: after one step on data=2 x expert=4 each layer's bias is u x sign(mean - load)
+    of the whole batch's loads, and the optimizer left it alone (no gradient, no weight decay)."""
+    batch = _batch(32)
+    config = small_config(**{**MOE, "mesh.data": 2, "mesh.expert": 4, "model.router_bias_update": 0.01})
+    trainer = Trainer(config, data=iter([batch]))
+    params = jax.device_get(trainer.state.params)
+    trainer.step()
+    step_def = trainer.setup.step_def
+    model = bind(step_def.graphdef, step_def.param_structure, params, step_def.rest)
+
+    @jax.jit
+    def stats(inputs):
+        with moe.collecting() as sink:
+            model(inputs)
+        return sink[0]
+
+    loads = np.asarray(jax.device_get(stats(jnp.asarray(batch.inputs)))["load"])
+    expected = (0.01 * np.sign(loads.mean(axis=1, keepdims=True) - loads)).astype(np.float32)
+    assert np.abs(expected).sum() > 0
+    np.testing.assert_array_equal(np.asarray(trainer.state.params["blocks"]["mlp"]["router_bias"]), expected)

@@ -21,7 +21,8 @@
   model hands them to `record`; the train step collects them (`collecting`) and forms the
   balance loss from frequencies over the global batch (train/moe_balance.py).
 
-Parameters: router ('embed', 'router': never sharded, every device routes its tokens); experts.gate, experts.up ('experts', 'embed',
+Parameters: router ('embed', 'router': never sharded, every device routes its tokens), router_bias
+('router',) with router_bias_update; experts.gate, experts.up ('experts', 'embed',
 'expert_mlp'); experts.down ('experts', 'expert_mlp', 'embed'); shared experts are one
 dense MLP of shared_experts x moe_intermediate_size built by the caller.
 """
@@ -95,16 +96,21 @@ class Experts(nnx.Module):
         return jnp.einsum("xcm,xme->xce", hidden, down)
 
 
-def route(cfg: ModelConfig, logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """fp32 logits [T, X] -> (weights [T, k], expert ids [T, k], probabilities [T, X] for the balance loss)."""
+def route(cfg: ModelConfig, logits: jax.Array, bias: jax.Array | None = None
+          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """fp32 logits [T, X] -> (weights [T, k], expert ids [T, k], probabilities [T, X] for the balance loss).
+    `bias` [X] (auxiliary-loss-free balancing) shifts the scores for the choice of experts only."""
     k = cfg.experts_per_token
     if cfg.router == "softmax_topk":
-        probs = jax.nn.softmax(logits, axis=-1)
-        weights, ids = jax.lax.top_k(probs, k)
+        probs = scores = jax.nn.softmax(logits, axis=-1)
     else:
         scores = jax.nn.sigmoid(logits)
-        weights, ids = jax.lax.top_k(scores, k)
         probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+    if bias is None:
+        weights, ids = jax.lax.top_k(scores, k)
+    else:
+        _, ids = jax.lax.top_k(scores + jax.lax.stop_gradient(bias), k)
+        weights = jnp.take_along_axis(scores, ids, axis=-1)
     if cfg.norm_topk_prob:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return weights * cfg.routed_scaling, ids, probs
@@ -122,6 +128,9 @@ class MoE(nnx.Module):
         self.router = nnx.Param(_init(rngs, (cfg.hidden_size, cfg.num_experts), 0, jnp.dtype(jnp.float32)),
                                 out_sharding=("embed", "router"))
         self.experts = Experts(cfg, rngs=rngs)
+        # DeepSeek V3's selection bias: no gradient reaches it (it only picks experts); the step moves it.
+        self.router_bias = nnx.Param(jnp.zeros(cfg.num_experts, jnp.float32), out_sharding=("router",)
+                                     ) if cfg.router_bias_update else None
         self.shared = shared
         self.cfg = cfg
 
@@ -129,7 +138,8 @@ class MoE(nnx.Module):
         cfg = self.cfg
         tokens = x.reshape(-1, x.shape[-1])
         logits = tokens.astype(jnp.float32) @ self.router.get_value().astype(jnp.float32)
-        weights, ids, probs = route(cfg, logits)
+        bias = None if self.router_bias is None else self.router_bias.get_value()
+        weights, ids, probs = route(cfg, logits, bias)
         out, dropped = self._dispatch(tokens, ids)
         y = jnp.sum(out.reshape(*ids.shape, -1).astype(jnp.float32) * weights[..., None], axis=1).astype(x.dtype)
         if self.shared is not None:

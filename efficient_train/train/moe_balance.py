@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from efficient_train.models.moe import Stats
 
@@ -44,6 +45,7 @@ class MoeBalance:
     num_experts: int
     experts_per_token: int
     layers: int  # MoE layers
+    bias_update: float = 0.0  # model.router_bias_update: the auxiliary-loss-free bias step (0: none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +83,21 @@ def terms(balance: MoeBalance, stats: Stats, freq: Frequencies) -> tuple[jax.Arr
 def objective_extra(balance: MoeBalance, aux: jax.Array, z: jax.Array, weight: jax.Array) -> jax.Array:
     """What the terms add to the differentiated loss sum (which the step divides by `weight`)."""
     return jax.lax.stop_gradient(weight) * (balance.aux_loss * aux + balance.z_loss * z)
+
+
+def update_router_bias(params: dict, loads: jax.Array, rate: float) -> dict:
+    """DeepSeek V3's auxiliary-loss-free balancing: each MoE layer's selection bias moves by
+    rate x sign(mean load - load), from the global batch's loads [L, X]. The biases are found by name
+    ("blocks/mlp/router_bias" [L, X] when scanned, "blocks/{i}/mlp/router_bias" [X] per MoE layer i)."""
+    flat = traverse_util.flatten_dict(params)
+    keys = sorted((key for key in flat if key[-2:] == ("mlp", "router_bias")), key=lambda key: str(key[1]).zfill(9))
+    step = rate * jnp.sign(jnp.mean(loads, axis=1, keepdims=True) - loads)
+    if len(keys) == 1 and flat[keys[0]].ndim == 2:  # scanned: every layer is an MoE layer
+        flat[keys[0]] = flat[keys[0]] + step.astype(flat[keys[0]].dtype)
+    else:
+        for layer, key in enumerate(keys):
+            flat[key] = flat[key] + step[layer].astype(flat[key].dtype)
+    return traverse_util.unflatten_dict(flat)
 
 
 def metrics(stats: Stats, aux: jax.Array, z: jax.Array) -> dict[str, jax.Array]:

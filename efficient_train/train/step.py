@@ -280,7 +280,10 @@ def build_train_step(step_def: StepDefinition, state_shardings: TrainState, exam
         grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)  # bf16 params keep bf16 grads
 
         def apply(params: Any, opt_state: Any) -> tuple[Any, Any]:
-            return apply_updates(step_def.optimizer, grads, opt_state, params)
+            params, opt_state = apply_updates(step_def.optimizer, grads, opt_state, params)
+            if step_def.moe is not None and step_def.moe.bias_update:
+                params = moe_balance.update_router_bias(params, extras["load"], step_def.moe.bias_update)
+            return params, opt_state
 
         opt_state = jax.device_put(state.opt_state, opt_on_device) if offload else state.opt_state
         applied_steps = state.step - state.skipped_steps

@@ -153,7 +153,7 @@ def moe_balance(config: ml_collections.ConfigDict, model_config: ModelConfig | N
     layers = sum(model_config.is_moe_layer(i) for i in range(model_config.num_layers))
     return MoeBalance(aux_loss=config.moe.aux_loss, z_loss=config.moe.z_loss, scope=config.moe.balance_scope,
                       num_experts=model_config.num_experts, experts_per_token=model_config.experts_per_token,
-                      layers=layers)
+                      layers=layers, bias_update=model_config.router_bias_update)
 
 
 def init_state(setup: TrainSetup) -> TrainState:

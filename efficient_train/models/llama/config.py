@@ -63,7 +63,10 @@ class ModelConfig:
       shared_experts always-on experts of that size; router 'softmax_topk' (softmax, top k,
       renormalized when norm_topk_prob) or 'sigmoid_topk' (sigmoid scores, top k, normalized),
       weights times routed_scaling; capacity_factor > 0 drops assignments beyond
-      ceil(factor x tokens x k / num_experts) per expert, 0 is dropless.
+      ceil(factor x tokens x k / num_experts) per expert, 0 is dropless. router_bias_update u > 0:
+      DeepSeek V3's auxiliary-loss-free balancing, a per-expert bias added to the scores for the
+      top-k choice only (never to the weights), moved by u x sign(mean load - load) after each
+      applied step from the global batch's loads (train/step.py).
     """
 
     vocab_size: int
@@ -112,6 +115,7 @@ class ModelConfig:
     norm_topk_prob: bool = True
     routed_scaling: float = 1.0
     capacity_factor: float = 0.0
+    router_bias_update: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -277,7 +281,7 @@ def moe_problem(model: Any) -> str | None:
             return f"model.{name}: {value!r} must be an integer >= 0"
     if model.router not in ROUTERS:
         return f"model.router: {model.router!r} is not one of {', '.join(map(repr, ROUTERS))}"
-    for name in ("routed_scaling", "capacity_factor"):
+    for name in ("routed_scaling", "capacity_factor", "router_bias_update"):
         value = getattr(model, name)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
             return f"model.{name}: {value!r} must be a finite number >= 0"
@@ -326,4 +330,6 @@ def parameter_count(model: Any) -> int:
     per_layer += 2 * d if model.qk_norm else 0
     embeddings = model.vocab_size * e * (1 if model.tie_embeddings else 2)
     layers = sum(layer_matmul_params(model, i) for i in range(model.num_layers))
+    if model.num_experts and model.router_bias_update:  # the selection bias of each MoE layer
+        layers += model.num_experts * sum(is_moe_layer(model, i) for i in range(model.num_layers))
     return embeddings + layers + model.num_layers * per_layer + e  # + final norm
