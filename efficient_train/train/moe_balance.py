@@ -65,7 +65,11 @@ def psum(tree: Any, axes: tuple[str, ...]) -> Any:
 
 def batch_weight(batch: object) -> jax.Array:
     """This device's loss weight of `batch` (a data.Batch): what next_token_loss returns as its weight."""
-    return jnp.sum(jnp.asarray(batch.loss_weights, jnp.float32))  # type: ignore[attr-defined]
+    weights = getattr(batch, "loss_weights", None)
+    if weights is None:
+        raise ValueError("loss_fn: a model with experts scales its balance loss by the batch's loss weight; "
+                         f"give batches with `loss_weights` (data.Batch), not {type(batch).__name__}")
+    return jnp.sum(jnp.asarray(weights, jnp.float32))
 
 
 def terms(balance: MoeBalance, stats: Stats, freq: Frequencies) -> tuple[jax.Array, jax.Array]:
