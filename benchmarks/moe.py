@@ -11,8 +11,8 @@ to the dense step. The MoE also pays its router and its exchange: that is the po
 All-to-all bytes: read from the compiled step's HLO (every all-to-all in the scanned
 layer body runs once per layer: count the ops, multiply by their result bytes) and
 compared with the formula per device, per MoE layer and micro-batch, forward and backward:
-- dropless: 4 x G x A x H x b (dispatch and return, and their transposes) + G x A x 4
-  (the expert ids, forward only), A = local tokens x k, G = mesh.expert;
+- dropless: 4 x G x R x H x b (dispatch and return, and their transposes) + G x R x 4
+  (the expert ids, forward only), R = local tokens x min(k, X / G) rows per peer, G = mesh.expert;
 - capacity: 4 x X x C x H x b, C = ceil(factor x local tokens x k / X).
 The bytes that leave a device are (G - 1) / G of these.
 
@@ -97,11 +97,12 @@ def formula(args: argparse.Namespace, mode: str) -> int:
     if args.expert == 1:
         return 0  # no expert axis: nothing is exchanged
     tokens = args.batch * args.seq_len // (args.data * args.expert)
-    a, g, h, b = tokens * args.experts_per_token, args.expert, args.hidden, 4  # fp32 activations (the tiny recipe)
+    g, h, b = args.expert, args.hidden, 4  # fp32 activations (the tiny recipe)
     if mode == "capacity":
         c = math.ceil(1.25 * tokens * args.experts_per_token / args.experts)
         return 4 * args.experts * c * h * b
-    return 4 * g * a * h * b + g * a * 4
+    rows = tokens * min(args.experts_per_token, args.experts // g)  # per peer: parallel/experts.peer_rows
+    return 4 * g * rows * h * b + g * rows * 4
 
 
 def main() -> None:

@@ -169,7 +169,7 @@ class MoE(nnx.Module):
             out_sorted = self.experts.grouped(rows, jnp.bincount(flat, length=cfg.num_experts))
             dropped = jnp.zeros((), jnp.float32)
         else:
-            out_sorted = expert_parallel.dropless_exchange(rows, sorted_ids, cfg.num_experts, axis,
+            out_sorted = expert_parallel.dropless_exchange(rows, sorted_ids, cfg.num_experts, k, axis,
                                                            self.experts.grouped)
             dropped = jnp.zeros((), jnp.float32)
         return out_sorted[unsort], dropped

@@ -9,11 +9,12 @@ Two exchanges, both with fixed shapes so they compile to one `all-to-all` each w
 - `capacity_exchange` (capacity-factor mode, GShard's shape): the [E, C, H] dispatch
   buffer is split by expert over the axis; each device receives [E / G, G x C, H], the
   rows every device sent to its own experts, computes them, and sends them back.
-- `dropless_exchange`: assignments sorted by expert are laid into a [G, A, H] buffer, one
-  block of up to A rows (all of this device's A = tokens x k assignments, the worst case)
-  per destination device, so no assignment is ever dropped; the receiver sorts the rows
+- `dropless_exchange`: assignments sorted by expert are laid into a [G, R, H] buffer, one
+  block per destination device of R = tokens x min(k, E / G) rows (the worst case: a token's
+  k experts are distinct, so at most min(k, E / G) of them live on one device), so no
+  assignment is ever dropped; the receiver sorts the rows
   by its local expert and runs the grouped matmul, whose rows past the real ones are
-  zeros. The buffer is G times the assignments: exact and simple at the price of memory
+  zeros. The buffer is up to G times the assignments: exact and simple at the price of memory
   and bytes on the wire (a ragged all-to-all would send only the real rows; see
   BENCHMARKS.md for the bytes).
 """
@@ -55,9 +56,15 @@ def current() -> ExpertAxis | None:
 GroupedFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def dropless_exchange(rows: jax.Array, experts: jax.Array, num_experts: int, axis: ExpertAxis,
-                      compute: GroupedFn) -> jax.Array:
-    """Expert outputs of `rows` [A, H], sorted by their global expert ids `experts` [A].
+def peer_rows(tokens: int, experts_per_token: int, local_experts: int) -> int:
+    """The most assignments one device can send one peer: each token picks distinct experts, so at
+    most min(k, experts per device) of its k land on one device."""
+    return tokens * min(experts_per_token, local_experts)
+
+
+def dropless_exchange(rows: jax.Array, experts: jax.Array, num_experts: int, experts_per_token: int,
+                      axis: ExpertAxis, compute: GroupedFn) -> jax.Array:
+    """Expert outputs of `rows` [A, H] (A = tokens x k), sorted by their global expert ids `experts` [A].
 
     Device g holds experts g x (E / G) ... (g + 1) x (E / G) - 1; `compute` runs this
     device's experts on rows grouped by local expert.
@@ -65,17 +72,18 @@ def dropless_exchange(rows: jax.Array, experts: jax.Array, num_experts: int, axi
     a, h = rows.shape
     g = axis.size
     local = num_experts // g
+    per_peer = peer_rows(a // experts_per_token, experts_per_token, local)
     peer = experts // local  # non-decreasing, since `experts` is sorted
     peer_counts = jnp.bincount(peer, length=g)
     row = jnp.arange(a) - (jnp.cumsum(peer_counts) - peer_counts)[peer]
-    send = jnp.zeros((g, a, h), rows.dtype).at[peer, row].set(rows)
-    send_ids = jnp.full((g, a), local, jnp.int32).at[peer, row].set((experts % local).astype(jnp.int32))
-    recv = jax.lax.all_to_all(send.reshape(g * a, h), axis.name, 0, 0, tiled=True)
-    recv_ids = jax.lax.all_to_all(send_ids.reshape(g * a), axis.name, 0, 0, tiled=True)
+    send = jnp.zeros((g, per_peer, h), rows.dtype).at[peer, row].set(rows)
+    send_ids = jnp.full((g, per_peer), local, jnp.int32).at[peer, row].set((experts % local).astype(jnp.int32))
+    recv = jax.lax.all_to_all(send.reshape(g * per_peer, h), axis.name, 0, 0, tiled=True)
+    recv_ids = jax.lax.all_to_all(send_ids.reshape(g * per_peer), axis.name, 0, 0, tiled=True)
     order = jnp.argsort(recv_ids, stable=True)  # padding (id = local) last
     out = compute(recv[order], jnp.bincount(recv_ids, length=local))
     back = out[jnp.argsort(order)]
-    returned = jax.lax.all_to_all(back, axis.name, 0, 0, tiled=True).reshape(g, a, h)
+    returned = jax.lax.all_to_all(back, axis.name, 0, 0, tiled=True).reshape(g, per_peer, h)
     return returned[peer, row]
 
 
