@@ -3,7 +3,7 @@
     efficient-train train [--config FILE] [--config.FIELD=VALUE ...] [--workdir DIR]
                           [--coordinator HOST:PORT --num_processes N --process_id I]
                           [--devices N]
-    efficient-train estimate [--config FILE] [--config.FIELD=VALUE ...] [--devices N] [--json]
+    efficient-train estimate [--config FILE] [--config.FIELD=VALUE ...] [--devices N] [--json] [--remat all|P1,P2]
     efficient-train eval --checkpoint CKPT [--data SETS] [--steps N] [--config FILE] [--config.FIELD=VALUE ...]
                           [--devices N]
     efficient-train generate --checkpoint CKPT --prompt TEXT [--prompt TEXT ...] [--tokenizer T]
@@ -13,7 +13,8 @@
                           [--field F] [--validation_fraction F] [--workers N] [--on_error fatal|skip]
     efficient-train checkpoint inspect|verify CKPT
     efficient-train checkpoint import-hf HF_DIR OUT [--param_dtype float32|bfloat16] [--no_scan_layers]
-    efficient-train checkpoint export-hf CKPT OUT_DIR [--dtype float32|bfloat16]
+    efficient-train checkpoint export-hf CKPT OUT_DIR [--dtype float32|bfloat16] [--adapters_only]
+    efficient-train checkpoint merge-lora SRC DST
     efficient-train checkpoint convert SRC DST --mesh data=2,tensor=2 [--zero_stage N]
                           [--state_format fp32|bf16|int8|fp8|int4] [--drop_optimizer] [--dtype bfloat16]
 
@@ -41,6 +42,7 @@ from efficient_train.config import (
     validate_paths,
 )
 from efficient_train.errors import InputError, RunError
+from efficient_train.models.choices import REMAT_POLICIES
 from efficient_train.parallel.axes import MESH_AXES
 
 
@@ -91,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--seed", type=int, default=0)
         if name == "estimate":
             sub.add_argument("--json", action="store_true", help="print one JSON record instead of a table")
+            sub.add_argument("--remat", default=None, help="a table over model.remat policies: 'all' or a "
+                             "comma-separated list (one compile each)")
         if name == "train":
             sub.add_argument("--workdir", default=None, help="where metrics.jsonl (and later checkpoints) go")
             sub.add_argument("--coordinator", default="", help="host:port of process 0 for multi-process runs")
@@ -119,6 +123,8 @@ def _parser() -> argparse.ArgumentParser:
          (ckpt, ("out_dir", "a new or empty directory"))),
         ("convert", "rewrite a checkpoint for another mesh, optimizer state format or dtype, tensor by tensor",
          (("src", "a checkpoint directory or one step in it"), ("dst", "checkpoint directory to write the step into"))),
+        ("merge-lora", "LoRA checkpoint -> full params-only checkpoint (base + alpha/rank * A @ B)",
+         (("src", "a LoRA checkpoint directory or one step in it"), ("dst", "checkpoint directory to write the step into"))),
     ):
         sub = tools.add_parser(name, help=help_text)
         for arg, arg_help in positionals:
@@ -135,6 +141,9 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--dtype", default=None, help="cast parameters: float32|bfloat16")
         if name == "export-hf":
             sub.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
+            sub.add_argument("--adapters_only", action="store_true",
+                             help="a LoRA checkpoint's adapters alone, in the PEFT layout (adapter_config.json + "
+                                  "adapter_model.safetensors); without it a LoRA checkpoint exports merged")
     return parser
 
 
@@ -159,8 +168,16 @@ def _checkpoint(args: argparse.Namespace) -> int:
         if args.tool == "export-hf":
             from efficient_train.tools import hf
 
-            files = hf.export_hf(args.ckpt, args.out_dir, dtype=args.dtype)
-            print(f"wrote {os.path.abspath(args.out_dir)}: config.json and {len(files)} safetensors file(s)")
+            files = hf.export_hf(args.ckpt, args.out_dir, dtype=args.dtype, adapters_only=args.adapters_only)
+            what = "PEFT adapters: " + " and ".join(files) if args.adapters_only else \
+                f"config.json and {len(files)} safetensors file(s)"
+            print(f"wrote {os.path.abspath(args.out_dir)}: {what}")
+            return 0
+        if args.tool == "merge-lora":
+            from efficient_train.tools.lora import merge_lora
+
+            step_dir = merge_lora(args.src, args.dst)
+            print(f"wrote {step_dir}: the base with the adapters merged in, parameters only")
             return 0
         if args.tool == "convert":
             mesh = parse_mesh_flag(args.mesh)
@@ -233,9 +250,24 @@ def _train(args: argparse.Namespace, config) -> int:
     return 130 if trainer.stop_reason == "SIGINT" else 0  # a shell's convention for a run stopped by Ctrl-C
 
 
-def _estimate(config, as_json: bool) -> int:
-    from efficient_train.train.estimate import estimate_memory, format_estimate
+def _remat_policies(value: str) -> tuple[str, ...]:
+    """--remat: 'all' or a comma-separated list of model.remat policies."""
+    if value.strip() == "all":
+        return REMAT_POLICIES
+    policies = tuple(name.strip() for name in value.split(",") if name.strip())
+    unknown = [name for name in policies if name not in REMAT_POLICIES]
+    if unknown or not policies:
+        raise UsageError(f"--remat: {value!r}; give 'all' or policies from {', '.join(REMAT_POLICIES)}, comma-separated")
+    return policies
 
+
+def _estimate(config, as_json: bool, remat: str | None) -> int:
+    from efficient_train.train.estimate import estimate_memory, estimate_policies, format_estimate, format_policy_table
+
+    if remat is not None:
+        rows = estimate_policies(config, _remat_policies(remat))
+        print(json.dumps(rows) if as_json else format_policy_table(config, rows))
+        return 0
     estimate = estimate_memory(config)
     print(json.dumps(estimate) if as_json else format_estimate(config, estimate))
     return 0
@@ -312,6 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             config.workdir = args.workdir
         # Everything that can be checked without jax or the disk is checked before either is touched.
         validate_fields(config)
+        if args.command == "estimate" and args.remat is not None:
+            _remat_policies(args.remat)
         processes = 1
         if args.command == "train":
             from efficient_train.parallel.mesh import DistributedArgs, distributed_args_from_env
@@ -326,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             validate_paths(config)  # os.stat only; before the backend starts or anything is written
         if args.command in ("eval", "generate"):
             return _eval(args, config) if args.command == "eval" else _generate(args, config)
-        return _train(args, config) if args.command == "train" else _estimate(config, args.json)
+        return _train(args, config) if args.command == "train" else _estimate(config, args.json, args.remat)
     except RunError as error:  # not bad input: the disk, the filesystem or the data on it failed
         from efficient_train.train.library_log import details_hint
 

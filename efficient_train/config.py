@@ -46,7 +46,14 @@ from efficient_train.data.errors import DataError
 from efficient_train.data.eval_sets import parse_eval_sets
 from efficient_train.data.sources import TOKEN_DTYPES
 from efficient_train.errors import ConfigError, InputError
-from efficient_train.models.choices import ATTENTION_IMPLS, DTYPES, MOE_BALANCE_SCOPES, NORM_IMPLS, REMAT_POLICIES
+from efficient_train.models.choices import (
+    ATTENTION_IMPLS,
+    DTYPES,
+    LORA_TARGETS,
+    MOE_BALANCE_SCOPES,
+    NORM_IMPLS,
+    REMAT_POLICIES,
+)
 from efficient_train.models.llama.config import family_problem, parameter_count
 from efficient_train.optim.choices import BLOCK_SIZES, OPTIMIZER_KERNELS, SCHEDULES, STATE_FORMATS
 from efficient_train.parallel.axes import MESH_AXES, SEQUENCE_PARALLEL_MODES, ZERO_STAGES
@@ -197,6 +204,12 @@ def default_config() -> ml_collections.ConfigDict:
     # Samples printed every `every` steps (0: never): `prompt` continued by `max_new_tokens` tokens,
     # with data.tokenizer (bytes when empty); temperature 0 is greedy.
     c.sample = ml_collections.ConfigDict(dict(every=0, prompt="", max_new_tokens=64, temperature=0.0))
+    # Fine-tuning (models/lora.py, train/finetune.py): `base` is the checkpoint (a directory: its newest
+    # step, or a step directory) whose parameters are frozen; LoRA adapters of `rank` (0: none, a full
+    # fine-tune) with scale alpha / rank on the comma-separated `targets` (q, k, v, o, gate, up, down, embed)
+    # are what trains, dropout on their inputs.
+    c.finetune = ml_collections.ConfigDict(dict(
+        base="", lora=ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets="q,k,v,o,gate,up,down"))))
     c.lock()
     return c
 
@@ -430,6 +443,18 @@ def _check_paths(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"{field}: '{path}' exists and is not a directory; give a directory path")
 
 
+def _check_finetune_base(config: ml_collections.ConfigDict) -> None:
+    """finetune.base exists and is not this run's own checkpoint directory (os.stat only)."""
+    base = config.finetune.base
+    if not os.path.isdir(base):
+        raise ConfigError(f"finetune.base: '{base}' is not a directory; give the base checkpoint directory or a step in it")
+    own = os.path.abspath(config.checkpoint.dir or os.path.join(config.workdir, "checkpoints"))
+    base_dir = os.path.abspath(base)
+    if base_dir == own or os.path.dirname(base_dir) == own:
+        raise ConfigError(f"finetune.base: '{base}' lies in this run's own checkpoint directory {own}; the LoRA run "
+                          "saves its adapters there, so give it another checkpoint.dir or workdir")
+
+
 def _check_mesh_sizes(mesh: ml_collections.ConfigDict) -> dict[str, int]:
     sizes = {axis: mesh[axis] for axis in MESH_AXES}
     for axis, size in sizes.items():
@@ -536,6 +561,7 @@ def validate_fields(config: ml_collections.ConfigDict) -> None:
     if config.eval.every and not config.eval.sets.strip():
         raise ConfigError(f"eval.every: {config.eval.every} evaluates no set; name them in eval.sets (e.g. "
                           "'validation' for data.path's validation split) or set eval.every=0")
+    _check_finetune(config)
     if config.sample.every and not config.sample.prompt:
         raise ConfigError(f"sample.every: {config.sample.every} needs sample.prompt, the text samples continue")
     _check_range(config, "seed", 0, MAX_SEED)
@@ -585,6 +611,35 @@ def validate_fields(config: ml_collections.ConfigDict) -> None:
             f"per step exceeds the bound {MAX_TOKENS_PER_STEP} (2**31 - 1); lower train.batch_size or data.seq_len")
 
 
+def _check_finetune(config: ml_collections.ConfigDict) -> None:
+    """finetune.lora's bounds and targets; a LoRA run needs finetune.base."""
+    lora = config.finetune.lora
+    if "\0" in config.finetune.base:
+        raise ConfigError(f"finetune.base: {config.finetune.base!r} contains a NUL byte, which no path may hold")
+    _check_range(config, "finetune.lora.rank", 0, MAX_DIMENSION)
+    _check_range(config, "finetune.lora.dropout", 0.0, 1.0, high_open=True)
+    _check_positive(config, "finetune.lora.alpha")
+    names = [name.strip() for name in lora.targets.split(",") if name.strip()]
+    unknown = [name for name in names if name not in LORA_TARGETS]
+    if unknown or (lora.rank and not names):
+        wrong = f"{', '.join(map(repr, unknown))} is not a target" if unknown else "names no target"
+        raise ConfigError(f"finetune.lora.targets: {wrong}; give comma-separated names from {', '.join(LORA_TARGETS)}")
+    if not lora.rank:
+        if config.finetune.base:
+            raise ConfigError("finetune.base: is set but finetune.lora.rank is 0; a full fine-tune starts from a "
+                              "checkpoint in checkpoint.dir, or set finetune.lora.rank > 0 to train adapters on this base")
+        return
+    if not config.finetune.base:
+        raise ConfigError("finetune.base: empty, but finetune.lora.rank > 0; name the base checkpoint the adapters "
+                          "train on (a checkpoint directory or one step in it, e.g. from checkpoint import-hf)")
+    if "embed" in names and config.model.tie_embeddings:
+        raise ConfigError("finetune.lora.targets: 'embed' with model.tie_embeddings=True would also change the tied "
+                          "output head once merged; leave 'embed' out for a tied model")
+    if lora.rank > config.model.hidden_size:
+        raise ConfigError(f"finetune.lora.rank: {lora.rank} exceeds model.hidden_size={config.model.hidden_size}; "
+                          "a low-rank update has a rank below the dimensions it adapts")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int, *, check_paths: bool = True) -> dict[str, int]:
     """Check the config against itself and the device count; returns the mesh shape."""
     validate_fields(config)
@@ -632,6 +687,8 @@ def validate_paths(config: ml_collections.ConfigDict) -> None:
     Imports the data package (and so jax): run it after the simulated device count is set.
     """
     _check_paths(config)
+    if config.finetune.lora.rank:
+        _check_finetune_base(config)
     from efficient_train.data import check_data_config
     from efficient_train.data.eval_sets import check_eval_sets
 

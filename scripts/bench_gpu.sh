@@ -77,6 +77,21 @@ run checkpoint_io env JAX_PLATFORMS=cpu $py benchmarks/checkpoint_io.py --device
 run checkpoint_io_gpu env JAX_PLATFORMS=cuda $py benchmarks/checkpoint_io.py --devices 1 --megabytes 4096
 run convert_memory env JAX_PLATFORMS=cpu $py benchmarks/convert_memory.py
 
+# ---- 6. Remat and offload policies (issue 18b): activation offload vs recompute ------------
+#    benchmarks/remat_offload.py: per policy, the largest batch that fits (each try in its own
+#    process), step time, peak bytes, host buffers (S(5)) in the compiled step, first losses.
+#    About 1-1.5 min per (policy, batch) try on llama_1b; at most 9 tries here.
+#    BENCH_SMOKE=1 runs this section with tiny settings (checks it end to end on a CPU):
+#      BENCH_SMOKE=1 BENCH_ONLY=remat_offload_llama1b bash scripts/bench_gpu.sh
+if [[ -n "${BENCH_SMOKE:-}" ]]; then
+  remat_args=(--batches 2,4 --steps 2 --warmup 1 --policies full,save_attention,offload_attention)
+else
+  remat_args=(--config configs/llama_1b.py --config.zero_stage=0 --batches 8,12,16 --steps 10 --warmup 2
+              --policies save_dots,offload_dots,full)
+fi
+run remat_offload_llama1b $py benchmarks/remat_offload.py "${remat_args[@]}"
+# ---- end of section 6 ------------------------------------------------------------------------
+
 echo "=============== summary ==============="
 cat "$out/summary.txt"
 if [[ -n "$failed" ]]; then

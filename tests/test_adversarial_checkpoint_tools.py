@@ -113,7 +113,7 @@ def two_steps(tmp_path_factory) -> str:
     """A params-only checkpoint directory holding steps 1 and 2; tests change copies of it."""
     directory = str(tmp_path_factory.mktemp("two_steps") / "ckpt")
     for step in (1, 2):
-        write_checkpoint(directory, step, random_params(step), model=dataclasses.asdict(CFG), optimizer=None)
+        write_checkpoint(directory, step, random_params(step), model=CFG.record(), optimizer=None)
     return directory
 
 
@@ -332,7 +332,7 @@ def test_import_hf_refuses_a_directory_that_holds_steps(tmp_path, two_steps, hf_
 def test_convert_refuses_a_dst_that_holds_steps(tmp_path, two_steps, capsys, restore_env):
     ckpt = copy_ckpt(two_steps, tmp_path)
     other = tmp_path / "other"
-    write_checkpoint(str(other), 7, random_params(7), model=dataclasses.asdict(CFG), optimizer=None)
+    write_checkpoint(str(other), 7, random_params(7), model=CFG.record(), optimizer=None)
     refused(capsys, 2, "convert", ckpt, other, "--mesh", MESH, needles=("DST:", "holds step(s) 7"), around=tmp_path)
 
 
@@ -355,7 +355,7 @@ def test_writer_fsyncs_every_file_and_directory_around_the_rename(tmp_path, monk
     monkeypatch.setattr(writer.os, "fsync", fsync)
     monkeypatch.setattr(writer.os, "rename", rename)
     directory = tmp_path / "new" / "ckpt"
-    step_dir = write_checkpoint(str(directory), 3, random_params(0), model=dataclasses.asdict(CFG), optimizer=None)
+    step_dir = write_checkpoint(str(directory), 3, random_params(0), model=CFG.record(), optimizer=None)
     renamed = events.index(("rename", step_dir))
     staging = os.path.join(str(directory), ".writing-3", "3")
     staged = {os.path.relpath(path, staging) for op, path in events[:renamed] if op == "fsync"}

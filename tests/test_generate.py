@@ -145,10 +145,12 @@ def test_decoding_on_a_sharded_mesh_equals_one_device():
 @pytest.mark.slow
 def test_generate_command_on_a_checkpoint(tmp_path, capsys):
     """`efficient-train generate` on a byte-level run's checkpoint prints each prompt and its
-    continuation; greedy output is what `complete` gives for the trained parameters."""
+    continuation; greedy output is what `complete` gives for the trained parameters. The run's
+    sample hook (sample.every=2) printed the same continuation at its last step."""
     from efficient_train import Trainer
 
-    config = small_config(**{"train.steps": 2, "mesh.data": 8, "data.source": "text", "model.vocab_size": 256})
+    config = small_config(**{"train.steps": 2, "mesh.data": 8, "data.source": "text", "model.vocab_size": 256,
+                             "sample.every": 2, "sample.prompt": "def ", "sample.max_new_tokens": 12})
     config.workdir = str(tmp_path / "run")
     trainer = Trainer(config)
     trainer.fit()
@@ -157,7 +159,7 @@ def test_generate_command_on_a_checkpoint(tmp_path, capsys):
     step_def = trainer.setup.step_def
     expected = complete(bind(step_def.graphdef, step_def.param_structure, trainer.state.params, step_def.rest),
                         ["def ", "import o"], max_new_tokens=12, options=SamplingOptions(temperature=0))
-    capsys.readouterr()
+    assert f"sample step 2: 'def ' -> {expected[0]!r}" in capsys.readouterr().out.splitlines()
     # The model's fields (hidden size 64, 2 layers) come from the checkpoint, not the default config.
     code = cli.main(["generate", "--checkpoint", str(tmp_path / "run" / "checkpoints"), "--prompt", "def ",
                      "--prompt", "import o", "--max_new_tokens", "12", "--temperature", "0"])

@@ -1,7 +1,9 @@
-"""Multi-host: 2 processes x 4 devices (jax.distributed, gloo on 127.0.0.1) train to the
-same losses as 1 process x 8 devices, and only process 0 writes metrics."""
+"""Multi-host: 2 processes x 4 devices (jax.distributed, gloo on 127.0.0.1) train and evaluate
+to the same losses as 1 process x 8 devices, and only process 0 writes metrics and trackers."""
 from __future__ import annotations
 
+import glob
+import importlib.util
 import json
 import os
 import subprocess
@@ -18,12 +20,17 @@ ARGS = [
     "--config.model.intermediate_size=128", "--config.model.num_layers=2", "--config.model.head_dim=16",
     "--config.train.steps=4", "--config.train.batch_size=16", "--config.train.log_every=1",
     "--config.mesh.data=8", "--config.zero_stage=3",
+    f"--config.eval.sets=held=text:{os.path.join(ROOT, 'efficient_train', 'config.py')}", "--config.eval.every=2",
+    "--config.eval.steps=2", "--config.tracker.tensorboard=true",
 ]
+HAS_WANDB = importlib.util.find_spec("wandb") is not None
+if HAS_WANDB:
+    ARGS += ["--config.tracker.wandb.project=multihost", "--config.tracker.wandb.mode=offline"]
 
 
-def _losses(workdir: str) -> list[float]:
+def _losses(workdir: str, key: str = "loss") -> list[float]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f if '"loss"' in line]
+        return [record[key] for record in map(json.loads, f) if key in record]
 
 
 @pytest.mark.slow
@@ -42,3 +49,19 @@ def test_two_processes_match_one(tmp_path):
     records = [json.loads(line) for line in open(os.path.join(multi, "metrics.jsonl"))]
     startups = [r for r in records if r.get("event") == "startup"]
     assert len(startups) == 1 and startups[0]["processes"] == 2 and startups[0]["devices"] == 8
+    # Evaluation: each process reads its own rows of the set; the sums over the mesh are the one process's.
+    assert len(_losses(single, "eval/held/loss")) == 2
+    np.testing.assert_allclose(_losses(multi, "eval/held/loss"), _losses(single, "eval/held/loss"), rtol=1e-5)
+    # Trackers: one writer. The event files, read raw by TensorBoard's loader, hold each step's loss
+    # once. (Two writers in the same second would write the same bytes to the same file name, so the
+    # check that fails when process 1 writes too is W&B's: each writer is its own offline run.)
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    points: dict[str, list[int]] = {}
+    for path in sorted(glob.glob(os.path.join(multi, "tensorboard", "events.out.tfevents.*"))):
+        for event in EventFileLoader(path).Load():
+            for value in event.summary.value:
+                points.setdefault(value.tag, []).append(event.step)
+    assert points["loss"] == [1, 2, 3, 4] and points["eval/held/loss"] == [2, 4]
+    if HAS_WANDB:
+        assert len(glob.glob(os.path.join(multi, "wandb", "offline-run-*"))) == 1

@@ -97,6 +97,58 @@ def test_evaluation_leaves_training_as_it_was(runs):
 
 
 @pytest.mark.slow
+def test_evaluation_is_compiled_once_on_the_training_mesh_and_shardings(runs):
+    """The evaluator holds one ahead-of-time compiled program (a `Compiled` is never recompiled:
+    other shardings are refused, not retraced) whose inputs are the train step's parameter and
+    batch shardings on the training mesh; ZeRO-3 gathers the parameter shards inside it."""
+    _, out = runs
+    _, trainer = out[True]
+    compiled = trainer.evaluator.compiled
+    assert isinstance(compiled, jax.stages.Compiled)
+    (eval_params, eval_batch), _ = compiled.input_shardings
+    (train_state, train_batch), _ = trainer.compiled.input_shardings
+    assert jax.tree.leaves(eval_params) == jax.tree.leaves(train_state.params)
+    assert jax.tree.leaves(eval_batch) == jax.tree.leaves(train_batch)
+    assert all(s.mesh == trainer.mesh for s in jax.tree.leaves(eval_params))
+    assert any(not s.is_fully_replicated for s in jax.tree.leaves(eval_params))
+    assert "all-gather" in compiled.as_text()
+
+
+@pytest.mark.slow
+def test_a_resumed_run_with_evaluation_trains_as_one_without(runs):
+    """Evaluating every 2 steps, stopped by SIGTERM after step 3 (saved with the loader before
+    batch 4) and resumed by a new trainer: the losses at every logged step and the final
+    parameters are bitwise those of the uninterrupted run without evaluation, and the final
+    evaluation is the watched run's."""
+    import signal
+
+    from efficient_train.train.trainer import Hook
+
+    tmp, out = runs
+    (plain, reference), (watched, _) = out[False], out[True]
+    config = _config(tmp, tmp / "prepared", watched=False)
+    config.workdir = str(tmp / "resumed")
+    config.eval.update(sets="validation", every=2, steps=2)
+    terminate = Hook(every=3, fn=lambda trainer, step, record: os.kill(os.getpid(), signal.SIGTERM))
+    first = Trainer(config, hooks=[terminate])
+    first.fit()
+    assert first.stop_reason == "SIGTERM" and int(first.state.step) == 3
+    second = Trainer(config)
+    assert int(second.state.step) == 3
+    second.fit()
+    assert second.stop_reason is None
+    losses = lambda c: {r["step"]: r["loss"] for r in _records(c) if "loss" in r}
+    resumed = losses(config)
+    assert {step: resumed[step] for step in losses(plain)} == losses(plain)
+    assert [r["step"] for r in _records(config) if "eval_time_s" in r] == [2, 4, 6]
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
+                        second.state.params, reference.state.params)
+    assert all(jax.tree.leaves(same))
+    final = lambda c: [r for r in _records(c) if "eval_time_s" in r][-1]["eval/validation/loss"]
+    assert final(config) == final(watched)
+
+
+@pytest.mark.slow
 def test_evaluation_records_match_a_plain_forward_pass(runs):
     """At step 4 (eval.every) and at the end: each set's loss is the weighted next-token loss of
     its first eval.steps batches under the parameters of that step, computed here by the
@@ -124,6 +176,33 @@ def test_evaluation_records_match_a_plain_forward_pass(runs):
         assert final[f"eval/{spec.name}/perplexity"] == pytest.approx(math.exp(loss))
         assert final[f"eval/{spec.name}/bits_per_byte"] == pytest.approx(loss / math.log(2))
     assert evals[0]["eval/validation/loss"] > final["eval/validation/loss"]  # it learns
+
+
+@pytest.mark.slow
+def test_evaluation_under_ring_sequence_parallelism_is_the_plain_loss(runs):
+    """Ring attention over sequence=2 (the eval sets' rows in zigzag order, as training's) with
+    tensor=2 and ZeRO-3: each set's evaluated loss is the unsharded model's on the rows in their
+    natural order."""
+    from efficient_train.train.loss import next_token_loss
+    from efficient_train.train.state import bind
+
+    tmp, _ = runs
+    config = _config(tmp, tmp / "prepared", watched=False)
+    config.mesh.update(data=2, sequence=2, tensor=2)
+    config.sequence_parallel.mode = "ring"
+    config.eval.update(sets=f"validation,raw=text:{tmp / 'heldout'}", steps=2)
+    trainer = Trainer(config)
+    record = trainer.evaluator.run(trainer.state.params, 0)
+    step_def = trainer.setup.step_def
+    params = jax.tree.map(lambda x: jax.device_put(np.asarray(x), jax.devices()[0]), trainer.state.params)
+    model = bind(step_def.graphdef, step_def.param_structure, params, step_def.rest)
+    for spec in parse_eval_sets(config.eval.sets):
+        eval_set = build_eval_set(spec, config.data, vocab_size=256, global_batch_size=16, process_index=0,
+                                  process_count=1, column_order=None, cache_dir=None)
+        sums = [jax.jit(next_token_loss)(model, jax.tree.map(np.asarray, eval_set.batch(i))) for i in range(2)]
+        total, weight = (float(sum(float(s[k]) for s in sums)) for k in (0, 1))
+        assert record[f"eval/{spec.name}/loss"] == pytest.approx(total / weight, rel=1e-5)
+        assert record[f"eval/{spec.name}/tokens"] == weight
 
 
 @pytest.mark.slow

@@ -72,6 +72,7 @@ from efficient_train.checkpoint.metadata import (
     CheckpointWriteError,
     DamagedCheckpoint,
     LeafRecord,
+    check_finetune_matches,
     check_model_matches,
     metadata_path,
     read_metadata_file,
@@ -212,7 +213,7 @@ class Checkpointer:
         return os.path.join(self.directory, str(step))
 
     def save(self, step: int, state: Any, *, model: dict, mesh: dict, zero_stage: int, optimizer: dict,
-             data: dict | None, seed: int) -> None:
+             data: dict | None, seed: int, finetune: dict | None = None) -> None:
         """Start saving `state` as step `step`; returns once the bytes are being written.
 
         Waits for the previous save first, and raises CheckpointWriteError if that one
@@ -233,7 +234,8 @@ class Checkpointer:
                 path: LeafRecord(tuple(leaf.shape), str(leaf.dtype), fingerprint)
                 for path, leaf, fingerprint in zip(paths, arrays, fetch_fingerprints.result()())
             }
-            return CheckpointMetadata(FORMAT_VERSION, step, model, mesh, zero_stage, optimizer, data, seed, leaves).to_json()
+            return CheckpointMetadata(FORMAT_VERSION, step, model, mesh, zero_stage, optimizer, data, seed, leaves,
+                                      finetune).to_json()
 
         try:
             self._manager.save(
@@ -325,16 +327,18 @@ class Checkpointer:
             self._manager.close()
             self._verifier.shutdown()
 
-    def restore_step(self, step: int, abstract_state: Any, *, model: dict,
-                     optimizer: dict | None = None) -> tuple[Any, CheckpointMetadata]:
+    def restore_step(self, step: int, abstract_state: Any, *, model: dict, optimizer: dict | None = None,
+                     finetune: dict | None = None) -> tuple[Any, CheckpointMetadata]:
         """Restore one step onto `abstract_state`'s shardings and verify every leaf.
 
         A params-only checkpoint (converted with --drop_optimizer, or imported from
         Hugging Face) restores with `opt_state=None`; the caller starts a fresh one.
-        `optimizer` (the run's optimizer config) names a changed state layout.
+        `optimizer` (the run's optimizer config) names a changed state layout; `finetune` (a
+        LoRA run's adapters and base reference) must match the step's.
         """
         metadata = read_metadata(self.step_dir(step))
         check_model_matches(metadata.model, model)
+        check_finetune_matches(step, metadata.finetune, finetune)
         if optimizer is not None and metadata.optimizer is not None:
             _check_optimizer_layout(step, self.step_dir(step), metadata.optimizer, optimizer)
         params_only = metadata.optimizer is None
@@ -385,8 +389,8 @@ class Checkpointer:
             "so nothing was changed: fix the cause and rerun"
         )
 
-    def restore_latest(self, abstract_state: Any, *, model: dict,
-                       optimizer: dict | None = None) -> tuple[Any, CheckpointMetadata] | None:
+    def restore_latest(self, abstract_state: Any, *, model: dict, optimizer: dict | None = None,
+                       finetune: dict | None = None) -> tuple[Any, CheckpointMetadata] | None:
         """The newest step that verifies; None when there is no step at all.
 
         Damaged newer steps are reported and, once an older step has verified, set aside
@@ -396,7 +400,7 @@ class Checkpointer:
         damaged: list[tuple[int, DamagedCheckpoint]] = []
         for step in reversed(self.steps()):
             try:
-                restored = self.restore_step(step, abstract_state, model=model, optimizer=optimizer)
+                restored = self.restore_step(step, abstract_state, model=model, optimizer=optimizer, finetune=finetune)
             except DamagedCheckpoint as error:
                 damaged.append((step, error))
                 log.warning("CHECKPOINT DAMAGED: %s", error)

@@ -58,6 +58,8 @@ _FINGERPRINT = re.compile(r"[0-9a-f]{16}")
 
 # Optimizer fields that decide the shapes and dtypes of the stored optimizer state.
 STATE_LAYOUT_FIELDS = ("state_format", "block_size", "min_quantized_size", "quantize_embeddings")
+# Fields a metadata.json may lack (added after format version 1 was fixed; absent means null).
+OPTIONAL_FIELDS = ("finetune",)
 
 class CheckpointError(InputError):
     """A checkpoint that cannot be used as asked, phrased as one line."""
@@ -167,6 +169,9 @@ class CheckpointMetadata:
     data: dict[str, Any] | None  # the loader's state, None for user-supplied data
     seed: int
     leaves: dict[str, LeafRecord]  # "params/blocks/attn/q/kernel" -> record
+    # A LoRA run's: {"lora": {rank, alpha, dropout, targets}, "base": {path, step, fingerprint}};
+    # None otherwise. Optional in the file (older checkpoints have none).
+    finetune: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -188,7 +193,7 @@ class CheckpointMetadata:
                 f"{source}: format_version {version} is newer than this efficient-train understands "
                 f"({FORMAT_VERSION}); upgrade efficient-train to read it"
             )
-        fields = [f.name for f in dataclasses.fields(cls)]
+        fields = [f.name for f in dataclasses.fields(cls) if f.name not in OPTIONAL_FIELDS]
         missing = [name for name in fields if name not in raw]
         if missing:
             raise check.fail(", ".join(missing), "missing", f"a checkpoint's metadata has {', '.join(fields)}")
@@ -206,7 +211,54 @@ class CheckpointMetadata:
             data=check.json_object(raw, "data", nullable=True),
             seed=check.int_in(raw, "seed", -2**63, 2**64 - 1),
             leaves={name: check.leaf(name, record) for name, record in leaves.items()},
+            finetune=_finetune(check, raw.get("finetune")),
         )
+
+
+def _finetune(check: _Checker, value: Any) -> dict[str, Any] | None:
+    """metadata.json's `finetune`: null, or an object with `lora` and `base` objects (base: path, step,
+    fingerprint), which restore and the LoRA tools read."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("lora"), dict) or not isinstance(value.get("base"), dict):
+        raise check.fail("finetune", f"is {_kind(value)}", "allowed: null or an object with lora and base objects")
+    base = value["base"]
+    if not isinstance(base.get("path"), str) or not _is_int(base.get("step")) \
+            or not isinstance(base.get("fingerprint"), str) or not _FINGERPRINT.fullmatch(base["fingerprint"]):
+        raise check.fail("finetune.base", f"is {_kind(base)}",
+                         "allowed: an object with path (a string), step (an integer), fingerprint (16 hex digits)")
+    lora = value["lora"]
+    if not _is_int(lora.get("rank")) or lora["rank"] < 1 or not isinstance(lora.get("alpha"), (int, float)) \
+            or isinstance(lora.get("alpha"), bool) or not isinstance(lora.get("targets"), list) \
+            or not all(isinstance(t, str) for t in lora["targets"]):
+        raise check.fail("finetune.lora", f"is {_kind(lora)}",
+                         "allowed: an object with rank (a positive integer), alpha (a number), targets (names)")
+    return value
+
+
+def check_finetune_matches(step: int, saved: dict[str, Any] | None, current: dict[str, Any] | None) -> None:
+    """Refuse a step of another kind of run: LoRA vs not, other adapters, or another base."""
+    if saved is None and current is None:
+        return
+    if saved is None:
+        raise CheckpointError(f"step {step} is not a LoRA checkpoint, but finetune.lora.rank > 0: a LoRA run saves "
+                              "into a checkpoint directory of its own; set checkpoint.dir (or workdir) to a new one")
+    if current is None:
+        raise CheckpointError(f"step {step} holds LoRA adapters (finetune.lora {saved['lora']}); resume it with the "
+                              "same finetune.lora and finetune.base, or merge it first: efficient-train checkpoint "
+                              "merge-lora SRC DST")
+    # What the adapters mean: their shapes (rank, targets) and their scale (alpha / rank); dropout may change.
+    meaning = ("rank", "alpha", "targets")
+    changed = [f"{k}: saved {saved['lora'].get(k)!r}, this run {current['lora'].get(k)!r}" for k in meaning
+               if saved["lora"].get(k) != current["lora"].get(k)]
+    if changed:
+        raise CheckpointError(f"finetune.lora: step {step} holds adapters of other settings ({'; '.join(changed)}); "
+                              "set them back, or start a new run in another checkpoint.dir")
+    old, new = saved["base"], current["base"]
+    if old["fingerprint"] != new["fingerprint"]:
+        raise CheckpointError(f"finetune.base: {new['path']} (fingerprint {new['fingerprint']}) is not the base step "
+                              f"{step} was trained on ({old['path']}, fingerprint {old['fingerprint']}); point "
+                              "finetune.base at that base, or start a new run in another checkpoint.dir")
 
 
 def read_metadata_file(path: str) -> CheckpointMetadata:

@@ -118,7 +118,7 @@ class EvalSet:
         samples = index * self.loader.global_batch_size + self._first_row + np.arange(self.loader.local_batch_size)
         past_end = samples >= self.loader.num_windows
         if past_end.any():
-            batch = batch.replace(loss_weights=np.where(past_end[:, None], 0.0, batch.loss_weights).astype(np.float32))
+            batch = dataclasses.replace(batch, loss_weights=np.where(past_end[:, None], 0.0, batch.loss_weights).astype(np.float32))
         return batch
 
 

@@ -20,10 +20,11 @@ when they divide.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import flax.struct
 import jax
@@ -37,6 +38,9 @@ from efficient_train.errors import InputError
 from efficient_train.generate.sampling import DEFAULT_SAMPLING, SamplingOptions, next_token
 from efficient_train.models import kv_cache
 from efficient_train.parallel.sharding import BATCH_AXES
+
+if TYPE_CHECKING:
+    from efficient_train.models.llama.model import Llama
 
 
 @flax.struct.dataclass
@@ -57,7 +61,7 @@ def init_cache(cfg: Any, batch: int, length: int) -> KVCache:
     return KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype), slots, slots, jnp.zeros((), jnp.int32))
 
 
-def forward(model: nnx.Module, cache: KVCache, tokens: jax.Array, positions: jax.Array,
+def forward(model: Llama, cache: KVCache, tokens: jax.Array, positions: jax.Array,
             segment_ids: jax.Array) -> tuple[jax.Array, KVCache]:
     """fp32 logits [B, T, V] of `tokens` [B, T] placed at the cache's next T slots, and the cache
     holding them."""
@@ -86,12 +90,12 @@ def forward(model: nnx.Module, cache: KVCache, tokens: jax.Array, positions: jax
 
         x, (ks, vs) = jax.lax.scan(body, x, (stacked, windows, cache.k, cache.v))
     else:
-        ks, vs = [], []
-        for i, block in enumerate(model.blocks):
+        layer_ks, layer_vs = [], []
+        for i, block in enumerate(cast(Sequence[nnx.Module], model.blocks)):  # an nnx.List when not scanned
             x, k, v = layer(block, windows[i], x, cache.k[i], cache.v[i])
-            ks.append(k)
-            vs.append(v)
-        ks, vs = jnp.stack(ks), jnp.stack(vs)
+            layer_ks.append(k)
+            layer_vs.append(v)
+        ks, vs = jnp.stack(layer_ks), jnp.stack(layer_vs)
     return model.logits(x), KVCache(ks, vs, kv_segments, kv_positions, cache.index + tokens.shape[1])
 
 
@@ -110,7 +114,7 @@ def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, 
     return tokens, positions, segments, lengths
 
 
-def _cache_sharding(mesh: jax.sharding.Mesh | None, batch: int, kv_heads: int) -> Any:
+def _cache_sharding(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None, batch: int, kv_heads: int) -> Any:
     """The training rules for the cache: batch over replica x data x expert, kv heads over tensor, where they divide."""
     if mesh is None:
         return None
@@ -130,7 +134,7 @@ def _program(graphdef: nnx.GraphDef, new_tokens: int, options: SamplingOptions, 
         batch, width = tokens.shape
         cache = init_cache(model.cfg, batch, width + new_tokens)
         if cache_sharding is not None:
-            cache = cache.replace(k=jax.lax.with_sharding_constraint(cache.k, cache_sharding),
+            cache = dataclasses.replace(cache, k=jax.lax.with_sharding_constraint(cache.k, cache_sharding),
                                   v=jax.lax.with_sharding_constraint(cache.v, cache_sharding))
         logits, cache = forward(model, cache, tokens, positions, segments)
         key, draw = jax.random.split(key)
@@ -149,7 +153,7 @@ def _program(graphdef: nnx.GraphDef, new_tokens: int, options: SamplingOptions, 
     return jax.jit(run)
 
 
-def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              options: SamplingOptions = DEFAULT_SAMPLING, seed: int = 0, eos_id: int | None = None) -> list[list[int]]:
     """Each prompt's next `max_new_tokens` token ids (cut after `eos_id` where it appears).
 
@@ -167,7 +171,8 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
         if bad:
             raise InputError(f"--prompt: token id {bad[0]} is outside the model's vocabulary [0, {vocab}); "
                              "use the tokenizer the model was trained with")
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, *others = nnx.split(model, nnx.Param, ...)
+    rest = others[0]
     leaves = jax.tree.leaves(params)
     mesh = leaves[0].sharding.mesh if leaves and isinstance(leaves[0].sharding, NamedSharding) else None
     sharding = _cache_sharding(mesh, len(prompts), model.cfg.num_kv_heads)

@@ -7,16 +7,18 @@ closed by an eos; generation stops at the tokenizer's eos where it has one.
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-from flax import nnx
+from typing import TYPE_CHECKING
 
 from efficient_train.data.errors import DataError
 from efficient_train.data.tokenizer import Tokenizer, load_tokenizer
 from efficient_train.generate.decode import generate
 from efficient_train.generate.sampling import DEFAULT_SAMPLING, SamplingOptions
 
+if TYPE_CHECKING:
+    from efficient_train.models.llama.model import Llama
 
-def complete(model: nnx.Module, prompts: Sequence[str], *, tokenizer: Tokenizer | str = "", max_new_tokens: int = 64,
+
+def complete(model: Llama, prompts: Sequence[str], *, tokenizer: Tokenizer | str = "", max_new_tokens: int = 64,
              options: SamplingOptions = DEFAULT_SAMPLING, seed: int = 0) -> list[str]:
     """Each prompt's continuation (the generated text only)."""
     if isinstance(tokenizer, str):

@@ -9,6 +9,8 @@ The names used across the model are 'vocab', 'embed', 'heads', 'kv_heads', 'head
 Parameters are stored in `param_dtype` and cast to the compute `dtype` at use, so a
 bf16 model can keep fp32 master weights. Norm statistics and rotary angles are always
 computed in fp32. The rotary tables themselves (and their scalings) are models/rope.py's.
+`Linear` and `Embed` have one hook, `lora` (None unless models/lora.py attaches an
+adapter), whose output is added to theirs.
 
 With Flax's default eager sharding, creating a Param with `out_sharding` requires a
 mesh; build models inside `with nnx.use_eager_sharding(False):` when there is none
@@ -21,6 +23,7 @@ start with unit scale; norm scales start at one.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +56,7 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros(out_shape, param_dtype), out_sharding=axes[n_in:]) if bias else None
         self.n_in = n_in
         self.dtype = dtype
+        self.lora: Any = nnx.data(None)  # a LoRA adapter (models/lora.py attaches it)
 
     def __call__(self, x: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
         """x[..., *in_shape] -> [..., *out_shape] in `out_dtype` (default: compute dtype)."""
@@ -61,6 +65,8 @@ class Linear(nnx.Module):
         y = jax.lax.dot_general(
             x.astype(self.dtype), kernel, (contract, ((), ())),
             preferred_element_type=out_dtype or self.dtype)
+        if self.lora is not None:
+            y = y + self.lora(x).astype(y.dtype)
         if self.bias is not None:
             y = y + self.bias.get_value().astype(y.dtype)
         return y
@@ -75,9 +81,11 @@ class Embed(nnx.Module):
         self.embedding = nnx.Param(
             init(rngs.params(), (vocab_size, hidden_size), param_dtype), out_sharding=("vocab", "embed"))
         self.dtype = dtype
+        self.lora: Any = nnx.data(None)  # a LoRA adapter (models/lora.py attaches it)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding.get_value(), ids, axis=0).astype(self.dtype)
+        x = jnp.take(self.embedding.get_value(), ids, axis=0).astype(self.dtype)
+        return x if self.lora is None else x + self.lora.lookup(ids).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """x [..., embed] -> fp32 logits [..., vocab] = x @ embedding.T."""

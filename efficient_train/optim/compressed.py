@@ -58,7 +58,7 @@ LeafStep = tuple[jax.Array, Any, Any]  # (new param or update, new first moment,
 
 @flax.struct.dataclass
 class CompressedAdamState:
-    count: jax.Array  # int32 scalar
+    count: Any  # int32 scalar (or its sharding, where optim/placement.py maps the state)
     mu: Any  # per leaf: Quantized | bfloat16 | float32 first moment
     nu: Any  # per leaf: Quantized sqrt(v) | bfloat16 v | float32 v
 
@@ -99,7 +99,7 @@ class CompressedAdamW:
 
     # ---- layout -------------------------------------------------------------------------
 
-    def _init_leaf(self, p: jax.Array, eligible: bool) -> tuple[Any, Any]:
+    def _init_leaf(self, p: jax.Array, eligible: bool) -> tuple[Any, ...]:
         shape = tuple(p.shape)
         eligible = eligible and int(np.prod(shape, dtype=np.int64)) >= self.min_quantized_size
         if eligible and self.state_format == "bf16":
@@ -209,11 +209,12 @@ class CompressedAdamW:
                 raise ValueError(optax.NO_PARAMS_MSG)
             params = grads  # read by no arithmetic: weight decay is off
         g_leaves, treedef = jax.tree.flatten(grads)
-        p_leaves = treedef.flatten_up_to(params)
-        m_leaves = treedef.flatten_up_to(state.mu)
-        v_leaves = treedef.flatten_up_to(state.nu)
+        treedef_: Any = treedef  # jax's stub lacks flatten_up_to
+        p_leaves = treedef_.flatten_up_to(params)
+        m_leaves = treedef_.flatten_up_to(state.mu)
+        v_leaves = treedef_.flatten_up_to(state.nu)
         decays = _flags(self.mask, params, lambda p: True)
-        shardings = treedef.flatten_up_to(self.shardings) if self.shardings is not None else [None] * len(g_leaves)
+        shardings = treedef_.flatten_up_to(self.shardings) if self.shardings is not None else [None] * len(g_leaves)
         s = self._scalars(state.count)
         use_kernel, backend, interpret = self._use_kernel()
         outs, mus, nus = [], [], []

@@ -15,6 +15,7 @@ are ordinary global arrays (codes, scales, exponents) that any mesh can load.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -75,7 +76,7 @@ def from_fp32(moments: optax.ScaleByAdamState, optimizer: optax.GradientTransfor
         if isinstance(node, CompressedAdamState):
             mu = jax.tree.map(lambda t, x: _like(t, x, False), node.mu, moments.mu, is_leaf=_is_quantized)
             nu = jax.tree.map(lambda t, x: _like(t, x, True), node.nu, moments.nu, is_leaf=_is_quantized)
-            return node.replace(count=count, mu=mu, nu=nu)
+            return dataclasses.replace(node, count=count, mu=mu, nu=nu)
         if isinstance(node, optax.ScaleByAdamState):
             cast = lambda t, x: jnp.asarray(x, t.dtype)
             return optax.ScaleByAdamState(count, jax.tree.map(cast, node.mu, moments.mu), jax.tree.map(cast, node.nu, moments.nu))

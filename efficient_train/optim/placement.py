@@ -19,6 +19,7 @@ moves the state to `device` memory for the update and back (`device_shardings`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Any
@@ -70,7 +71,8 @@ def state_shardings(abstract_state: Any, param_shardings: Any, *, offload: bool 
         if isinstance(leaf, Quantized):
             if not local_extent_is_aligned(leaf.shape, sharding, leaf.block):
                 misaligned.append(f"{key_path_name(path)} {leaf.shape} {sharding.spec} (block {leaf.block})")
-            return leaf.replace(
+            return dataclasses.replace(
+                leaf,
                 codes=fitted(sharding, leaf.codes.shape), scales=fitted(sharding, leaf.scales.shape),
                 exponents=None if leaf.exponents is None else fitted(sharding, leaf.exponents.shape),
             )
@@ -83,7 +85,7 @@ def state_shardings(abstract_state: Any, param_shardings: Any, *, offload: bool 
 
     def node(x: Any) -> Any:
         if isinstance(x, CompressedAdamState):
-            return x.replace(count=replicated, mu=moments(x.mu), nu=moments(x.nu))
+            return dataclasses.replace(x, count=replicated, mu=moments(x.mu), nu=moments(x.nu))
         if isinstance(x, optax.ScaleByAdamState):
             return x._replace(count=replicated, mu=moments(x.mu), nu=moments(x.nu))
         if getattr(x, "ndim", 0) != 0:

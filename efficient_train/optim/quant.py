@@ -21,6 +21,8 @@ of B/2, B/4, ... down to 32 that divides the last axis; none -> not quantized.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -43,9 +45,11 @@ ROLES = ("m", "v")
 class Quantized:
     """One block-quantized moment of a parameter of shape (..., d)."""
 
-    codes: jax.Array  # uint8 (..., d), or (..., d // 2) for 4-bit codes
-    scales: jax.Array  # float32 (..., d // block): absmax per block
-    exponents: jax.Array | None  # float32 like scales (e4m3 range expansion), else None
+    # Arrays in a state; the same structure also carries their PartitionSpecs or shardings
+    # (optim/placement.py, shard_map specs), hence Any.
+    codes: Any  # uint8 (..., d), or (..., d // 2) for 4-bit codes
+    scales: Any  # float32 (..., d // block): absmax per block
+    exponents: Any  # float32 like scales (e4m3 range expansion), else None
     code: Code = flax.struct.field(pytree_node=False)
     block: int = flax.struct.field(pytree_node=False)
 

@@ -13,19 +13,33 @@ and over which axes (`zero_axes`: an expert weight's group leaves out the `exper
 axis its experts are split over; without it, the context's axes).
 Outside a `gathering(...)` context, or for a variable without `zero_dim`, `gather`
 returns its input unchanged, so models stay usable on their own.
+
+Two ways in:
+- A model that knows about ZeRO-3 (the Llama decoder, `gathers_params_per_layer`)
+  calls `gather` on each layer's state inside its own remat boundary.
+- Any other Flax NNX module is bound with `gather_on_read`: each sharded `nnx.Param`
+  becomes a `GatheredOnRead`, whose every read (`p[...]`, `p.get_value()`, arithmetic,
+  attributes such as `.T`) all-gathers the shard at that point of the program. The step
+  wraps the loss in `regather_in_backward`, a `jax.checkpoint` that keeps every
+  residual except the gathered values: the backward gathers again where it needs a
+  weight instead of holding all of them from the forward. Peak memory then holds the
+  parameters of one use at a time (plus what the scheduler overlaps), not the model.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import jax
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from efficient_train.parallel.context import TracingContext
 
 ZERO_DIM = "zero_dim"
 ZERO_AXES = "zero_axes"
+GATHERED_NAME = "zero3_gathered"  # the checkpoint_name of a value GatheredOnRead gathered
 
 T = TypeVar("T")
 
@@ -67,3 +81,61 @@ def gather(state: T, stacked_dims: int = 0) -> T:
         state,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
+
+
+STORED_NDIM = "stored_ndim"  # rank of the parameter as stored, so a read of a slice finds its dim
+
+
+def _gather_at_read(value: jax.Array, dim: int, stored_ndim: int) -> jax.Array:
+    axes = _GATHER_AXES.current()
+    if not axes:
+        return value
+    # Inside a scan or vmap over stacked layers (nnx.scan, nnx.vmap) a read sees the
+    # parameter without its leading layer dims.
+    local_dim = dim - (stored_ndim - value.ndim)
+    if local_dim < 0:
+        raise ValueError(f"zero_dim {dim} lies in the {stored_ndim - value.ndim} leading dims this read sliced off")
+    return checkpoint_name(jax.lax.all_gather(value, axes, axis=local_dim, tiled=True), GATHERED_NAME)
+
+
+_WHOLE = object()  # no index given to get_value
+
+
+class GatheredOnRead(nnx.Param):
+    """A ZeRO-3 shard of a parameter that reads as the whole parameter: every read
+    all-gathers it over the gathering axes (`zero_dim` from the metadata)."""
+
+    def get_value(self, *, index: Any = _WHOLE) -> Any:
+        metadata = self.get_metadata()
+        whole = _gather_at_read(super().get_value(), metadata[ZERO_DIM], metadata[STORED_NDIM])
+        return whole if index is _WHOLE or index is Ellipsis else whole[index]
+
+    def __getattr__(self, name: str) -> Any:  # .T, .dtype, .ndim, ... of the whole value
+        if name in self.get_metadata():
+            return super().__getattr__(name)
+        return getattr(self.get_value(), name)
+
+
+def gather_on_read(state: nnx.State) -> nnx.State:
+    """`state` with every Param that has a `zero_dim` turned into a `GatheredOnRead`."""
+
+    def convert(variable: nnx.Variable) -> nnx.Variable:
+        if not isinstance(variable, nnx.Param) or variable.get_metadata().get(ZERO_DIM) is None:
+            return variable
+        value = variable.get_raw_value()
+        return GatheredOnRead(value, **(variable.get_metadata() | {STORED_NDIM: value.ndim}))
+
+    return jax.tree.map(convert, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _keep_all_but_gathers(primitive: Any, *_: Any, **params: Any) -> bool:
+    """A jax.checkpoint policy: every value is saved for the backward except gathered
+    parameters (and the all-gathers that produce them), which the backward recomputes."""
+    if primitive.name == "all_gather":
+        return False
+    return not (primitive.name == "name" and params.get("name") == GATHERED_NAME)
+
+
+def regather_in_backward(fn: Callable[..., T]) -> Callable[..., T]:
+    """`fn` whose backward all-gathers each parameter again at its use, saving nothing gathered."""
+    return jax.checkpoint(fn, policy=_keep_all_but_gathers)

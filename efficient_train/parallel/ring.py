@@ -160,7 +160,7 @@ def _own_block(spec: RingSpec, q: jax.Array, seg: jax.Array, k: jax.Array, v: ja
 
 
 def _other_block(spec: RingSpec, q: jax.Array, seg: jax.Array, k: jax.Array, v: jax.Array,
-                kv_seg: jax.Array, src: jax.Array, me: jax.Array, window: jax.Array) -> Partial:
+                kv_seg: jax.Array, src: jax.Array | int, me: jax.Array, window: jax.Array) -> Partial:
     """Step j > 0: this device's (`me`) queries against the keys of device `src` != me."""
     if not spec.causal:
         return _block(spec, q, k, v, seg, kv_seg, causal=False)
@@ -198,8 +198,10 @@ def _forward(spec: RingSpec, q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.
     me = jax.lax.axis_index(spec.axis)
     send = _sender(spec)
 
-    def visit(acc: Partial, kv: tuple, j: jax.Array) -> Partial:
-        return _merge(acc, _other_block(spec, q, seg, *kv, src=(me - j) % spec.size, me=me, window=window))
+    def visit(acc: Partial, kv: tuple[jax.Array, jax.Array, jax.Array], j: jax.Array | int) -> Partial:
+        kv_k, kv_v, kv_seg = kv
+        return _merge(acc, _other_block(spec, q, seg, kv_k, kv_v, kv_seg, src=(me - j) % spec.size, me=me,
+                                        window=window))
 
     def step(carry: tuple, j: jax.Array) -> tuple:
         acc, kv = carry
@@ -241,7 +243,7 @@ def _ring_bwd(spec: RingSpec, residuals: tuple, dout: jax.Array) -> tuple:
         me = jax.lax.axis_index(spec.axis)
         send = _sender(spec)
 
-        def visit(dq: jax.Array, kv: tuple, dkv: tuple, j: jax.Array) -> tuple:
+        def visit(dq: jax.Array, kv: tuple, dkv: tuple, j: jax.Array | int) -> tuple:
             kv_seg = kv[2]
             src = (me - j) % spec.size
             gq, gk, gv = grads(lambda q, k, v: _other_block(spec, q, seg, k, v, kv_seg, src, me, window),

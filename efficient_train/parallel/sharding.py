@@ -56,11 +56,15 @@ DEFAULT_RULES: Rules = (
     ("head_dim", None),
     ("norm", None),
     ("layers", None),
+    ("lora_rank", None),
 )
 ZERO_GROUP = ("data", "expert", "sequence")
 BATCH_AXES = ("replica", "data", "expert")
 MANUAL_AXES = ("replica", "data", "expert", "sequence")
 LAYER_AXIS = "layers"
+# A LoRA adapter's rank axis: replicated, and never the ZeRO dimension (like `layers`), so
+# A keeps its base kernel's input placement and B its output placement.
+LORA_RANK_AXIS = "lora_rank"
 
 
 def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:
@@ -97,7 +101,9 @@ def indivisible_dims(shape: Sequence[int], names: Sequence[str | None] | None, r
     table = _rule_table(rules)
     found = []
     for dim, (extent, name) in enumerate(zip(shape, names or ())):
-        for axis in mesh_axes(table.get(name)) if name else ():
+        if name is None:
+            continue
+        for axis in mesh_axes(table.get(name)):
             size = mesh_shape.get(axis, 1)
             if size > 1 and extent % size:
                 found.append((dim, name, axis, size))
@@ -128,14 +134,14 @@ def tensor_spec(shape: Sequence[int], names: Sequence[str | None] | None, rules:
 
 
 def choose_zero_dim(shape: Sequence[int], spec: P, names: Sequence[str | None] | None, group: int) -> int | None:
-    """The largest dimension the ZeRO group divides and no mesh axis uses (never `layers`)."""
+    """The largest dimension the ZeRO group divides and no mesh axis uses (never `layers` or `lora_rank`)."""
     if group == 1:
         return None
     best = None
     for dim, (extent, entry) in enumerate(zip(shape, spec)):
         if entry is not None or extent % group:
             continue
-        if names is not None and names[dim] == LAYER_AXIS:
+        if names is not None and names[dim] in (LAYER_AXIS, LORA_RANK_AXIS):
             continue
         if best is None or extent > shape[best]:
             best = dim

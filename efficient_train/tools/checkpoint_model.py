@@ -48,8 +48,12 @@ def load_checkpoint_model(checkpoint: str, config: ml_collections.ConfigDict) ->
     if not metadata.model:
         raise CheckpointError(f"--checkpoint: {step_dir} was saved from a model of your own (no model config); "
                               "eval and generate run the built-in Llama")
+    if metadata.finetune is not None:
+        raise CheckpointError(f"--checkpoint: {step_dir} is a LoRA checkpoint (adapters on a base); merge it first: "
+                              "efficient-train checkpoint merge-lora SRC DST, then pass DST")
     model_config(metadata, step_dir)  # the fields' types, checked before they reach the config
     config = ml_collections.ConfigDict(config.to_dict())
+    config.finetune.lora.rank, config.finetune.base = 0, ""  # the checkpoint's parameters are the whole model
     for key, value in metadata.model.items():
         if key in config.model:
             config.model[key] = value

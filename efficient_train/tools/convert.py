@@ -221,6 +221,9 @@ def convert(src: str, dst: str, *, mesh: dict[str, int], zero_stage: int | None 
     """
     step_dir, older = resolve_step(src, "SRC")
     metadata = read_step_metadata(step_dir)
+    if metadata.finetune is not None:
+        raise CheckpointError(f"SRC: {step_dir} is a LoRA checkpoint (adapters on a base); merge it into a full "
+                              "checkpoint first: efficient-train checkpoint merge-lora SRC DST")
     source_path = metadata_path(step_dir)
     source_optimizer = metadata.optimizer
     target_optimizer = None if drop_optimizer or source_optimizer is None else dict(source_optimizer)
@@ -251,7 +254,7 @@ def convert(src: str, dst: str, *, mesh: dict[str, int], zero_stage: int | None 
         raise CheckpointError(f"SRC: {step_dir}'s leaves do not match its own model and optimizer config "
                               f"(e.g. {', '.join(differing[:3])})")
     shardings = dict(leaf_paths(jax.tree.map(lambda leaf: leaf.sharding, target)))
-    same_format = target_optimizer is not None and all(
+    same_format = source_optimizer is not None and target_optimizer is not None and all(
         source_optimizer.get(key) == target_optimizer.get(key) for key in STATE_LAYOUT_FIELDS)
     reader = VerifiedReader(step_dir, metadata)
 

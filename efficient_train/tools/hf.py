@@ -165,19 +165,31 @@ def _remove_output(out_dir: str, created: str | None, names: list[str]) -> None:
 
 
 def export_hf(ckpt: str, out_dir: str, *, dtype: str | None = None,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, adapters_only: bool = False) -> list[str]:
     """Write the parameters of checkpoint `ckpt` (a step, or its newest) as a HF directory.
 
     `dtype` (default: the checkpoint's param_dtype) is the dtype of the written tensors.
-    Returns the safetensors file names written into `out_dir`.
+    Returns the safetensors file names written into `out_dir`. A LoRA checkpoint exports
+    its base with the adapters merged in (tools/lora.py), or with `adapters_only` the
+    adapters alone in the PEFT layout.
 
     Every parameter is checked against its fingerprint as it is read. A damaged one
     stops the export, which then removes what it wrote (OUT_DIR itself when it created
     it) and raises DamagedCheckpoint naming every damaged parameter and the older steps
     the user could export instead.
     """
+    from efficient_train.tools.lora import LoRASource, write_peft
+
     step_dir, older = resolve_step(ckpt)
     metadata = read_step_metadata(step_dir)
+    if adapters_only:
+        if metadata.finetune is None:
+            raise HFError(f"--adapters_only: {step_dir} is not a LoRA checkpoint (no finetune in its metadata.json); "
+                          "export the whole model without it")
+        return write_peft(step_dir, out_dir)
+    lora = LoRASource(step_dir, "CKPT") if metadata.finetune is not None else None
+    if lora is not None:  # the base's parameters, merged with the adapters as they are read
+        step_dir, metadata = lora.base_dir, lora.base_metadata
     if not metadata.model:
         raise HFError(f"{step_dir}: holds a user's own module, not the built-in Llama; nothing to export")
     cfg = model_config(metadata, step_dir)
@@ -198,7 +210,7 @@ def export_hf(ckpt: str, out_dir: str, *, dtype: str | None = None,
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
         for m in maps:
-            value = reader.read("params/" + m.leaf)
+            value = reader.read("params/" + m.leaf) if lora is None else lora.read(m.leaf)
             for name, part in zip(m.hf_names, m.parts(value)):
                 yield name, m.to_hf(part).astype(out_dtype)
 

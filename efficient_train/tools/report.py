@@ -62,6 +62,16 @@ def _disk_bytes(directory: str) -> int:
     return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(directory) for name in names)
 
 
+def _finetune_lines(metadata: CheckpointMetadata) -> list[str]:
+    """A LoRA checkpoint's adapters and the base it needs (train/finetune.py)."""
+    if metadata.finetune is None:
+        return []
+    lora, base = metadata.finetune["lora"], metadata.finetune["base"]
+    return [f"LoRA adapters: rank {lora['rank']}, alpha {lora['alpha']}, targets {','.join(lora['targets'])}; on base "
+            f"{base['path']} (step {base['step']}, fingerprint {base['fingerprint']}); `checkpoint merge-lora` "
+            "writes the merged model"]
+
+
 def inspect_text(path: str) -> str:
     step_dir = resolve_step_dir(path)
     metadata = read_step_metadata(step_dir)
@@ -76,6 +86,7 @@ def inspect_text(path: str) -> str:
          else "optimizer: none (params only; training from it starts a fresh optimizer state)")
         + (f"; data loader at batch {loader}" if loader is not None else
            "; data loader state recorded" if metadata.data else "; user-supplied data"),
+        *_finetune_lines(metadata),
         "",
         f"{'leaf':<48} {'shape':<22} {'dtype':<10} {'bytes':>14}",
     ]

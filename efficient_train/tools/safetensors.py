@@ -353,3 +353,12 @@ def write_safetensors(out_dir: str, plan: Sequence[TensorSpec], tensors: Iterabl
         with open(os.path.join(out_dir, INDEX_FILE), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2)
     return files
+
+
+def write_safetensors_file(path: str, tensors: Sequence[tuple[str, np.ndarray]]) -> None:
+    """One safetensors file of small tensors held in memory (a LoRA adapter's PEFT file)."""
+    specs = [TensorSpec(name, tuple(value.shape), np.dtype(value.dtype)) for name, value in tensors]
+    with open(path, "wb") as f:
+        f.write(_header_bytes(specs))
+        for _, value in tensors:
+            np.ascontiguousarray(value).tofile(f)

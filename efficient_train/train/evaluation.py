@@ -41,17 +41,19 @@ from efficient_train.train.step import (
 from efficient_train.train.training_setup import TrainSetup
 
 
-def build_eval_step(step_def: StepDefinition, param_shardings: Any, example_batch: Any) -> Any:
-    """A jitted `eval_step(params, batch) -> (loss sum, weight)` over the global batch."""
+def build_eval_step(step_def: StepDefinition, param_shardings: Any, example_batch: Any,
+                    frozen_shardings: Any = None) -> Any:
+    """A jitted `eval_step(params, frozen, batch) -> (loss sum, weight)` over the global batch
+    (`frozen`: a LoRA run's base, {} otherwise)."""
     local_loss = make_local_loss(step_def)
     axes = batch_axes(dict(step_def.plan.mesh.shape))
 
-    def local(params: dict, batch: Any) -> tuple[jax.Array, jax.Array]:
+    def local(params: dict, frozen: dict, batch: Any) -> tuple[jax.Array, jax.Array]:
         if step_def.grad_accum == 1:
-            total, weight = local_loss(params, batch)
+            total, weight = local_loss(params, frozen, batch)
         else:
             def accumulate(carry, micro_batch):
-                t, w = local_loss(params, micro_batch)
+                t, w = local_loss(params, frozen, micro_batch)
                 return (carry[0] + t, carry[1] + w), None
 
             (total, weight), _ = jax.lax.scan(accumulate, (jnp.zeros(()), jnp.zeros(())),
@@ -63,7 +65,7 @@ def build_eval_step(step_def: StepDefinition, param_shardings: Any, example_batc
     batch_shardings = jax.tree.map(lambda s: NamedSharding(step_def.plan.mesh, s),
                                    batch_specs(example_batch, step_def.shard_sequence))
     return jax.jit(over_batch_axes(local, step_def, example_batch, (P(), P())),
-                   in_shardings=(param_shardings, batch_shardings))
+                   in_shardings=(param_shardings, frozen_shardings or {}, batch_shardings))
 
 
 def set_metrics(name: str, total: float, weight: float, bytes_per_token: float | None) -> dict[str, float | None]:
@@ -86,9 +88,9 @@ class Evaluator:
         self.sets = sets
         self.steps = steps
         self._batch_shardings = jax.tree.map(lambda x: x.sharding, abstract_batch)
-        params = setup.abstract_state.params
-        self.compiled = build_eval_step(setup.step_def, setup.state_shardings.params, abstract_batch).lower(
-            params, abstract_batch).compile()
+        state, shardings = setup.abstract_state, setup.state_shardings
+        self.compiled = build_eval_step(setup.step_def, shardings.params, abstract_batch, shardings.frozen).lower(
+            state.params, state.frozen or {}, abstract_batch).compile()
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, setup: TrainSetup, abstract_batch: Any,
@@ -105,8 +107,8 @@ class Evaluator:
         ]
         return cls(setup, sets, config.eval.steps, abstract_batch)
 
-    def run(self, params: Any, step: int) -> dict[str, Any]:
-        """The evaluation record of `params` at `step`.
+    def run(self, params: Any, step: int, frozen: Any = None) -> dict[str, Any]:
+        """The evaluation record of `params` (and a LoRA run's `frozen` base) at `step`.
 
         One batch is in flight at a time, as in training (the CPU backend's collectives can
         stall when many multi-device programs are queued); the next batch is read from disk
@@ -119,8 +121,9 @@ class Evaluator:
             count = eval_set.num_batches(self.steps)
             host_batch = eval_set.batch(0)
             for i in range(count):
-                out = self.compiled(params, place_batch(host_batch, self._batch_shardings))
-                host_batch = eval_set.batch(i + 1) if i + 1 < count else None
+                out = self.compiled(params, frozen or {}, place_batch(host_batch, self._batch_shardings))
+                if i + 1 < count:
+                    host_batch = eval_set.batch(i + 1)
                 batch_total, batch_weight = jax.device_get(out)
                 total, weight = total + float(batch_total), weight + float(batch_weight)
             record.update(set_metrics(eval_set.name, total, weight, eval_set.bytes_per_token))

@@ -8,14 +8,16 @@ which is a program on the whole mesh with the training parameters where they are
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from tqdm import tqdm
 
 from efficient_train.data.tokenizer import load_tokenizer
 from efficient_train.generate import SamplingOptions, complete
-from efficient_train.train.state import bind
 from efficient_train.train.trainer import Hook
+
+if TYPE_CHECKING:
+    from efficient_train.models.llama.model import Llama
 
 
 def sample_hook(every: int, prompts: Sequence[str], *, tokenizer: str = "", max_new_tokens: int = 64,
@@ -26,8 +28,7 @@ def sample_hook(every: int, prompts: Sequence[str], *, tokenizer: str = "", max_
     loaded = load_tokenizer(tokenizer, "data.tokenizer")
 
     def show(trainer: Any, step: int, record: dict) -> None:
-        step_def = trainer.setup.step_def
-        model = bind(step_def.graphdef, step_def.param_structure, trainer.state.params, step_def.rest)
+        model = cast("Llama", trainer.setup.step_def.module(trainer.state.params, trainer.state.frozen))
         texts = complete(model, prompts, tokenizer=loaded, max_new_tokens=max_new_tokens, options=options,
                          seed=seed + step)
         if trainer.is_main:

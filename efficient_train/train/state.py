@@ -2,7 +2,8 @@
 
 Parameters and optimizer state are pure dicts (nested dicts of arrays), not NNX
 Variables: they shard, checkpoint and pass through optax without carrying metadata
-in the tree structure. `bind` turns pure parameters back into a module, taking the
+in the tree structure. A LoRA run splits the parameters into `params` (the adapters,
+what trains) and `frozen` (the base weights). `bind` turns pure parameters back into a module, taking the
 variables' metadata (logical axes, ZeRO dimension) from an abstract template.
 """
 from __future__ import annotations
@@ -17,9 +18,12 @@ from flax import nnx, traverse_util
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: steps taken, skipped ones included
-    params: Any  # pure dict
+    params: Any  # pure dict of what trains (a LoRA run: the adapters only)
     opt_state: Any  # optax state over the pure-dict parameters
     skipped_steps: jax.Array  # int32 scalar: steps whose gradients were not finite
+    # A LoRA run's frozen base weights (pure dict): read by the step, never differentiated, never in
+    # the optimizer, and not saved with the run (its checkpoint names the base instead). None otherwise.
+    frozen: Any = None
 
 
 def bind(graphdef: nnx.GraphDef, template: nnx.State, params: dict, rest: nnx.State | None = None) -> nnx.Module:

@@ -6,8 +6,9 @@ the CPU included, runs the collectives the stage promises):
 1. `jax.shard_map`, manual over replica x data x expert x sequence (tensor stays with the
    compiler), computes gradients of the *unnormalized* loss sum on the local batch,
    scanning over micro-batches for gradient accumulation. Under ZeRO-3 the model
-   all-gathers each layer's parameters right before use (`parallel.param_gather`),
-   so autodiff turns those gathers into reduce-scatters of the gradients.
+   all-gathers each layer's parameters right before use (`parallel.param_gather`:
+   the Llama decoder per layer, any other module at each read of a Param, re-gathered
+   in the backward), so autodiff turns those gathers into reduce-scatters of the gradients.
 2. Still inside the map, gradients are reduced over the batch axes: an all-reduce
    (stages 0-1), a reduce-scatter over the ZeRO group (stage 2; stage 3 already has
    it), then an all-reduce over `replica` only (hybrid sharding). An expert weight
@@ -22,6 +23,12 @@ the CPU included, runs the collectives the stage promises):
    optimizer state untouched and counts itself in `skipped_steps`. An optimizer state
    placed in pinned host memory (offload) moves to the device for the update and back;
    `optim.apply_updates` lets a compressed AdamW write the parameters in its own pass.
+
+A LoRA run's frozen base (`TrainState.frozen`) enters the map beside the parameters in
+its own specs and leaves the step untouched: it is never differentiated (the gradient
+is taken with respect to the adapters only, so no weight gradient of the base is ever
+computed), reduced, clipped or optimized. LoRA dropout draws from a key of the seed and
+the step, folded inside the map with the device's batch index and the micro-batch.
 """
 from __future__ import annotations
 
@@ -37,7 +44,7 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from efficient_train.models import moe
+from efficient_train.models import lora, moe
 from efficient_train.optim import apply_updates, device_shardings, is_offloaded
 from efficient_train.parallel import experts as expert_parallel
 from efficient_train.parallel import param_gather
@@ -45,7 +52,7 @@ from efficient_train.parallel import sequence as sequence_parallel
 from efficient_train.parallel.sharding import MANUAL_AXES, LeafPlan, ShardingPlan, batch_spec
 from efficient_train.train import moe_balance
 from efficient_train.train.moe_balance import Frequencies, MoeBalance
-from efficient_train.train.state import TrainState, as_state, bind
+from efficient_train.train.state import TrainState, as_state
 
 LossFn = Callable[[nnx.Module, Any], Any]
 
@@ -66,7 +73,27 @@ class StepDefinition:
     max_grad_norm: float
     shard_sequence: bool
     sequence_mode: str  # sequence_parallel.mode, used when the sequence axis is > 1
+    # A LoRA run: the frozen base's abstract structure (metadata as param_structure's) and placement.
+    frozen_structure: nnx.State | None = None
+    frozen_plan: ShardingPlan | None = None
+    dropout_seed: int | None = None  # LoRA dropout > 0: the seed its per-step keys come from
     moe: MoeBalance | None = None  # the MoE losses, for a model with experts
+
+    def module(self, params: dict, frozen: dict | None = None, *, gather_on_read: bool = False) -> nnx.Module:
+        """The model holding pure `params` (and a LoRA run's `frozen` base); with `gather_on_read`,
+        each ZeRO-3-sharded parameter all-gathers where it is read (`param_gather.gather_on_read`)."""
+        states = [as_state(self.param_structure, params)]
+        if self.frozen_structure is not None:
+            states.append(as_state(self.frozen_structure, frozen or {}))
+        if gather_on_read:
+            states = [param_gather.gather_on_read(state) for state in states]
+        if self.rest is not None:
+            states.append(self.rest)
+        return nnx.merge(self.graphdef, *states)
+
+    def manual_frozen_specs(self) -> Any:
+        """The frozen base's specs inside the step's shard_map ({} without one)."""
+        return {} if self.frozen_plan is None else self.frozen_plan.manual_param_specs()
 
 
 def loss_terms(output: Any) -> tuple[jax.Array, jax.Array]:
@@ -107,46 +134,65 @@ def micro_batches(batch: Any, count: int) -> Any:
     return jax.tree.map(lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]), batch)
 
 
-LossAndStats = Callable[[dict, Any], tuple[tuple[jax.Array, jax.Array], moe.Stats | None]]
+def gathers_at_read(step_def: StepDefinition) -> bool:
+    """Whether the model's ZeRO-3 parameters gather at each read (any module but the Llama
+    decoder, which gathers per layer itself)."""
+    plan = step_def.plan
+    return plan.params_sharded and bool(plan.zero_axes) and not step_def.model_gathers_per_layer
 
 
-def make_local_loss_and_stats(step_def: StepDefinition) -> LossAndStats:
-    """(local parameters, local batch) -> the loss's (sum, weight) on this device's tokens and the
-    MoE router statistics of the forward (None without experts), as the step's shard_map body
-    sees them: ZeRO-3 gathers, the sequence split and the expert exchange are opened here."""
+def compiler_options(step_def: StepDefinition) -> dict[str, Any]:
+    """XLA options the step compiles with (`lowered.compile(compiler_options=...)`).
+
+    XLA:CPU removes `jax.checkpoint`'s optimization barriers before its CSE pass, which
+    then merges the backward's re-gathers into the forward's gathers and keeps every
+    gathered parameter alive until the backward; GPU and TPU remove them only after
+    scheduling. So on a CPU a step that gathers at read keeps the barriers, and its
+    program (and `estimate`) is the one a GPU runs."""
+    if jax.default_backend() == "cpu" and gathers_at_read(step_def):
+        return {"xla_disable_hlo_passes": "cse_barrier_expander"}
+    return {}
+
+
+def make_local_loss_and_stats(step_def: StepDefinition) -> Callable[..., tuple[tuple[jax.Array, jax.Array], Any]]:
+    """(local parameters, local frozen base, local batch[, dropout key]) -> the loss's (sum, weight)
+    on this device's tokens and the MoE router statistics of the forward (None without experts), as
+    the step's shard_map body sees them: ZeRO-3 gathers (per layer, or at each read for a module that
+    does not gather itself), the sequence split, the expert exchange and LoRA dropout are opened here."""
     plan = step_def.plan
     mesh_shape = dict(plan.mesh.shape)
     zero_axes = plan.zero_axes
-    per_layer = plan.params_sharded and step_def.model_gathers_per_layer and bool(zero_axes)
-    gather_upfront = plan.params_sharded and not step_def.model_gathers_per_layer and bool(zero_axes)
+    gathers = plan.params_sharded and bool(zero_axes)
+    gather_on_read = gathers_at_read(step_def)
     split_sequence = step_def.shard_sequence and mesh_shape["sequence"] > 1
     expert_axis = expert_parallel.EXPERT_AXIS
     split_experts = mesh_shape.get(expert_axis, 1) > 1
 
-    def local_loss(params: dict, micro_batch: Any) -> tuple[tuple[jax.Array, jax.Array], moe.Stats | None]:
-        if gather_upfront:
-            with param_gather.gathering(zero_axes):
-                params = nnx.to_pure_dict(param_gather.gather(as_state(step_def.param_structure, params)))
-        model = bind(step_def.graphdef, step_def.param_structure, params, step_def.rest)
+    def local_loss(params: dict, frozen: dict, micro_batch: Any,
+                   dropout_key: jax.Array | None = None) -> tuple[tuple[jax.Array, jax.Array], Any]:
+        model = step_def.module(params, frozen, gather_on_read=gather_on_read)
         with contextlib.ExitStack() as contexts:
-            if per_layer:
+            if gathers:
                 contexts.enter_context(param_gather.gathering(zero_axes))
             if split_sequence:
                 contexts.enter_context(sequence_parallel.sharding("sequence", step_def.sequence_mode))
             if split_experts:
                 contexts.enter_context(expert_parallel.exchanging(expert_axis, mesh_shape[expert_axis]))
+            if dropout_key is not None:
+                contexts.enter_context(lora.dropout_key(dropout_key))
             sink = contexts.enter_context(moe.collecting())
             terms = loss_terms(step_def.loss_fn(model, micro_batch))
         return terms, (sink[0] if sink else None)
 
-    return local_loss
+    return param_gather.regather_in_backward(local_loss) if gather_on_read else local_loss
 
 
-def make_local_loss(step_def: StepDefinition) -> Callable[[dict, Any], tuple[jax.Array, jax.Array]]:
-    """(local parameters, local batch) -> the loss's (sum, weight) on this device's tokens. The
-    train step differentiates it; evaluation (evaluation.py) runs it forward only."""
+def make_local_loss(step_def: StepDefinition) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """(local parameters, local frozen base, local batch[, dropout key]) -> the loss's (sum, weight)
+    on this device's tokens. The train step differentiates it with respect to the parameters only;
+    evaluation (evaluation.py) runs it forward only, without dropout."""
     local_loss = make_local_loss_and_stats(step_def)
-    return lambda params, micro_batch: local_loss(params, micro_batch)[0]
+    return lambda *args: local_loss(*args)[0]
 
 
 def zero_extras(balance: MoeBalance | None) -> dict:
@@ -168,9 +214,10 @@ def make_local_grads(step_def: StepDefinition) -> Callable:
     forward = make_local_loss_and_stats(step_def)
     balance = step_def.moe
 
-    def objective(params: dict, micro_batch: Any, freq: Frequencies | None) -> tuple[jax.Array, tuple]:
+    def objective(params: dict, frozen: dict, micro_batch: Any, key: jax.Array | None,
+                  freq: Frequencies | None) -> tuple[jax.Array, tuple]:
         """The differentiated sum: the loss's, plus the MoE terms (times the global weight)."""
-        (total, weight), stats = forward(params, micro_batch)
+        (total, weight), stats = forward(params, frozen, micro_batch, key)
         if balance is None or stats is None or freq is None:
             return total, (weight, {})
         if freq.loads is None:  # this forward's own loads, over the batch axes
@@ -180,9 +227,9 @@ def make_local_grads(step_def: StepDefinition) -> Callable:
         extras = {**jax.lax.stop_gradient(stats), "aux": jax.lax.stop_gradient(aux), "z": jax.lax.stop_gradient(z)}
         return total + moe_balance.objective_extra(balance, aux, z, freq.weight), (weight, extras | {"lm": total})
 
-    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    grad_fn = jax.value_and_grad(objective, has_aux=True)  # parameters only, never `frozen`
 
-    def frequencies(params: dict, batch: Any) -> Frequencies | None:
+    def frequencies(params: dict, frozen: dict, batch: Any, key: jax.Array | None) -> Frequencies | None:
         """The global loads the MoE terms use: counted by a forward over every micro-batch first
         (scope 'global' with grad_accum > 1), else None parts filled in by each forward."""
         if balance is None:
@@ -192,13 +239,16 @@ def make_local_grads(step_def: StepDefinition) -> Callable:
             share = 1.0 if step_def.grad_accum == 1 else 1.0 / step_def.grad_accum
             return Frequencies(loads=None, tokens=None, weight=weight, share=share)
 
-        def count(carry: tuple, micro_batch: Any) -> tuple[tuple, None]:
-            _, stats = forward(params, micro_batch)
+        def count(carry: tuple, xs: tuple) -> tuple[tuple, None]:
+            micro_batch, index = xs
+            micro_key = None if key is None else jax.random.fold_in(key, index)  # the gradient pass's routing
+            _, stats = forward(params, frozen, micro_batch, micro_key)
             assert stats is not None, "a model with experts records its router statistics"
             return (carry[0] + stats["load"], carry[1] + stats["tokens"]), None
 
         zeros = (jnp.zeros((balance.layers, balance.num_experts)), jnp.zeros((balance.layers,)))
-        (loads, tokens), _ = jax.lax.scan(count, zeros, micro_batches(batch, step_def.grad_accum))
+        indices = jnp.arange(step_def.grad_accum, dtype=jnp.int32)
+        (loads, tokens), _ = jax.lax.scan(count, zeros, (micro_batches(batch, step_def.grad_accum), indices))
         loads, tokens = moe_balance.psum((jax.lax.stop_gradient(loads), tokens), all_batch_axes)
         return Frequencies(loads=loads, tokens=tokens, weight=weight, share=1.0)
 
@@ -214,20 +264,28 @@ def make_local_grads(step_def: StepDefinition) -> Callable:
             return jax.lax.psum(grad, batch)
         return jax.lax.psum(reduced, replica_axes) if replica_axes else reduced
 
-    def local_grads(params: dict, batch: Any) -> tuple[dict, jax.Array, jax.Array, dict]:
-        freq = frequencies(params, batch)
+    def local_grads(params: dict, frozen: dict, batch: Any,
+                    key_data: jax.Array | None = None) -> tuple[dict, jax.Array, jax.Array, dict]:
+        # LoRA dropout: the step's key, folded with this device's place in the batch and the micro-batch.
+        key = None if key_data is None else jax.random.wrap_key_data(key_data)
+        if key is not None and all_batch_axes:
+            key = jax.random.fold_in(key, jax.lax.axis_index(all_batch_axes))
+        freq = frequencies(params, frozen, batch, key)
         if step_def.grad_accum == 1:
-            (total, (weight, extras)), grads = grad_fn(params, batch, freq)
+            (total, (weight, extras)), grads = grad_fn(params, frozen, batch, key, freq)
         else:
-            def accumulate(carry, micro_batch):
+            def accumulate(carry, xs):
                 grads, total, weight, extras = carry
-                (t, (w, e)), g = grad_fn(params, micro_batch, freq)
+                micro_batch, index = xs
+                micro_key = None if key is None else jax.random.fold_in(key, index)
+                (t, (w, e)), g = grad_fn(params, frozen, micro_batch, micro_key, freq)
                 return (jax.tree.map(jnp.add, grads, g), total + t, weight + w, jax.tree.map(jnp.add, extras, e)), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)  # local shards: gradients have their shapes
-            first = micro_batches(batch, step_def.grad_accum)
+            indices = jnp.arange(step_def.grad_accum, dtype=jnp.int32)
             carry = (zeros, jnp.zeros(()), jnp.zeros(()), zero_extras(balance))
-            (grads, total, weight, extras), _ = jax.lax.scan(accumulate, carry, first)
+            (grads, total, weight, extras), _ = jax.lax.scan(accumulate, carry,
+                                                           (micro_batches(batch, step_def.grad_accum), indices))
         grads = jax.tree.map(reduce, grads, plan.leaves)
         if extras:
             total = extras.pop("lm")  # the loss's own sum; the MoE terms are metrics of their own
@@ -238,9 +296,11 @@ def make_local_grads(step_def: StepDefinition) -> Callable:
     return local_grads
 
 
-def over_batch_axes(local_fn: Callable, step_def: StepDefinition, example_batch: Any, out_specs: Any) -> Callable:
-    """`local_fn(params, batch)` mapped manually over the batch axes (replica x data x expert x sequence),
-    parameters in their manual specs; `local_fn` itself when every such axis has one device."""
+def over_batch_axes(local_fn: Callable, step_def: StepDefinition, example_batch: Any, out_specs: Any,
+                    extra_specs: tuple = ()) -> Callable:
+    """`local_fn(params, frozen, batch, *extra)` mapped manually over the batch axes (replica x data x
+    expert x sequence), parameters and the frozen base in their manual specs, `extra` in `extra_specs`;
+    `local_fn` itself when every such axis has one device."""
     plan = step_def.plan
     if all(plan.mesh.shape[axis] == 1 for axis in MANUAL_AXES):
         # Nothing to reduce over: skip the map, whose manual region costs the CPU
@@ -249,7 +309,8 @@ def over_batch_axes(local_fn: Callable, step_def: StepDefinition, example_batch:
     return jax.shard_map(
         local_fn,
         mesh=plan.mesh,
-        in_specs=(plan.manual_param_specs(), batch_specs(example_batch, step_def.shard_sequence)),
+        in_specs=(plan.manual_param_specs(), step_def.manual_frozen_specs(),
+                  batch_specs(example_batch, step_def.shard_sequence), *extra_specs),
         out_specs=out_specs,
         axis_names=set(MANUAL_AXES),
         check_vma=False,
@@ -260,14 +321,19 @@ def build_train_step(step_def: StepDefinition, state_shardings: TrainState, exam
     """A jitted `step(state, batch) -> (state, metrics)` with explicit shardings, state donated."""
     plan = step_def.plan
     mesh = plan.mesh
+    dropout = step_def.dropout_seed is not None
     sharded_grads = over_batch_axes(make_local_grads(step_def), step_def, example_batch,
-                                    (plan.manual_grad_specs(), P(), P(), P()))
+                                    (plan.manual_grad_specs(), P(), P(), P()), extra_specs=(P(),) if dropout else ())
     grad_shardings = plan.named(plan.grad_specs())
     offload = is_offloaded(state_shardings.opt_state)
     opt_on_device = device_shardings(state_shardings.opt_state)
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
-        grads, total, weight, extras = sharded_grads(state.params, batch)
+        frozen = {} if state.frozen is None else state.frozen
+        # LoRA dropout draws from a key of the seed and the step (raw key data crosses the shard_map).
+        keys = (jax.random.key_data(jax.random.fold_in(jax.random.key(step_def.dropout_seed or 0), state.step)),) \
+            if dropout else ()
+        grads, total, weight, extras = sharded_grads(state.params, frozen, batch, *keys)
         grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
         weight_ok = weight > 0  # a batch with nothing to learn from (all masked) is skipped
         loss_weight = weight
@@ -301,6 +367,7 @@ def build_train_step(step_def: StepDefinition, state_shardings: TrainState, exam
             params=new_params,
             opt_state=new_opt_state,
             skipped_steps=state.skipped_steps + jnp.where(applied, 0, 1).astype(jnp.int32),
+            frozen=state.frozen,
         )
         metrics = {
             "loss": loss,

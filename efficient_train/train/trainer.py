@@ -8,7 +8,8 @@ the first step runs. Only process 0 writes metrics and the console.
 
 Checkpoints: at start the newest verified step in `checkpoint.dir` (default
 `<workdir>/checkpoints`) is restored onto this run's mesh, with the data loader's
-position, so a restarted command continues where it stopped. Saves run in the
+position, so a restarted command continues where it stopped (a LoRA run also reads its
+frozen base from `finetune.base`, train/finetune.py, and saves only its adapters). Saves run in the
 background every `checkpoint.every` steps and at the end; SIGTERM (preemption) and
 Ctrl-C (SIGINT; a second one aborts at once) make every process save at the same next
 step boundary and return (`stop_reason` says which).
@@ -57,12 +58,13 @@ from efficient_train.parallel import layout
 from efficient_train.parallel.mesh import make_mesh
 from efficient_train.train.console import ConsoleProgress
 from efficient_train.train.evaluation import Evaluator
+from efficient_train.train.finetune import FinetuneBase, finetune_record, load_base
 from efficient_train.train.memory import memory_record
 from efficient_train.train.metrics import MetricsWriter, peak_tflops, throughput
 from efficient_train.train.profiling import ProfileWindow
 from efficient_train.train.records import RecordStream, tracker_sinks
 from efficient_train.train.state import TrainState
-from efficient_train.train.step import LossFn, build_train_step, place_batch
+from efficient_train.train.step import LossFn, build_train_step, compiler_options, place_batch
 from efficient_train.train.training_setup import build_setup, init_state, lm_batch_shapes
 
 
@@ -152,6 +154,7 @@ class Trainer:
         self._last_saved_step: int | None = None
         self._last_metrics: dict[str, jax.Array] | None = None
         self._locked = False
+        self._base: FinetuneBase | None = None  # a LoRA run's frozen base (set by _restore_or_init)
         self._lock_directories()  # restore may set damaged steps aside
         try:
             self.checkpointer = Checkpointer(
@@ -166,7 +169,8 @@ class Trainer:
             self._release_locks()  # fit() and save() take them again while they write
         self._step_fn = build_train_step(self.setup.step_def, self.setup.state_shardings, global_batch)
         self.abstract_batch = self.setup.abstract_batch(global_batch)
-        self.compiled = self._step_fn.lower(self.state, self.abstract_batch).compile()
+        self.compiled = self._step_fn.lower(self.state, self.abstract_batch).compile(
+            compiler_options=compiler_options(self.setup.step_def))
         self.writer = MetricsWriter(config.workdir, enabled=self.is_main)
         self._peak_tflops = peak_tflops(jax.devices()[0])
         self._batch_shardings = jax.tree.map(lambda x: x.sharding, self.abstract_batch)
@@ -236,13 +240,26 @@ class Trainer:
         model_config = self.setup.model_config
         return {} if model_config is None else model_config.record()
 
+    def _finetune_record(self) -> dict | None:
+        lora = self.setup.lora
+        return None if lora is None or self._base is None else finetune_record(lora, self._base.reference)
+
     def _restore_or_init(self) -> TrainState:
+        """The newest verified step of the checkpoint directory, else a fresh state. A LoRA run reads
+        its frozen base from `finetune.base` first; its checkpoints hold adapters and their optimizer
+        state only, and must name that same base."""
+        self._base = load_base(self.setup, self._model_record()) if self.setup.lora is not None else None
+        frozen = None if self._base is None else self._base.params
         restored = self.checkpointer.restore_latest(
-            self.setup.abstract_state, model=self._model_record(), optimizer=self.config.optimizer.to_dict()
+            dataclasses.replace(self.setup.abstract_state, frozen=None), model=self._model_record(),
+            optimizer=self.config.optimizer.to_dict(), finetune=self._finetune_record(),
         )
         if restored is None:
-            return init_state(self.setup)
+            if self.is_main and self._base is not None:
+                print(f"LoRA: adapters on the frozen base {self._base.step_dir}", flush=True)
+            return init_state(self.setup, frozen=frozen)
         state, metadata = restored
+        state = state.replace(frozen=frozen)
         self._last_saved_step = metadata.step
         if state.opt_state is None:  # a params-only checkpoint: fine-tuning starts a fresh optimizer
             init = jax.jit(self.setup.step_def.optimizer.init, out_shardings=self.setup.state_shardings.opt_state)
@@ -268,13 +285,14 @@ class Trainer:
             loader_state = self.loader.state()
         self.checkpointer.save(
             step,
-            self.state,
+            dataclasses.replace(self.state, frozen=None),  # a LoRA run's base is referenced (finetune), not saved again
             model=self._model_record(),
             mesh=dict(self.mesh.shape),
             zero_stage=self.config.zero_stage,
             optimizer=self.config.optimizer.to_dict(),
             data=None if loader_state is None else loader_state.to_dict(),
             seed=self.config.seed,
+            finetune=self._finetune_record(),
         )
         self._last_saved_step = step
 
@@ -314,6 +332,7 @@ class Trainer:
             "mesh": dict(self.mesh.shape),
             "zero_stage": self.config.zero_stage,
             "num_params": self.setup.num_params,
+            "trainable_params": self.setup.num_trainable_params,
             "per_device_bytes": memory_record(self.setup, self.compiled),
             "devices": jax.device_count(),
             "processes": jax.process_count(),
@@ -447,7 +466,7 @@ class Trainer:
                         hook.fn(self, step, record)
                     interval = _Interval()
                 if self._eval_due(step):
-                    self.records.write(self.evaluator.run(self.state.params, step))
+                    self.records.write(self.evaluator.run(self.state.params, step, self.state.frozen))
                     interval = _Interval()  # throughput counts training steps only
         finally:
             self.profile.close()

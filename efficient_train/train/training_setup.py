@@ -5,10 +5,17 @@ the model structure, the sharding plan, the optimizer and the shardings of a
 TrainState, all from abstract shapes. The Trainer then materializes the state; the
 `estimate` command instead lowers the step on abstract inputs and reads the
 compiler's memory analysis, so a 70B model on 64 devices can be sized on a laptop.
+
+A LoRA run (`finetune.lora.rank` > 0) splits the model's parameters with NNX filters:
+`LoRAParam`s (the adapters) are the state's `params`, planned, differentiated and
+optimized as any run's parameters; every other `nnx.Param` is the `frozen` base, placed
+by its own plan at the same ZeRO stage (sharded under stage 3, gathered per layer like
+the parameters) and never given an optimizer state or a gradient.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from efficient_train.data import Batch
 from efficient_train.models import Llama, ModelConfig
+from efficient_train.models.lora import LoRAConfig, LoRAParam, add_adapters
 from efficient_train.optim import adamw, decay_mask, make_schedule, quantize_mask
 from efficient_train.optim import state_shardings as optimizer_state_shardings
 from efficient_train.parallel.param_gather import ZERO_AXES, ZERO_DIM
@@ -30,6 +38,8 @@ from efficient_train.train.loss import next_token_loss
 from efficient_train.train.moe_balance import MoeBalance
 from efficient_train.train.state import TrainState, set_metadata
 from efficient_train.train.step import LossFn, StepDefinition
+
+LORA_KEY_SALT = 0x10EA  # adapters draw their init from the seed's key folded with this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +58,17 @@ class TrainSetup:
 
     @property
     def num_params(self) -> int:
+        """Every parameter of the model, a LoRA run's frozen base included."""
+        state = self.abstract_state
+        return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves((state.params, state.frozen))))
+
+    @property
+    def num_trainable_params(self) -> int:
         return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(self.abstract_state.params)))
+
+    @property
+    def lora(self) -> LoRAConfig | None:
+        return LoRAConfig.from_config_dict(self.config.finetune.lora) if self.model_config is not None else None
 
     def flops_per_token(self, seq_len: int) -> float:
         if self.model_config is not None:
@@ -81,15 +101,24 @@ def build_setup(
     shard_sequence: bool = True,
 ) -> TrainSetup:
     model_config = None
+    lora_config = None
+    create_model: Callable[[], nnx.Module]
     if model is None:
         model_config = ModelConfig.from_config_dict(config.model, attention_impl=config.attention.impl,
                                                     norm_impl=config.norm.impl)
-        create_model = lambda: Llama(model_config, rngs=nnx.Rngs(config.seed))
+        lora_config = LoRAConfig.from_config_dict(config.finetune.lora)
+        create_model = functools.partial(_create_llama, model_config, lora_config, config.seed)
     else:
         create_model = lambda: model
     with nnx.use_eager_sharding(False):
         abstract_model = nnx.eval_shape(create_model) if model is None else model
-    graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
+    abstract_frozen = None
+    if lora_config is None:
+        graphdef, *states = nnx.split(abstract_model, nnx.Param, ...)
+        abstract_params, rest = states
+    else:
+        graphdef, *states = nnx.split(abstract_model, LoRAParam, nnx.Param, ...)
+        abstract_params, abstract_frozen, rest = states
     if model is not None:
         abstract_params = jax.tree.map(
             lambda v: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype)),
@@ -101,6 +130,13 @@ def build_setup(
     if plan.params_sharded:
         param_structure = set_metadata(set_metadata(abstract_params, ZERO_DIM, plan.zero_dims()), ZERO_AXES,
                                        plan.leaf_zero_axes())
+    frozen_plan = frozen_structure = None
+    if abstract_frozen is not None:
+        frozen_plan = plan_sharding(abstract_frozen, mesh, config.zero_stage)
+        frozen_structure = abstract_frozen
+        if frozen_plan.params_sharded:
+            frozen_structure = set_metadata(set_metadata(abstract_frozen, ZERO_DIM, frozen_plan.zero_dims()),
+                                            ZERO_AXES, frozen_plan.leaf_zero_axes())
 
     train = config.train
     schedule = make_schedule(train.schedule, train.learning_rate, train.warmup_steps, train.steps, train.min_lr_ratio)
@@ -121,11 +157,13 @@ def build_setup(
         params=plan.named(plan.param_specs()),
         opt_state=optimizer_state_shardings(abstract_opt_state, opt_param_shardings, offload=opt.offload),
         skipped_steps=scalar,
+        frozen=None if frozen_plan is None else frozen_plan.named(frozen_plan.param_specs()),
     )
     int_scalar = jax.ShapeDtypeStruct((), jnp.int32)
     abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        TrainState(step=int_scalar, params=pure_params, opt_state=abstract_opt_state, skipped_steps=int_scalar),
+        TrainState(step=int_scalar, params=pure_params, opt_state=abstract_opt_state, skipped_steps=int_scalar,
+                   frozen=None if abstract_frozen is None else nnx.to_pure_dict(abstract_frozen)),
         state_shardings,
     )
     step_def = StepDefinition(
@@ -141,6 +179,9 @@ def build_setup(
         max_grad_norm=train.max_grad_norm,
         shard_sequence=shard_sequence,
         sequence_mode=config.sequence_parallel.mode,
+        frozen_structure=frozen_structure,
+        frozen_plan=frozen_plan,
+        dropout_seed=config.seed if lora_config is not None and lora_config.dropout else None,
         moe=moe_balance(config, model_config),
     )
     return TrainSetup(config, mesh, create_model, model_config, step_def, abstract_state, state_shardings)
@@ -156,19 +197,37 @@ def moe_balance(config: ml_collections.ConfigDict, model_config: ModelConfig | N
                       layers=layers, bias_update=model_config.router_bias_update)
 
 
-def init_state(setup: TrainSetup) -> TrainState:
-    """Materialize parameters and optimizer state directly in their shardings."""
+def _create_llama(model_config: ModelConfig, lora_config: LoRAConfig | None, seed: int) -> Llama:
+    """The built-in model; with LoRA its adapters, from a key of their own (the base's init is unchanged)."""
+    model = Llama(model_config, rngs=nnx.Rngs(seed))
+    if lora_config is not None:
+        add_adapters(model, lora_config, jax.random.fold_in(jax.random.key(seed), LORA_KEY_SALT))
+    return model
+
+
+def init_state(setup: TrainSetup, frozen: Any = None) -> TrainState:
+    """Materialize parameters and optimizer state directly in their shardings.
+
+    A LoRA run's base is `frozen` (the trainer passes the base checkpoint's placed
+    parameters); without it the base is initialized from the seed, as a test wants.
+    """
     step_def = setup.step_def
+    lora_run = step_def.frozen_structure is not None
+    trained = LoRAParam if lora_run else nnx.Param
 
     def init() -> TrainState:
         with nnx.use_eager_sharding(False):
             model = setup.create_model()
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        params = nnx.to_pure_dict(nnx.state(model, trained))
+        base = nnx.to_pure_dict(nnx.state(model, nnx.All(nnx.Param, nnx.Not(LoRAParam)))) if lora_run else None
         zero = jnp.zeros((), jnp.int32)
-        return TrainState(step=zero, params=params, opt_state=step_def.optimizer.init(params), skipped_steps=zero)
+        return TrainState(step=zero, params=params, opt_state=step_def.optimizer.init(params), skipped_steps=zero,
+                          frozen=base if frozen is None else None)
 
     if setup.model_config is not None:
-        return jax.jit(init, out_shardings=setup.state_shardings)()
+        shardings = setup.state_shardings if frozen is None else dataclasses.replace(setup.state_shardings, frozen=None)
+        state = jax.jit(init, out_shardings=shardings)()
+        return state if frozen is None else dataclasses.replace(state, frozen=frozen)
     # A user's module already holds concrete arrays: place them, then init the optimizer there.
     params = jax.device_put(nnx.to_pure_dict(nnx.state(setup.create_model(), nnx.Param)), setup.state_shardings.params)
     opt_state = jax.jit(step_def.optimizer.init, out_shardings=setup.state_shardings.opt_state)(params)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -107,8 +108,8 @@ def flash_attention(
         kv_segment_ids = q_segment_ids
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
-    if q_segment_ids is not None and (q_segment_ids.shape != (b, t)
-                                      or kv_segment_ids.shape != (b, s)):
+    if q_segment_ids is not None and kv_segment_ids is not None and (q_segment_ids.shape != (b, t)
+                                                                     or kv_segment_ids.shape != (b, s)):
         raise ValueError(f"segment ids must be [B, T] = {(b, t)} and [B, S] = {(b, s)}, got "
                          f"{q_segment_ids.shape} and {kv_segment_ids.shape}")
     if window is not None and not causal:
@@ -219,7 +220,7 @@ def _flash_bwd(static: _Static, residuals, cotangents):
     delta = delta - dlse
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # rows that see nothing: p = exp(-inf)
     bs = static.blocks
-    kwargs = dict(scale=static.scale, causal=static.causal, windowed=static.windowed,
+    kwargs: dict[str, Any] = dict(scale=static.scale, causal=static.causal, windowed=static.windowed,
                   kv_len=static.kv_len,
                   block_q_dq=bs.block_q_dq, block_kv_dq=bs.block_kv_dq,
                   block_q_dkv=bs.block_q_dkv, block_kv_dkv=bs.block_kv_dkv,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -163,6 +164,7 @@ def _mask(q_pos: jax.Array, q_seg: jax.Array | None, j: jax.Array, kv_offset: ja
     if kv_len % block_kv:
         real = (key < kv_len)[None, :]
         mask = real if mask is None else mask & real
+    assert mask is not None, "called only for key blocks that mask something"
     return mask
 
 
@@ -233,6 +235,7 @@ def _dkv_kernel(offsets_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *r
                            None if q_seg is None else q_seg[None, :],
                            None if kv_seg is None else kv_seg[:, None], causal=causal,
                            window=window)
+            assert mask is not None, "a masked block masks something"
             s_t = jnp.where(mask, s_t, -jnp.inf)
         p_t = jnp.exp2(s_t - lse_ref[g, rows][None, :] * _LOG2E)
         dv = dv + _dot(p_t.astype(do.dtype), do)
@@ -277,7 +280,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
         pl.BlockSpec((None, s, None, d), lambda i, bi, hi: (bi, 0, hi // groups, 0)),
         pl.BlockSpec((None, s, None, d), lambda i, bi, hi: (bi, 0, hi // groups, 0)),
     ]
-    args = [offsets, q, k, v]
+    args: list[Any] = [offsets, q, k, v]
     if segmented:
         in_specs += [pl.BlockSpec((None, block_q), lambda i, bi, hi: (bi, rev(i))),
                      pl.BlockSpec((None, s), lambda i, bi, hi: (bi, 0))]
@@ -312,7 +315,7 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
     delta [B, H, T] = rowsum(out * dout) - dlse (folds in the lse cotangent)."""
     args = (offsets, q, k, v, do, lse, delta)
     seg = (q_seg, kv_seg) if q_seg is not None else ()
-    common = dict(scale=scale, causal=causal, windowed=windowed,
+    common: dict[str, Any] = dict(scale=scale, causal=causal, windowed=windowed,
                   params=_params(num_warps, num_stages), interpret=interpret)
     dq = _dq(args, seg, kv_len=kv_len, block_q=block_q_dq, block_kv=block_kv_dq, **common)
     dk, dv = _dkv(args, seg, block_q=block_q_dkv, block_kv=block_kv_dkv, **common)

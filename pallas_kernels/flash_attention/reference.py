@@ -46,8 +46,8 @@ def visible(q_pos: jax.Array, kv_pos: jax.Array, q_seg: jax.Array | None,
     if window is not None:
         near = q_pos - kv_pos < window
         mask = near if mask is None else mask & near
-    if q_seg is not None:
-        same = q_seg == kv_seg
+    if q_seg is not None and kv_seg is not None:  # both or neither
+        same = jnp.equal(q_seg, kv_seg)
         mask = same if mask is None else mask & same
     return mask
 

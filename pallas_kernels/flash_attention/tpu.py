@@ -17,6 +17,7 @@ sliding window (offsets[2], traced) also skips the key blocks wholly behind it.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -169,7 +170,7 @@ def _heads_major(x: jax.Array) -> jax.Array:
 
 
 def _seg_operands(q_seg: jax.Array | None, kv_seg: jax.Array | None) -> list[jax.Array]:
-    if q_seg is None:
+    if q_seg is None or kv_seg is None:  # both or neither (api.py checks)
         return []
     return [q_seg[:, :, None], kv_seg[:, None, :]]
 
@@ -244,7 +245,7 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
     s, kvh = k.shape[1], k.shape[2]
     groups = h // kvh
     segmented = q_seg is not None
-    kernel_args = dict(scale=scale, causal=causal, windowed=windowed, segmented=segmented,
+    kernel_args: dict[str, Any] = dict(scale=scale, causal=causal, windowed=windowed, segmented=segmented,
                        kv_len=kv_len)
     operands = (offsets, _heads_major(q), _heads_major(k), _heads_major(v), _heads_major(do),
                 lse[..., None], delta[..., None], *_seg_operands(q_seg, kv_seg))

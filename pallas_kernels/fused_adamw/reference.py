@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,9 +77,10 @@ class Blocks(NamedTuple):
     """One moment of a group of blocks: codes (uint8; 4-bit codes packed two to a
     byte), scales (fp32 absmax per block, keepdims) and, for e4m3, the exponents k."""
 
-    codes: jax.Array
-    scales: jax.Array
-    exponents: jax.Array | None
+    # Arrays, or (flattened by the optimizer for the kernel) None where a moment has none.
+    codes: Any
+    scales: Any
+    exponents: Any  # None unless e4m3
 
 
 def split(x: jax.Array, code: Code) -> Parts:
@@ -102,11 +103,13 @@ def _absmax(parts: Parts) -> jax.Array:
 
 
 def _absmin_nonzero(parts: Parts) -> jax.Array:
-    out = None
-    for part in parts:
+    def absmin(part: jax.Array) -> jax.Array:
         a = jnp.abs(part)
-        m = jnp.min(jnp.where(a > 0, a, jnp.inf), axis=-1, keepdims=True)
-        out = m if out is None else jnp.minimum(out, m)
+        return jnp.min(jnp.where(a > 0, a, jnp.inf), axis=-1, keepdims=True)
+
+    out = absmin(parts[0])
+    for part in parts[1:]:
+        out = jnp.minimum(out, absmin(part))
     return out
 
 
@@ -114,6 +117,7 @@ def _element_codes(r: jax.Array, negative: jax.Array, code: Code, exponents: jax
     if code.family == "tapered":
         magnitude = codes.encode_tapered(r, code.mag_bits, code.never_zero)
     else:
+        assert exponents is not None, "e4m3 codes carry exponents"
         y = jnp.minimum(jnp.exp2(exponents * jnp.log2(r)) * codes.E4M3_MAX, codes.E4M3_MAX)
         magnitude = codes.encode_e4m3(y)
     return codes.with_sign(magnitude, negative, code.mag_bits) if code.signed else magnitude
@@ -124,6 +128,7 @@ def _element_values(c: jax.Array, code: Code, exponents: jax.Array | None) -> ja
     if code.family == "tapered":
         r = codes.decode_tapered(magnitude, code.mag_bits)
     else:
+        assert exponents is not None, "e4m3 codes carry exponents"
         r = jnp.exp2(jnp.log2(codes.decode_e4m3(magnitude) * (1.0 / codes.E4M3_MAX)) * (1.0 / exponents))
     return r if negative is None else jnp.where(negative, -r, r)
 

@@ -60,6 +60,7 @@ def _masks(first_row: jax.Array, tile: int, rows: int, hidden: int, hidden_pad: 
     if row_ok is None and col_ok is None:
         return None, None
     if col_ok is None:
+        assert row_ok is not None
         return jnp.broadcast_to(row_ok[:, None], (tile, hidden_pad)), row_ok
     if row_ok is None:
         return jnp.broadcast_to(col_ok[None, :], (tile, hidden_pad)), None

@@ -23,7 +23,8 @@ from efficient_train.models.choices import DTYPES as DTYPE_NAMES
 
 # The allowed names are models/choices.py's tuples; these Literals only spell them again
 # for type checkers (a test holds them equal).
-RematPolicy = Literal["none", "full", "save_dots"]
+RematPolicy = Literal["none", "save_dots", "save_attention", "save_qkv", "full",
+                      "offload_dots", "offload_attention", "offload_qkv"]
 AttentionImpl = Literal["auto", "xla", "cudnn", "pallas"]
 NormImpl = Literal["auto", "xla", "pallas"]
 DTypeName = Literal["float32", "bfloat16"]

@@ -10,7 +10,8 @@ embeddings, norms after attention and MLP too, soft-capping, local and global la
 Decisions:
 - Layers run as a pure function of one layer's nnx.State: `nnx.merge(graphdef,
   param_gather.gather(state))` then the block. The scan and the python loop share that
-  function, so the two layouts compute the same thing, remat wraps exactly one layer,
+  function, so the two layouts compute the same thing, remat wraps exactly one layer
+  (the policies, and the names of the values they keep, are in models/remat.py),
   and ZeRO-3's per-layer all-gather sits inside the remat boundary (gathered weights
   are re-gathered in the backward, not kept, unless remat is 'none').
 - `scan_layers=True` stores one Block whose parameters have a leading layer axis
@@ -35,16 +36,18 @@ Decisions:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from efficient_train.models import moe, rope
+from efficient_train.models import lora, moe, rope
+from efficient_train.models import remat as names
 from efficient_train.models.attention import attention
 from efficient_train.models.layers import Embed, Linear, RMSNorm, apply_rope
 from efficient_train.models.llama.config import ModelConfig
+from efficient_train.models.remat import remat
 from efficient_train.parallel import param_gather
 from efficient_train.parallel.sharding import LAYER_AXIS
 
@@ -88,13 +91,14 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
                  segment_ids: jax.Array, window: jax.Array) -> jax.Array:
-        q, k = self.q(x), self.k(x)
+        q, k = checkpoint_name(self.q(x), names.Q_NAME), checkpoint_name(self.k(x), names.K_NAME)
+        v = checkpoint_name(self.v(x), names.V_NAME)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        out = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), self.v(x), segment_ids=segment_ids,
+        out = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, segment_ids=segment_ids,
                         positions=positions, causal=True, impl=self.impl, scale=self.scale,
                         window=window if self.windowed else None, softcap=self.softcap)
-        return self.o(out)
+        return checkpoint_name(self.o(checkpoint_name(out, names.ATTENTION_NAME)), names.O_NAME)
 
 
 class MLP(nnx.Module):
@@ -110,9 +114,9 @@ class MLP(nnx.Module):
         self.activation = cfg.activation
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = self.gate(x)
+        gate = checkpoint_name(self.gate(x), names.GATE_NAME)
         act = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-        return self.down(act * self.up(x))
+        return checkpoint_name(self.down(act * checkpoint_name(self.up(x), names.UP_NAME)), names.DOWN_NAME)
 
 
 def _feed_forward(cfg: ModelConfig, layer: int, rngs: nnx.Rngs) -> MLP | moe.MoE:
@@ -170,18 +174,14 @@ def _stacked_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
     return nnx.merge(graphdefs[0], state)
 
 
-def _layer_fn(graphdef: nnx.GraphDef, stacked_dims: int, state: nnx.State, window: jax.Array, x: jax.Array,
-              rope_tables: Rope, positions: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, moe.Stats]:
-    """One layer as a pure function of its state and window; ZeRO-3 gathers its weights here."""
+def _layer_fn(graphdef: nnx.GraphDef, stacked_dims: int, state: nnx.State, window: jax.Array, index: jax.Array,
+              x: jax.Array, rope_tables: Rope, positions: jax.Array, segment_ids: jax.Array
+              ) -> tuple[jax.Array, moe.Stats]:
+    """One layer as a pure function of its state, window and index (LoRA dropout draws per layer);
+    ZeRO-3 gathers its weights here. Returns the layer's output and its MoE router statistics."""
     block = nnx.merge(graphdef, param_gather.gather(state, stacked_dims=stacked_dims))
-    return block.forward(x, rope_tables, positions, segment_ids, window)
-
-
-def _remat(fn: Callable, policy: str, prevent_cse: bool) -> Callable:
-    if policy == "none":
-        return fn
-    saved = None if policy == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    return jax.checkpoint(fn, policy=saved, prevent_cse=prevent_cse)
+    with lora.layer_dropout(index):
+        return block.forward(x, rope_tables, positions, segment_ids, window)
 
 
 class Llama(nnx.Module):
@@ -242,19 +242,19 @@ class Llama(nnx.Module):
         if cfg.scan_layers:
             graphdef, stacked = nnx.split(self.blocks)
             # Inside scan the body is traced once, so CSE cannot merge recomputation away.
-            layer = _remat(functools.partial(_layer_fn, graphdef, 1), cfg.remat, prevent_cse=False)
+            layer = remat(functools.partial(_layer_fn, graphdef, 1), cfg.remat, prevent_cse=False)
 
-            def body(x: jax.Array, xs: tuple[nnx.State, jax.Array]) -> tuple[jax.Array, moe.Stats]:
-                state, window = xs
-                return layer(state, window, x, rope_tables, positions, segment_ids)
+            def body(x: jax.Array, xs: tuple[nnx.State, jax.Array, jax.Array]) -> tuple[jax.Array, moe.Stats]:
+                state, window, index = xs
+                return layer(state, window, index, x, rope_tables, positions, segment_ids)
 
-            x, stats = jax.lax.scan(body, x, (stacked, windows))
+            x, stats = jax.lax.scan(body, x, (stacked, windows, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
         else:
             per_layer = []
             for i, block in enumerate(self.blocks):
                 graphdef, state = nnx.split(block)
-                layer = _remat(functools.partial(_layer_fn, graphdef, 0), cfg.remat, prevent_cse=True)
-                x, layer_stats = layer(state, windows[i], x, rope_tables, positions, segment_ids)
+                layer = remat(functools.partial(_layer_fn, graphdef, 0), cfg.remat, prevent_cse=True)
+                x, layer_stats = layer(state, windows[i], jnp.int32(i), x, rope_tables, positions, segment_ids)
                 per_layer += [layer_stats] if layer_stats else []
             stats = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if per_layer else {}
         if stats:
