@@ -46,7 +46,14 @@ from efficient_train.data.errors import DataError
 from efficient_train.data.eval_sets import parse_eval_sets
 from efficient_train.data.sources import TOKEN_DTYPES
 from efficient_train.errors import ConfigError, InputError
-from efficient_train.models.choices import ATTENTION_IMPLS, DTYPES, LORA_TARGETS, NORM_IMPLS, REMAT_POLICIES
+from efficient_train.models.choices import (
+    ATTENTION_IMPLS,
+    DTYPES,
+    LORA_TARGETS,
+    MOE_BALANCE_SCOPES,
+    NORM_IMPLS,
+    REMAT_POLICIES,
+)
 from efficient_train.models.llama.config import family_problem, matmul_precision_problem, parameter_count
 from efficient_train.optim.choices import BLOCK_SIZES, OPTIMIZER_KERNELS, SCHEDULES, STATE_FORMATS
 from efficient_train.parallel.axes import MESH_AXES, SEQUENCE_PARALLEL_MODES, ZERO_STAGES
@@ -70,7 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.zero_stage = 1
 
-    c.mesh = ml_collections.ConfigDict(dict(replica=1, data=-1, sequence=1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(replica=1, data=-1, expert=1, sequence=1, tensor=1))
 
     c.model = ml_collections.ConfigDict(
         dict(
@@ -112,8 +119,23 @@ def default_config() -> ml_collections.ConfigDict:
             final_softcap=0.0,
             # bf16: the layers' projections in model.dtype; fp8: FP8 GEMMs (models/fp8.py).
             matmul_precision="bf16",
+            # Mixture of Experts (num_experts 0: dense); see models/llama/config.py and models/moe.py.
+            num_experts=0,
+            experts_per_token=2,
+            moe_intermediate_size=0,
+            shared_experts=0,
+            first_dense_layers=0,
+            router="softmax_topk",
+            norm_topk_prob=True,
+            routed_scaling=1.0,
+            capacity_factor=0.0,
+            router_bias_update=0.0,
         )
     )
+    # MoE training (train/moe_balance.py): load-balancing loss coefficient (frequencies over the global
+    # batch: every micro-batch and data rank, when balance_scope is "global"; "micro_batch": each
+    # micro-batch's own, over the data ranks) and router z-loss coefficient.
+    c.moe = ml_collections.ConfigDict(dict(aux_loss=0.01, z_loss=0.001, balance_scope="global"))
     c.attention = ml_collections.ConfigDict(dict(impl="auto"))
     # norm.impl: auto (= xla for now), xla, pallas (the fused pallas_kernels.rms_norm).
     c.norm = ml_collections.ConfigDict(dict(impl="auto"))
@@ -408,7 +430,7 @@ def _check_step_size(config: ml_collections.ConfigDict, mesh: dict[str, int]) ->
             f"model: {params:.3g} parameters need about {param_bytes:.3g} bytes per device for parameters, "
             f"gradients and optimizer state, beyond the bound of 2**50 (1 PiB); make model.vocab_size, "
             f"model.hidden_size, model.intermediate_size or model.num_layers smaller")
-    split = mesh["replica"] * mesh["data"] * mesh["sequence"]
+    split = mesh["replica"] * mesh["data"] * mesh["expert"] * mesh["sequence"]
     tokens = -(-batch * seq_len // split)  # per device
     e, i, qkv = model.hidden_size, model.intermediate_size, (model.num_heads + 2 * model.num_kv_heads) * model.head_dim
     per_token = 4 * (model.num_layers * (4 * e + 3 * i + 2 * qkv + model.num_heads * seq_len) + 3 * model.vocab_size)
@@ -573,6 +595,9 @@ def validate_fields(config: ml_collections.ConfigDict) -> None:
     _check_choice(config, "optimizer.kernel", OPTIMIZER_KERNELS)
     _check_choice(config, "data.source", DATA_SOURCES)
     _check_choice(config, "data.token_dtype", TOKEN_DTYPES)
+    _check_choice(config, "moe.balance_scope", MOE_BALANCE_SCOPES)
+    for field in ("moe.aux_loss", "moe.z_loss"):
+        _check_positive(config, field, allow_zero=True)
     if not config.data.jsonl_field:
         raise ConfigError("data.jsonl_field: '' is empty; name the JSON field that holds each document")
 
@@ -642,12 +667,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, *, check_paths
             "attention.impl: 'pallas' runs whole heads per device and is not split by the compiler; "
             "use mesh.tensor=1 with it, or 'auto'/'xla' with tensor parallelism"
         )
-    data_parallel = mesh["replica"] * mesh["data"]
+    if model.num_experts and model.num_experts % mesh["expert"]:
+        raise ConfigError(f"mesh.expert: {mesh['expert']} must divide model.num_experts={model.num_experts}")
+    if model.num_experts and (model.moe_intermediate_size or model.intermediate_size) % mesh["tensor"]:
+        raise ConfigError(f"mesh.tensor: {mesh['tensor']} must divide the experts' intermediate size "
+                          f"{model.moe_intermediate_size or model.intermediate_size} (model.moe_intermediate_size)")
+    data_parallel = mesh["replica"] * mesh["data"] * mesh["expert"]
     batch = config.train.batch_size
     if batch % data_parallel:
         raise ConfigError(
             f"train.batch_size: {batch} is not divisible by the data-parallel size "
-            f"mesh.replica x mesh.data = {data_parallel}"
+            f"mesh.replica x mesh.data x mesh.expert = {data_parallel}"
         )
     if (batch // data_parallel) % config.train.grad_accum:
         raise ConfigError(

@@ -179,7 +179,7 @@ def test_cli_convert_and_its_errors(tmp_path, trained):
     done = cli(source, str(tmp_path / "dst"), "--mesh", "data=2,tensor=2", "--zero_stage", "1")
     assert done.returncode == 0, done.stderr
     metadata = read_metadata(os.path.join(tmp_path, "dst", "3"))
-    assert metadata.mesh == {"replica": 1, "data": 2, "sequence": 1, "tensor": 2}
+    assert metadata.mesh == {"replica": 1, "data": 2, "expert": 1, "sequence": 1, "tensor": 2}
     assert metadata.zero_stage == 1 and metadata.optimizer["state_format"] == "int8"
     again = cli(source, str(tmp_path / "dst"), "--mesh", "data=2,tensor=2")
     assert again.returncode == 2 and "already exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1

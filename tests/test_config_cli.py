@@ -74,7 +74,7 @@ def test_a_renamed_field_still_works_and_says_so(capsys):
 
 
 def test_valid_configs_pass_and_fill_minus_one():
-    assert validate(_config(**{"mesh.tensor": "2"}), 8) == {"replica": 1, "data": 4, "sequence": 1, "tensor": 2}
+    assert validate(_config(**{"mesh.tensor": "2"}), 8) == {"replica": 1, "data": 4, "expert": 1, "sequence": 1, "tensor": 2}
     for name in ("tiny", "gpt2_small", "llama_1b", "llama_8b"):
         config = get_config(os.path.join(ROOT, "configs", f"{name}.py"))
         validate(config, 8)

@@ -149,7 +149,7 @@ def test_training_gradients_match_transformers(saved, family):
     compared = 0
     for m in tensor_maps(ours.cfg):
         value = flat[m.leaf]
-        for name, part in zip(m.hf_names, value if m.stacked else [value]):
+        for name, part in zip(m.hf_names, m.parts(value)):
             assert relative_error(m.to_hf(part), reference[name]) < 1e-4, name
             compared += 1
     assert compared == len([n for n in reference if n != "lm_head.weight" or not ours.cfg.tie_embeddings])

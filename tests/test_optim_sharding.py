@@ -60,7 +60,7 @@ PURE = nnx.to_pure_dict(ABSTRACT)
 
 
 def _mesh(**sizes):
-    shape = {"replica": 1, "data": 1, "sequence": 1, "tensor": 1, **sizes}
+    shape = {"replica": 1, "data": 1, "expert": 1, "sequence": 1, "tensor": 1, **sizes}
     return make_mesh(shape, jax.devices()[: int(np.prod(list(shape.values())))])
 
 

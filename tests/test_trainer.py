@@ -100,7 +100,7 @@ def test_hooks_and_metrics_file(tmp_path):
     records = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
     startup, steps = records[0], records[1:]
     assert startup["event"] == "startup" and startup["zero_stage"] == config.zero_stage
-    assert startup["mesh"] == {"replica": 1, "data": 8, "sequence": 1, "tensor": 1}
+    assert startup["mesh"] == {"replica": 1, "data": 8, "expert": 1, "sequence": 1, "tensor": 1}
     assert startup["num_params"] == trainer.setup.model_config.num_params()
     assert set(startup["per_device_bytes"]) == {"params", "opt_state", "temp", "total"}
     assert all(v > 0 for v in startup["per_device_bytes"].values())

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -114,11 +115,11 @@ def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, 
 
 
 def _cache_sharding(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None, batch: int, kv_heads: int) -> Any:
-    """The training rules for the cache: batch over replica x data, kv heads over tensor, where they divide."""
+    """The training rules for the cache: batch over replica x data x expert, kv heads over tensor, where they divide."""
     if mesh is None:
         return None
     shape = dict(mesh.shape)
-    batch_axes = BATCH_AXES if batch % (shape["replica"] * shape["data"]) == 0 else None
+    batch_axes = BATCH_AXES if batch % math.prod(shape[axis] for axis in BATCH_AXES) == 0 else None
     heads = "tensor" if kv_heads % shape["tensor"] == 0 else None
     return NamedSharding(mesh, P(None, batch_axes, None, heads, None))
 

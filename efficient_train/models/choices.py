@@ -1,5 +1,6 @@
 """The model's allowed values: remat policies, attention and norm implementations, dtypes,
-RoPE scalings, MLP activations, matmul precisions and LoRA targets. Plain names, no imports.
+RoPE scalings, MLP activations, matmul precisions, LoRA targets and Mixture-of-Experts routers. Plain
+names, no imports.
 
 `ModelConfig`, the attention dispatch and `RMSNorm` check against these, and
 `config.validate` refuses the same values by field name before jax starts, so they
@@ -20,3 +21,5 @@ ACTIVATIONS = ("silu", "gelu_tanh")  # SwiGLU (Llama, Qwen, Mistral), GeGLU with
 LORA_LINEAR_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 LORA_TARGETS = (*LORA_LINEAR_TARGETS, "embed")
 MATMUL_PRECISIONS = ("bf16", "fp8")  # the decoder layers' projections: model.dtype, or FP8 (models/fp8.py)
+ROUTERS = ("softmax_topk", "sigmoid_topk")  # Mixtral / Qwen MoE; DeepSeek V3 (normalized sigmoid scores)
+MOE_BALANCE_SCOPES = ("global", "micro_batch")  # expert frequencies of the balance loss (train/moe_balance.py)

@@ -7,6 +7,6 @@ them before jax starts.
 """
 from __future__ import annotations
 
-MESH_AXES = ("replica", "data", "sequence", "tensor")
+MESH_AXES = ("replica", "data", "expert", "sequence", "tensor")
 ZERO_STAGES = (0, 1, 2, 3)
 SEQUENCE_PARALLEL_MODES = ("ulysses", "ring", "all_gather")

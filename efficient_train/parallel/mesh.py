@@ -1,6 +1,6 @@
 """The device mesh from the config, and the multi-host start through jax.distributed.
 
-Axes, outer to inner: replica, data, sequence, tensor (ARCHITECTURE.md). Every axis is
+Axes, outer to inner: replica, data, expert, sequence, tensor (ARCHITECTURE.md). Every axis is
 `AxisType.Auto`: the trainer states shardings on its inputs and outputs and lets the
 compiler propagate them through the model (the usual choice for a trainer); the few
 places that must state their collectives (ZeRO gradient reduction, attention under
@@ -34,11 +34,11 @@ class LaunchError(InputError):
 
 
 def make_mesh(shape: dict[str, int], devices: list | None = None) -> Mesh:
-    """A mesh with the four named axes in their fixed order, all of type Auto."""
+    """A mesh with the named axes in their fixed order, all of type Auto; an axis `shape` leaves out has size 1."""
     import jax
     from jax.sharding import AxisType
 
-    sizes = tuple(shape[axis] for axis in MESH_AXES)
+    sizes = tuple(shape.get(axis, 1) for axis in MESH_AXES)
     kwargs = {} if devices is None else {"devices": devices}
     return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), **kwargs)
 

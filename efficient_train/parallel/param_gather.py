@@ -8,7 +8,9 @@ already reduce-scattered over the ZeRO group: DeepSpeed's ZeRO-3 shape, stated i
 program rather than left to the compiler (whose CPU backend would all-reduce).
 
 Which dimension of a parameter is sharded is written by the trainer into the
-variable's metadata (`zero_dim`, counted on the full, possibly layer-stacked shape).
+variable's metadata (`zero_dim`, counted on the full, possibly layer-stacked shape),
+and over which axes (`zero_axes`: an expert weight's group leaves out the `expert`
+axis its experts are split over; without it, the context's axes).
 Outside a `gathering(...)` context, or for a variable without `zero_dim`, `gather`
 returns its input unchanged, so models stay usable on their own.
 
@@ -36,6 +38,7 @@ from jax.ad_checkpoint import checkpoint_name
 from efficient_train.parallel.context import TracingContext
 
 ZERO_DIM = "zero_dim"
+ZERO_AXES = "zero_axes"
 GATHERED_NAME = "zero3_gathered"  # the checkpoint_name of a value GatheredOnRead gathered
 
 T = TypeVar("T")
@@ -49,9 +52,11 @@ def gathering(axes: tuple[str, ...]) -> AbstractContextManager[None]:
 
 
 def _gather_variable(variable: nnx.Variable, axes: tuple[str, ...], stacked_dims: int) -> nnx.Variable:
-    dim = variable.get_metadata().get(ZERO_DIM)
+    metadata = variable.get_metadata()
+    dim = metadata.get(ZERO_DIM)
     if dim is None:
         return variable
+    axes = tuple(metadata.get(ZERO_AXES) or axes)
     local_dim = dim - stacked_dims
     if local_dim < 0:
         raise ValueError(f"zero_dim {dim} lies in the stacked layer dims; the layer axis is never ZeRO-sharded")

@@ -6,11 +6,15 @@ Two layers of placement, decided per parameter from its *global* shape only:
    ordered rule table (first rule naming the logical axis wins; a mesh axis of size 1,
    one that does not divide the dimension, or one already used by an earlier dimension
    drops out, leaving that dimension whole).
-2. ZeRO: the ZeRO group is `data` x `sequence` (the devices that would otherwise hold
-   identical copies). A stage shards a tensor along its largest dimension that the
-   group divides and that no other mesh axis already uses; the stacked `layers` axis is
-   never chosen, so a scan over layers stays local. `replica` is never sharded over
-   (hybrid sharding: shard inside a node, replicate across nodes).
+2. ZeRO: the ZeRO group is `data` x `expert` x `sequence` (the devices that would
+   otherwise hold identical copies), less any axis the tensor spec already uses: an
+   expert weight, split over `expert` by its 'experts' dimension, has the group
+   `data` x `sequence` (its copies live only there), and its gradient is summed over
+   the batch axes less `expert` (`LeafPlan.reduce_axes`). A stage shards a tensor along
+   its largest dimension that the group divides and that no other mesh axis already
+   uses; the stacked `layers` axis is never chosen, so a scan over layers stays local.
+   `replica` is never sharded over (hybrid sharding: shard inside a node, replicate
+   across nodes).
 
 | stage | parameters | gradients | optimizer state |
 |---|---|---|---|
@@ -20,8 +24,8 @@ Two layers of placement, decided per parameter from its *global* shape only:
 | 3 | ZeRO | ZeRO | ZeRO |
 
 The plan also gives the specs the train step's `shard_map` needs: that map is manual
-over replica, data and sequence and leaves `tensor` to the compiler, so its specs name
-only the manual axes.
+over replica, data, expert and sequence and leaves `tensor` to the compiler, so its
+specs name only the manual axes.
 """
 from __future__ import annotations
 
@@ -40,20 +44,23 @@ MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]
 
 DEFAULT_RULES: Rules = (
-    ("batch", ("replica", "data")),
+    ("batch", ("replica", "data", "expert")),
     ("vocab", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
+    ("experts", "expert"),
+    ("expert_mlp", "tensor"),
+    ("router", None),
     ("embed", None),
     ("head_dim", None),
     ("norm", None),
     ("layers", None),
     ("lora_rank", None),
 )
-ZERO_GROUP = ("data", "sequence")
-BATCH_AXES = ("replica", "data")
-MANUAL_AXES = ("replica", "data", "sequence")
+ZERO_GROUP = ("data", "expert", "sequence")
+BATCH_AXES = ("replica", "data", "expert")
+MANUAL_AXES = ("replica", "data", "expert", "sequence")
 LAYER_AXIS = "layers"
 # A LoRA adapter's rank axis: replicated, and never the ZeRO dimension (like `layers`), so
 # A keeps its base kernel's input placement and B its output placement.
@@ -149,10 +156,21 @@ class LeafPlan:
     dtype: Any
     tensor: P
     zero_dim: int | None
+    zero_axes: tuple[str, ...] = ()  # this leaf's ZeRO group: axes of ZERO_GROUP over 1 its tensor spec leaves free
 
-    def spec(self, zero: bool, zero_axes: tuple[str, ...], keep: tuple[str, ...] | None = None) -> P:
+    @property
+    def tensor_axes(self) -> tuple[str, ...]:
+        """The mesh axes the tensor spec splits this leaf over."""
+        return tuple(axis for entry in self.tensor for axis in mesh_axes(entry))
+
+    def reduce_axes(self, batch_axes: tuple[str, ...]) -> tuple[str, ...]:
+        """The batch axes this leaf's gradient is summed over: those that do not split the leaf itself."""
+        return tuple(axis for axis in batch_axes if axis not in self.tensor_axes)
+
+    def spec(self, zero: bool, keep: tuple[str, ...] | None = None) -> P:
         """The spec with (zero=True) or without the ZeRO axes; `keep` filters to those mesh axes."""
         entries = list(self.tensor) + [None] * (len(self.shape) - len(self.tensor))
+        zero_axes = self.zero_axes
         if zero and self.zero_dim is not None:
             entries[self.zero_dim] = zero_axes[0] if len(zero_axes) == 1 else zero_axes
         if keep is not None:
@@ -175,6 +193,7 @@ class ShardingPlan:
 
     @property
     def zero_axes(self) -> tuple[str, ...]:
+        """The ZeRO group of a dense parameter (an expert weight's leaves out `expert`: LeafPlan.zero_axes)."""
         return tuple(axis for axis in ZERO_GROUP if self.mesh.shape[axis] > 1)
 
     @property
@@ -190,7 +209,7 @@ class ShardingPlan:
         return self.zero_stage >= 1
 
     def _specs(self, zero: bool, keep: tuple[str, ...] | None = None) -> Any:
-        return jax.tree.map(lambda leaf: leaf.spec(zero, self.zero_axes, keep), self.leaves, is_leaf=_is_leaf_plan)
+        return jax.tree.map(lambda leaf: leaf.spec(zero, keep), self.leaves, is_leaf=_is_leaf_plan)
 
     def param_specs(self) -> Any:
         return self._specs(self.params_sharded)
@@ -212,6 +231,10 @@ class ShardingPlan:
     def zero_dims(self) -> Any:
         return jax.tree.map(lambda leaf: leaf.zero_dim, self.leaves, is_leaf=_is_leaf_plan)
 
+    def leaf_zero_axes(self) -> Any:
+        """Each leaf's ZeRO group (what ZeRO-3 gathers it over)."""
+        return jax.tree.map(lambda leaf: leaf.zero_axes, self.leaves, is_leaf=_is_leaf_plan)
+
     def named(self, specs: Any) -> Any:
         return jax.tree.map(lambda spec: NamedSharding(self.mesh, spec), specs, is_leaf=_is_spec)
 
@@ -227,21 +250,24 @@ def _is_spec(node: Any) -> bool:
 def plan_sharding(abstract_params: nnx.State, mesh: Mesh, zero_stage: int, rules: Rules = DEFAULT_RULES) -> ShardingPlan:
     """Plan placement for an abstract parameter state (Variables with logical-axis metadata)."""
     mesh_shape = dict(mesh.shape)
-    group = int(np.prod([mesh_shape[axis] for axis in ZERO_GROUP]))
 
     def leaf(variable: nnx.Variable) -> LeafPlan:
         value = variable.get_value()
         shape = tuple(value.shape)
         names = logical_axes(variable)
         spec = tensor_spec(shape, names, rules, mesh_shape)
-        return LeafPlan(shape, value.dtype, spec, choose_zero_dim(shape, spec, names, group))
+        used = {axis for entry in spec for axis in mesh_axes(entry)}
+        zero_axes = tuple(axis for axis in ZERO_GROUP if mesh_shape.get(axis, 1) > 1 and axis not in used)
+        group = int(np.prod([mesh_shape[axis] for axis in zero_axes]))
+        zero_dim = choose_zero_dim(shape, spec, names, group)
+        return LeafPlan(shape, value.dtype, spec, zero_dim, zero_axes if zero_dim is not None else ())
 
     flat = {path: leaf(variable) for path, variable in nnx.to_flat_state(abstract_params)}
     return ShardingPlan(mesh, zero_stage, unflatten_dict(flat))
 
 
 def batch_spec(ndim: int, shard_sequence: bool) -> P:
-    """Leading dim over replica x data; dim 1 over sequence for token batches."""
+    """Leading dim over replica x data x expert; dim 1 over sequence for token batches."""
     if shard_sequence and ndim >= 2:
         return P(BATCH_AXES, "sequence", *([None] * (ndim - 2)))
     return P(BATCH_AXES, *([None] * (ndim - 1)))

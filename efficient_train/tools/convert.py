@@ -54,7 +54,7 @@ from efficient_train.tree_paths import leaf_paths
 
 # Logical axes the model needs split evenly under tensor parallelism (config.validate's rule);
 # others (kv heads, vocabulary) stay whole when the axis does not divide them, as in training.
-MUST_SPLIT = ("heads", "mlp")
+MUST_SPLIT = ("heads", "mlp", "experts", "expert_mlp")
 
 
 def _source_optimizer(metadata: CheckpointMetadata, source: str) -> None:

@@ -213,7 +213,7 @@ def export_hf(ckpt: str, out_dir: str, *, dtype: str | None = None,
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
         for m in maps:
             value = reader.read("params/" + m.leaf) if lora is None else lora.read(m.leaf)
-            for name, part in zip(m.hf_names, value if m.stacked else [value]):
+            for name, part in zip(m.hf_names, m.parts(value)):
                 yield name, m.to_hf(part).astype(out_dtype)
 
     plan = [TensorSpec(name, m.hf_shape, out_dtype) for m in maps for name in m.hf_names]

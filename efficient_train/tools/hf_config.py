@@ -1,4 +1,5 @@
-"""Hugging Face config.json <-> `ModelConfig`, for Llama 3.x, Qwen 2/2.5, Qwen 3, Mistral and Gemma 2/3.
+"""Hugging Face config.json <-> `ModelConfig`, for Llama 3.x, Qwen 2/2.5, Qwen 3, Mistral, Gemma 2/3,
+and the Mixture-of-Experts Mixtral and Qwen 3 MoE.
 
 - `config_from_hf` reads a config.json dict of one of `MODEL_TYPES`. Every field that
   changes what the model computes is read or refused: a value our model cannot
@@ -21,12 +22,15 @@ import math
 from typing import Any
 
 from efficient_train.models import ModelConfig
+from efficient_train.models.llama.hf_names import moe_family
 from efficient_train.tools.safetensors import HFError
 
 CONFIG_FILE = "config.json"
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                 "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+MOE_TYPES = ("mixtral", "qwen3_moe")
 GEMMA = ("gemma2", "gemma3_text")
 # transformers' defaults (its config classes) for keys a config.json may leave out.
 COMMON_DEFAULTS = {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "sliding_window": None,
@@ -41,6 +45,9 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "gemma3_text": {"sliding_window": 4096, "head_dim": 256, "tie_word_embeddings": True, "query_pre_attn_scalar": 256,
                     "final_logit_softcapping": None, "attn_logit_softcapping": None, "sliding_window_pattern": 6,
                     "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0},
+    "mixtral": {"rope_theta": 1_000_000.0, "num_local_experts": 8, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5},
+    "qwen3_moe": {"num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": False, "decoder_sparse_step": 1,
+                  "mlp_only_layers": [], "moe_intermediate_size": 768},
 }
 ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
              "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "truncate",
@@ -167,7 +174,7 @@ def _rope(f: _Fields, model_type: str) -> dict[str, Any]:
 def _windows(f: _Fields, model_type: str, num_layers: int) -> dict[str, Any]:
     """sliding_window and global_every from the family's window fields."""
     window = f.get("sliding_window")
-    if model_type in ("qwen2", "qwen3"):
+    if model_type in ("qwen2", "qwen3", "qwen3_moe"):
         if f.get("use_sliding_window"):
             raise _refuse("use_sliding_window", f.get("use_sliding_window"),
                           "false (Qwen's windowed upper layers are not supported)")
@@ -178,7 +185,7 @@ def _windows(f: _Fields, model_type: str, num_layers: int) -> dict[str, Any]:
     if window is None:
         return {}
     window = _positive_int(window, "sliding_window")
-    if model_type == "mistral":
+    if model_type in ("mistral", "mixtral"):
         return {"sliding_window": window}
     if model_type not in GEMMA:  # llama has no window
         raise _refuse("sliding_window", window, "null (full causal attention)")
@@ -234,8 +241,10 @@ def config_from_hf(hf: dict) -> ModelConfig:
     if not isinstance(tie, bool):
         raise _refuse("tie_word_embeddings", tie, "true or false")
     family: dict[str, Any] = {"qkv_bias": bias or model_type == "qwen2", "o_bias": bias,
-                              "qk_norm": model_type in ("qwen3", "gemma3_text"),
+                              "qk_norm": model_type in ("qwen3", "gemma3_text", "qwen3_moe"),
                               **_rope(f, model_type), **_windows(f, model_type, layers)}
+    if model_type in MOE_TYPES:
+        family.update(_experts(f, model_type))
     if gemma:
         scalar = f.get("query_pre_attn_scalar")
         family.update(activation="gelu_tanh", norm_plus_one=True, embed_scale=True, sandwich_norms=True,
@@ -260,8 +269,30 @@ def config_from_hf(hf: dict) -> ModelConfig:
         raise HFError(f"{CONFIG_FILE}: {error}") from None
 
 
+def _experts(f: _Fields, model_type: str) -> dict[str, Any]:
+    """ModelConfig's MoE fields: Mixtral (softmax top-k renormalized, experts of intermediate_size) or
+    Qwen 3 MoE (norm_topk_prob as given, experts of moe_intermediate_size, every layer sparse)."""
+    key = "num_local_experts" if model_type == "mixtral" or "num_experts" not in f else "num_experts"
+    experts = _positive_int(f.get(key), key)
+    k = _positive_int(f.get("num_experts_per_tok"), "num_experts_per_tok")
+    out: dict[str, Any] = {"num_experts": experts, "experts_per_token": k, "router": "softmax_topk"}
+    if model_type == "mixtral":
+        return out | {"norm_topk_prob": True}
+    if f.get("decoder_sparse_step") != 1:
+        raise _refuse("decoder_sparse_step", f.get("decoder_sparse_step"), "1 (every layer has experts)")
+    if f.get("mlp_only_layers"):
+        raise _refuse("mlp_only_layers", f.get("mlp_only_layers"), "[] (every layer has experts)")
+    norm = f.get("norm_topk_prob")
+    if not isinstance(norm, bool):
+        raise _refuse("norm_topk_prob", norm, "true or false")
+    size = _positive_int(f.get("moe_intermediate_size"), "moe_intermediate_size")
+    return out | {"norm_topk_prob": norm, "moe_intermediate_size": size}
+
+
 def hf_family(cfg: ModelConfig) -> str:
     """The HF model_type whose architecture computes `cfg` (checked by `config_to_hf`)."""
+    if cfg.num_experts:
+        return moe_family(cfg.qk_norm)
     if cfg.sandwich_norms:
         return "gemma3_text" if cfg.qk_norm else "gemma2"
     if cfg.qk_norm:
@@ -318,10 +349,19 @@ def config_to_hf(cfg: ModelConfig, dtype: str | None = None) -> dict:
         out["attention_bias"] = cfg.qkv_bias
     if model_type == "llama":
         out["mlp_bias"] = False
-    if model_type in ("qwen2", "qwen3"):
+    if model_type in ("qwen2", "qwen3", "qwen3_moe"):
         out.update(use_sliding_window=False, layer_types=[FULL] * cfg.num_layers)
-    if model_type == "mistral":
+    if model_type in ("mistral", "mixtral"):
         out["sliding_window"] = cfg.sliding_window or None
+    if model_type == "mixtral":
+        out.update(num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.experts_per_token,
+                   router_jitter_noise=0.0)
+        if cfg.moe_intermediate_size:  # Mixtral's experts are of intermediate_size
+            out["intermediate_size"] = cfg.moe_intermediate_size
+    if model_type == "qwen3_moe":
+        out.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.experts_per_token,
+                   norm_topk_prob=cfg.norm_topk_prob, moe_intermediate_size=cfg.expert_size,
+                   decoder_sparse_step=1, mlp_only_layers=[])
     if gemma:
         windows = cfg.layer_windows()
         if not float(cfg.query_pre_attn_scalar).is_integer():  # transformers holds an int
@@ -350,4 +390,4 @@ def config_to_hf(cfg: ModelConfig, dtype: str | None = None) -> dict:
 
 # The ModelConfig fields config.json holds (everything but how to compute and store).
 STORED_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in (
-    "remat", "scan_layers", "dtype", "param_dtype", "attention_impl", "norm_impl", "matmul_precision"))
+    "remat", "scan_layers", "dtype", "param_dtype", "attention_impl", "norm_impl", "matmul_precision", "capacity_factor"))

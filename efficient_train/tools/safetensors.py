@@ -31,7 +31,7 @@ from flax import nnx
 
 from efficient_train.checkpoint.metadata import CheckpointError
 from efficient_train.models.llama.config import ModelConfig
-from efficient_train.models.llama.hf_names import DERIVED_SUFFIX, TIED_HEAD, TensorMap, map_leaf
+from efficient_train.models.llama.hf_names import DERIVED_SUFFIX, TIED_HEAD, TensorMap, map_leaf, moe_family
 from efficient_train.models.llama.model import Llama
 from efficient_train.tree_paths import leaf_paths
 
@@ -61,7 +61,8 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
     params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     maps = []
     for leaf, value in leaf_paths(params):
-        found = map_leaf(leaf, tuple(value.shape), cfg.num_layers, cfg.sandwich_norms)
+        found = map_leaf(leaf, tuple(value.shape), cfg.num_layers, cfg.sandwich_norms,
+                         moe_family(cfg.qk_norm) if cfg.num_experts else None)
         if found is None:
             raise HFError(f"parameter {leaf} has no Hugging Face counterpart")
         maps.append(found)
@@ -278,8 +279,9 @@ class SafetensorsDir:
         if not m.stacked:
             return m.from_hf(self.read(m.hf_names[0])).astype(dtype)
         out = np.empty(m.leaf_shape, dtype)
+        parts = out.reshape(-1, *m.shape)  # a view: one row per HF tensor (layer, or layer x expert)
         for i, name in enumerate(m.hf_names):
-            out[i] = m.from_hf(self.read(name))
+            parts[i] = m.from_hf(self.read(name))
         return out
 
 

@@ -3,7 +3,7 @@
 Shape of the step (DeepSpeed's ZeRO, stated in the program so every backend,
 the CPU included, runs the collectives the stage promises):
 
-1. `jax.shard_map`, manual over replica x data x sequence (tensor stays with the
+1. `jax.shard_map`, manual over replica x data x expert x sequence (tensor stays with the
    compiler), computes gradients of the *unnormalized* loss sum on the local batch,
    scanning over micro-batches for gradient accumulation. Under ZeRO-3 the model
    all-gathers each layer's parameters right before use (`parallel.param_gather`:
@@ -11,7 +11,11 @@ the CPU included, runs the collectives the stage promises):
    in the backward), so autodiff turns those gathers into reduce-scatters of the gradients.
 2. Still inside the map, gradients are reduced over the batch axes: an all-reduce
    (stages 0-1), a reduce-scatter over the ZeRO group (stage 2; stage 3 already has
-   it), then an all-reduce over `replica` only (hybrid sharding).
+   it), then an all-reduce over `replica` only (hybrid sharding). An expert weight
+   (split over `expert`) is summed over the batch axes less `expert`: its gradient
+   arrived with the tokens, by all-to-all. A model with experts also gets the MoE
+   balance and z losses over the global batch (train/moe_balance.py), which may take a
+   forward pass over every micro-batch first.
 3. Outside the map, with the compiler partitioning: normalize by the global loss
    weight, clip by global norm, AdamW update with the optimizer state where the stage
    puts it; stage 1 and 2 parameters are all-gathered back to whole by the output
@@ -40,11 +44,14 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from efficient_train.models import lora
+from efficient_train.models import lora, moe
 from efficient_train.optim import apply_updates, device_shardings, is_offloaded
+from efficient_train.parallel import experts as expert_parallel
 from efficient_train.parallel import param_gather
 from efficient_train.parallel import sequence as sequence_parallel
-from efficient_train.parallel.sharding import MANUAL_AXES, ShardingPlan, batch_spec
+from efficient_train.parallel.sharding import MANUAL_AXES, LeafPlan, ShardingPlan, batch_spec
+from efficient_train.train import moe_balance
+from efficient_train.train.moe_balance import Frequencies, MoeBalance
 from efficient_train.train.state import TrainState, as_state
 
 LossFn = Callable[[nnx.Module, Any], Any]
@@ -70,6 +77,7 @@ class StepDefinition:
     frozen_structure: nnx.State | None = None
     frozen_plan: ShardingPlan | None = None
     dropout_seed: int | None = None  # LoRA dropout > 0: the seed its per-step keys come from
+    moe: MoeBalance | None = None  # the MoE losses, for a model with experts
 
     def module(self, params: dict, frozen: dict | None = None, *, gather_on_read: bool = False) -> nnx.Module:
         """The model holding pure `params` (and a LoRA run's `frozen` base); with `gather_on_read`,
@@ -146,79 +154,144 @@ def compiler_options(step_def: StepDefinition) -> dict[str, Any]:
     return {}
 
 
-def make_local_loss(step_def: StepDefinition) -> Callable[..., tuple[jax.Array, jax.Array]]:
+def make_local_loss_and_stats(step_def: StepDefinition) -> Callable[..., tuple[tuple[jax.Array, jax.Array], Any]]:
     """(local parameters, local frozen base, local batch[, dropout key]) -> the loss's (sum, weight)
-    on this device's tokens, as the step's shard_map body sees them: ZeRO-3 gathers (per layer, or at
-    each read for a module that does not gather itself), the sequence split and LoRA dropout are
-    opened here. The train step differentiates it with respect to the
-    parameters only; evaluation (evaluation.py) runs it forward only, without dropout."""
+    on this device's tokens and the MoE router statistics of the forward (None without experts), as
+    the step's shard_map body sees them: ZeRO-3 gathers (per layer, or at each read for a module that
+    does not gather itself), the sequence split, the expert exchange and LoRA dropout are opened here."""
     plan = step_def.plan
     mesh_shape = dict(plan.mesh.shape)
     zero_axes = plan.zero_axes
     gathers = plan.params_sharded and bool(zero_axes)
     gather_on_read = gathers_at_read(step_def)
     split_sequence = step_def.shard_sequence and mesh_shape["sequence"] > 1
+    expert_axis = expert_parallel.EXPERT_AXIS
+    split_experts = mesh_shape.get(expert_axis, 1) > 1
 
     def local_loss(params: dict, frozen: dict, micro_batch: Any,
-                   dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                   dropout_key: jax.Array | None = None) -> tuple[tuple[jax.Array, jax.Array], Any]:
         model = step_def.module(params, frozen, gather_on_read=gather_on_read)
         with contextlib.ExitStack() as contexts:
             if gathers:
                 contexts.enter_context(param_gather.gathering(zero_axes))
             if split_sequence:
                 contexts.enter_context(sequence_parallel.sharding("sequence", step_def.sequence_mode))
+            if split_experts:
+                contexts.enter_context(expert_parallel.exchanging(expert_axis, mesh_shape[expert_axis]))
             if dropout_key is not None:
                 contexts.enter_context(lora.dropout_key(dropout_key))
-            return loss_terms(step_def.loss_fn(model, micro_batch))
+            sink = contexts.enter_context(moe.collecting())
+            terms = loss_terms(step_def.loss_fn(model, micro_batch))
+        return terms, (sink[0] if sink else None)
 
     return param_gather.regather_in_backward(local_loss) if gather_on_read else local_loss
+
+
+def make_local_loss(step_def: StepDefinition) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """(local parameters, local frozen base, local batch[, dropout key]) -> the loss's (sum, weight)
+    on this device's tokens. The train step differentiates it with respect to the parameters only;
+    evaluation (evaluation.py) runs it forward only, without dropout."""
+    local_loss = make_local_loss_and_stats(step_def)
+    return lambda *args: local_loss(*args)[0]
+
+
+def zero_extras(balance: MoeBalance | None) -> dict:
+    """The accumulator of what `objective` returns beside the weight: MoE statistics and terms."""
+    if balance is None:
+        return {}
+    per_layer = jnp.zeros((balance.layers, balance.num_experts))
+    scalars = jnp.zeros((balance.layers,))
+    return {"load": per_layer, "prob_sum": per_layer, "z_sum": scalars, "tokens": scalars, "dropped": scalars,
+            "aux": jnp.zeros(()), "z": jnp.zeros(()), "lm": jnp.zeros(())}
 
 
 def make_local_grads(step_def: StepDefinition) -> Callable:
     """The shard_map body: local gradients reduced over the batch axes, loss sum and weight."""
     plan = step_def.plan
     mesh_shape = dict(plan.mesh.shape)
-    zero_axes = plan.zero_axes
     all_batch_axes = batch_axes(mesh_shape)
     replica_axes = _axes_over_one(mesh_shape, ("replica",))
-    zero_dims = plan.zero_dims()
-    grad_fn = jax.value_and_grad(make_local_loss(step_def), has_aux=True)  # parameters only, never `frozen`
+    forward = make_local_loss_and_stats(step_def)
+    balance = step_def.moe
 
-    def reduce(grad: jax.Array, zero_dim: int | None) -> jax.Array:
-        if zero_dim is None or not zero_axes:
-            return jax.lax.psum(grad, all_batch_axes) if all_batch_axes else grad
+    def objective(params: dict, frozen: dict, micro_batch: Any, key: jax.Array | None,
+                  freq: Frequencies | None) -> tuple[jax.Array, tuple]:
+        """The differentiated sum: the loss's, plus the MoE terms (times the global weight)."""
+        (total, weight), stats = forward(params, frozen, micro_batch, key)
+        if balance is None or stats is None or freq is None:
+            return total, (weight, {})
+        if freq.loads is None:  # this forward's own loads, over the batch axes
+            loads = moe_balance.psum(jax.lax.stop_gradient(stats["load"]), all_batch_axes)
+            freq = dataclasses.replace(freq, loads=loads, tokens=moe_balance.psum(stats["tokens"], all_batch_axes))
+        aux, z = moe_balance.terms(balance, stats, freq)
+        extras = {**jax.lax.stop_gradient(stats), "aux": jax.lax.stop_gradient(aux), "z": jax.lax.stop_gradient(z)}
+        return total + moe_balance.objective_extra(balance, aux, z, freq.weight), (weight, extras | {"lm": total})
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)  # parameters only, never `frozen`
+
+    def frequencies(params: dict, frozen: dict, batch: Any, key: jax.Array | None) -> Frequencies | None:
+        """The global loads the MoE terms use: counted by a forward over every micro-batch first
+        (scope 'global' with grad_accum > 1), else None parts filled in by each forward."""
+        if balance is None:
+            return None
+        weight = moe_balance.psum(moe_balance.batch_weight(batch), all_batch_axes)
+        if step_def.grad_accum == 1 or balance.scope != "global":
+            share = 1.0 if step_def.grad_accum == 1 else 1.0 / step_def.grad_accum
+            return Frequencies(loads=None, tokens=None, weight=weight, share=share)
+
+        def count(carry: tuple, xs: tuple) -> tuple[tuple, None]:
+            micro_batch, index = xs
+            micro_key = None if key is None else jax.random.fold_in(key, index)  # the gradient pass's routing
+            _, stats = forward(params, frozen, micro_batch, micro_key)
+            assert stats is not None, "a model with experts records its router statistics"
+            return (carry[0] + stats["load"], carry[1] + stats["tokens"]), None
+
+        zeros = (jnp.zeros((balance.layers, balance.num_experts)), jnp.zeros((balance.layers,)))
+        indices = jnp.arange(step_def.grad_accum, dtype=jnp.int32)
+        (loads, tokens), _ = jax.lax.scan(count, zeros, (micro_batches(batch, step_def.grad_accum), indices))
+        loads, tokens = moe_balance.psum((jax.lax.stop_gradient(loads), tokens), all_batch_axes)
+        return Frequencies(loads=loads, tokens=tokens, weight=weight, share=1.0)
+
+    def reduce(grad: jax.Array, leaf: LeafPlan) -> jax.Array:
+        batch = leaf.reduce_axes(all_batch_axes)  # an expert weight is not summed over `expert`
+        if leaf.zero_dim is None or not leaf.zero_axes:
+            return jax.lax.psum(grad, batch) if batch else grad
         if plan.params_sharded:  # already reduce-scattered by the gather's transpose
             reduced = grad
         elif plan.grads_sharded:
-            reduced = jax.lax.psum_scatter(grad, zero_axes, scatter_dimension=zero_dim, tiled=True)
+            reduced = jax.lax.psum_scatter(grad, leaf.zero_axes, scatter_dimension=leaf.zero_dim, tiled=True)
         else:
-            return jax.lax.psum(grad, all_batch_axes)
+            return jax.lax.psum(grad, batch)
         return jax.lax.psum(reduced, replica_axes) if replica_axes else reduced
 
     def local_grads(params: dict, frozen: dict, batch: Any,
-                    key_data: jax.Array | None = None) -> tuple[dict, jax.Array, jax.Array]:
+                    key_data: jax.Array | None = None) -> tuple[dict, jax.Array, jax.Array, dict]:
         # LoRA dropout: the step's key, folded with this device's place in the batch and the micro-batch.
         key = None if key_data is None else jax.random.wrap_key_data(key_data)
         if key is not None and all_batch_axes:
             key = jax.random.fold_in(key, jax.lax.axis_index(all_batch_axes))
+        freq = frequencies(params, frozen, batch, key)
         if step_def.grad_accum == 1:
-            (total, weight), grads = grad_fn(params, frozen, batch, key)
+            (total, (weight, extras)), grads = grad_fn(params, frozen, batch, key, freq)
         else:
             def accumulate(carry, xs):
-                grads, total, weight = carry
+                grads, total, weight, extras = carry
                 micro_batch, index = xs
                 micro_key = None if key is None else jax.random.fold_in(key, index)
-                (t, w), g = grad_fn(params, frozen, micro_batch, micro_key)
-                return (jax.tree.map(jnp.add, grads, g), total + t, weight + w), None
+                (t, (w, e)), g = grad_fn(params, frozen, micro_batch, micro_key, freq)
+                return (jax.tree.map(jnp.add, grads, g), total + t, weight + w, jax.tree.map(jnp.add, extras, e)), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)  # local shards: gradients have their shapes
             indices = jnp.arange(step_def.grad_accum, dtype=jnp.int32)
-            (grads, total, weight), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(()), jnp.zeros(())),
-                                                   (micro_batches(batch, step_def.grad_accum), indices))
-        grads = jax.tree.map(reduce, grads, zero_dims)
+            carry = (zeros, jnp.zeros(()), jnp.zeros(()), zero_extras(balance))
+            (grads, total, weight, extras), _ = jax.lax.scan(accumulate, carry,
+                                                           (micro_batches(batch, step_def.grad_accum), indices))
+        grads = jax.tree.map(reduce, grads, plan.leaves)
+        if extras:
+            total = extras.pop("lm")  # the loss's own sum; the MoE terms are metrics of their own
         if all_batch_axes:
-            total, weight = jax.lax.psum((total, weight), all_batch_axes)
-        return grads, total, weight
+            total, weight, extras = jax.lax.psum((total, weight, extras), all_batch_axes)
+        return grads, total, weight, extras
 
     return local_grads
 
@@ -226,7 +299,7 @@ def make_local_grads(step_def: StepDefinition) -> Callable:
 def over_batch_axes(local_fn: Callable, step_def: StepDefinition, example_batch: Any, out_specs: Any,
                     extra_specs: tuple = ()) -> Callable:
     """`local_fn(params, frozen, batch, *extra)` mapped manually over the batch axes (replica x data x
-    sequence), parameters and the frozen base in their manual specs, `extra` in `extra_specs`;
+    expert x sequence), parameters and the frozen base in their manual specs, `extra` in `extra_specs`;
     `local_fn` itself when every such axis has one device."""
     plan = step_def.plan
     if all(plan.mesh.shape[axis] == 1 for axis in MANUAL_AXES):
@@ -250,7 +323,7 @@ def build_train_step(step_def: StepDefinition, state_shardings: TrainState, exam
     mesh = plan.mesh
     dropout = step_def.dropout_seed is not None
     sharded_grads = over_batch_axes(make_local_grads(step_def), step_def, example_batch,
-                                    (plan.manual_grad_specs(), P(), P()), extra_specs=(P(),) if dropout else ())
+                                    (plan.manual_grad_specs(), P(), P(), P()), extra_specs=(P(),) if dropout else ())
     grad_shardings = plan.named(plan.grad_specs())
     offload = is_offloaded(state_shardings.opt_state)
     opt_on_device = device_shardings(state_shardings.opt_state)
@@ -260,7 +333,7 @@ def build_train_step(step_def: StepDefinition, state_shardings: TrainState, exam
         # LoRA dropout draws from a key of the seed and the step (raw key data crosses the shard_map).
         keys = (jax.random.key_data(jax.random.fold_in(jax.random.key(step_def.dropout_seed or 0), state.step)),) \
             if dropout else ()
-        grads, total, weight = sharded_grads(state.params, frozen, batch, *keys)
+        grads, total, weight, extras = sharded_grads(state.params, frozen, batch, *keys)
         grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
         weight_ok = weight > 0  # a batch with nothing to learn from (all masked) is skipped
         loss_weight = weight
@@ -273,7 +346,10 @@ def build_train_step(step_def: StepDefinition, state_shardings: TrainState, exam
         grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)  # bf16 params keep bf16 grads
 
         def apply(params: Any, opt_state: Any) -> tuple[Any, Any]:
-            return apply_updates(step_def.optimizer, grads, opt_state, params)
+            params, opt_state = apply_updates(step_def.optimizer, grads, opt_state, params)
+            if step_def.moe is not None and step_def.moe.bias_update:
+                params = moe_balance.update_router_bias(params, extras["load"], step_def.moe.bias_update)
+            return params, opt_state
 
         opt_state = jax.device_put(state.opt_state, opt_on_device) if offload else state.opt_state
         applied_steps = state.step - state.skipped_steps
@@ -302,6 +378,8 @@ def build_train_step(step_def: StepDefinition, state_shardings: TrainState, exam
             # The trainer never saves a state for which this is 0 (it stops the run instead).
             "state_finite": all_finite((new_params, new_opt_state)).astype(jnp.int32),
         }
+        if extras:
+            metrics.update(moe_balance.metrics(extras, extras["aux"], extras["z"]))
         return new_state, metrics
 
     batch_shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), batch_specs(example_batch, step_def.shard_sequence))

@@ -33,9 +33,10 @@ from efficient_train.models import Llama, ModelConfig
 from efficient_train.models.lora import LoRAConfig, LoRAParam, add_adapters
 from efficient_train.optim import adamw, decay_mask, make_schedule, quantize_mask
 from efficient_train.optim import state_shardings as optimizer_state_shardings
-from efficient_train.parallel.param_gather import ZERO_DIM
+from efficient_train.parallel.param_gather import ZERO_AXES, ZERO_DIM
 from efficient_train.parallel.sharding import ShardingPlan, plan_sharding
 from efficient_train.train.loss import make_loss, resolve_chunk
+from efficient_train.train.moe_balance import MoeBalance
 from efficient_train.train.state import TrainState, set_metadata
 from efficient_train.train.step import LossFn, StepDefinition
 
@@ -127,12 +128,17 @@ def build_setup(
             is_leaf=lambda x: isinstance(x, nnx.Variable),
         )
     plan = plan_sharding(abstract_params, mesh, config.zero_stage)
-    param_structure = set_metadata(abstract_params, ZERO_DIM, plan.zero_dims()) if plan.params_sharded else abstract_params
+    param_structure = abstract_params
+    if plan.params_sharded:
+        param_structure = set_metadata(set_metadata(abstract_params, ZERO_DIM, plan.zero_dims()), ZERO_AXES,
+                                       plan.leaf_zero_axes())
     frozen_plan = frozen_structure = None
     if abstract_frozen is not None:
         frozen_plan = plan_sharding(abstract_frozen, mesh, config.zero_stage)
-        frozen_structure = (set_metadata(abstract_frozen, ZERO_DIM, frozen_plan.zero_dims())
-                            if frozen_plan.params_sharded else abstract_frozen)
+        frozen_structure = abstract_frozen
+        if frozen_plan.params_sharded:
+            frozen_structure = set_metadata(set_metadata(abstract_frozen, ZERO_DIM, frozen_plan.zero_dims()),
+                                            ZERO_AXES, frozen_plan.leaf_zero_axes())
 
     train = config.train
     schedule = make_schedule(train.schedule, train.learning_rate, train.warmup_steps, train.steps, train.min_lr_ratio)
@@ -178,8 +184,19 @@ def build_setup(
         frozen_structure=frozen_structure,
         frozen_plan=frozen_plan,
         dropout_seed=config.seed if lora_config is not None and lora_config.dropout else None,
+        moe=moe_balance(config, model_config),
     )
     return TrainSetup(config, mesh, create_model, model_config, step_def, abstract_state, state_shardings)
+
+
+def moe_balance(config: ml_collections.ConfigDict, model_config: ModelConfig | None) -> MoeBalance | None:
+    """The MoE losses' settings for a model with experts (None for a dense or user's model)."""
+    if model_config is None or not model_config.num_experts:
+        return None
+    layers = sum(model_config.is_moe_layer(i) for i in range(model_config.num_layers))
+    return MoeBalance(aux_loss=config.moe.aux_loss, z_loss=config.moe.z_loss, scope=config.moe.balance_scope,
+                      num_experts=model_config.num_experts, experts_per_token=model_config.experts_per_token,
+                      layers=layers, bias_update=model_config.router_bias_update)
 
 
 def _create_llama(model_config: ModelConfig, lora_config: LoRAConfig | None, seed: int) -> Llama:

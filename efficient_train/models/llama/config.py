@@ -25,6 +25,7 @@ from efficient_train.models.choices import (
     NORM_IMPLS,
     REMAT_POLICIES,
     ROPE_TYPES,
+    ROUTERS,
 )
 from efficient_train.models.choices import DTYPES as DTYPE_NAMES
 
@@ -38,6 +39,7 @@ DTypeName = Literal["float32", "bfloat16"]
 RopeType = Literal["default", "linear", "dynamic", "yarn", "llama3"]
 Activation = Literal["silu", "gelu_tanh"]
 MatmulPrecision = Literal["bf16", "fp8"]
+Router = Literal["softmax_topk", "sigmoid_topk"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +67,16 @@ class ModelConfig:
       attention and after the MLP, before each residual add), query_pre_attn_scalar
       (scores scaled by its -1/2 power instead of head_dim's), attn_softcap and
       final_softcap (c * tanh(x / c) on attention scores and on logits; 0: off).
+    - Mixture of Experts (models/moe.py; Mixtral, Qwen 3 MoE, DeepSeek V3): num_experts > 0
+      replaces the MLP of every layer from first_dense_layers on by experts_per_token of
+      num_experts SwiGLU experts of moe_intermediate_size (0: intermediate_size), plus
+      shared_experts always-on experts of that size; router 'softmax_topk' (softmax, top k,
+      renormalized when norm_topk_prob) or 'sigmoid_topk' (sigmoid scores, top k, normalized),
+      weights times routed_scaling; capacity_factor > 0 drops assignments beyond
+      ceil(factor x tokens x k / num_experts) per expert, 0 is dropless. router_bias_update u > 0:
+      DeepSeek V3's auxiliary-loss-free balancing, a per-expert bias added to the scores for the
+      top-k choice only (never to the weights), moved by u x sign(mean load - load) after each
+      applied step from the global batch's loads (train/step.py).
 
     matmul_precision (last, so a default one is left out of `record`): 'bf16' runs every
     projection of the decoder layers in `dtype`; 'fp8' runs them as FP8 GEMMs (models/fp8.py:
@@ -109,6 +121,16 @@ class ModelConfig:
     query_pre_attn_scalar: float = 0.0
     attn_softcap: float = 0.0
     final_softcap: float = 0.0
+    num_experts: int = 0
+    experts_per_token: int = 2
+    moe_intermediate_size: int = 0
+    shared_experts: int = 0
+    first_dense_layers: int = 0
+    router: Router = "softmax_topk"
+    norm_topk_prob: bool = True
+    routed_scaling: float = 1.0
+    capacity_factor: float = 0.0
+    router_bias_update: float = 0.0
     matmul_precision: MatmulPrecision = "bf16"
 
     def __post_init__(self) -> None:
@@ -153,6 +175,15 @@ class ModelConfig:
         return {f.name: getattr(self, f.name) for i, f in enumerate(fields)
                 if i < first_family or getattr(self, f.name) != f.default}
 
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer `layer` has experts instead of the dense MLP."""
+        return is_moe_layer(self, layer)
+
+    @property
+    def expert_size(self) -> int:
+        """One expert's intermediate size."""
+        return self.moe_intermediate_size or self.intermediate_size
+
     def layer_windows(self) -> tuple[int, ...]:
         """Each layer's sliding window (0: the layer sees every earlier token)."""
         return tuple(layer_window(self, i) for i in range(self.num_layers))
@@ -193,7 +224,8 @@ class ModelConfig:
             6 * N_matmul + 6 * L * H * head_dim * seq_len
 
         N_matmul counts the parameters used in matmuls: every layer's projections plus
-        the output projection (the embedding matrix itself when tied). The embedding
+        the output projection (an MoE layer counts its router, its shared experts and
+        experts_per_token routed experts: the active parameters) (the embedding matrix itself when tied). The embedding
         lookup and the norm scales do no matmul FLOPs and are excluded. Each matmul
         parameter costs 2 FLOPs forward and 4 backward per token, hence 6.
 
@@ -204,7 +236,8 @@ class ModelConfig:
         A windowed layer's query sees min(position + 1, window) keys, on average
         window - window^2 / (2 seq_len) when the window is shorter than the sequence.
         """
-        n_matmul = self.num_layers * layer_matmul_params(self) + self.vocab_size * self.hidden_size
+        n_matmul = sum(layer_matmul_params(self, i, active=True) for i in range(self.num_layers))
+        n_matmul += self.vocab_size * self.hidden_size
         keys = sum(seq_len / 2 if not w or w >= seq_len else w - w * w / (2 * seq_len)
                    for w in self.layer_windows())
         attention = int(12 * self.num_heads * self.head_dim * keys)
@@ -256,6 +289,34 @@ def family_problem(model: Any) -> str | None:
         return "model.global_every: set only with model.sliding_window > 0 (it picks the unwindowed layers)"
     if model.local_rope_theta and not model.sliding_window:
         return "model.local_rope_theta: set only with model.sliding_window > 0 (windowed layers use it)"
+    return moe_problem(model)
+
+
+def moe_problem(model: Any) -> str | None:
+    """Why the Mixture-of-Experts fields of `model` do not make a model, as one line; None if they do."""
+    for name in ("num_experts", "moe_intermediate_size", "shared_experts", "first_dense_layers"):
+        value = getattr(model, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"model.{name}: {value!r} must be an integer >= 0"
+    if model.router not in ROUTERS:
+        return f"model.router: {model.router!r} is not one of {', '.join(map(repr, ROUTERS))}"
+    for name in ("routed_scaling", "capacity_factor", "router_bias_update"):
+        value = getattr(model, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            return f"model.{name}: {value!r} must be a finite number >= 0"
+    if not model.num_experts:
+        return None
+    k = model.experts_per_token
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= model.num_experts:
+        return f"model.experts_per_token: {k!r} must be an integer from 1 to model.num_experts={model.num_experts}"
+    if model.routed_scaling <= 0:
+        return f"model.routed_scaling: {model.routed_scaling} must be > 0 with experts"
+    if model.first_dense_layers >= model.num_layers:
+        return (f"model.first_dense_layers: {model.first_dense_layers} leaves no MoE layer among "
+                f"model.num_layers={model.num_layers}")
+    if model.first_dense_layers and model.scan_layers:
+        return ("model.first_dense_layers: dense and MoE layers differ in structure, and a scan runs one "
+                "structure; set model.scan_layers=False with it (or 0: every layer MoE)")
     return None
 
 
@@ -280,12 +341,22 @@ def matmul_precision_problem(model: Any) -> str | None:
     return None
 
 
-def layer_matmul_params(model: Any) -> int:
-    """Parameters of one decoder block's matmuls: q, o, k, v and the gated MLP's gate, up, down."""
+def is_moe_layer(model: Any, layer: int) -> bool:
+    """Layer `layer` has experts: the model has experts and the layer is past the dense ones."""
+    return model.num_experts > 0 and layer >= model.first_dense_layers
+
+
+def layer_matmul_params(model: Any, layer: int = 0, active: bool = False) -> int:
+    """Parameters of decoder block `layer`'s matmuls: q, o, k, v and the gated MLP's gate, up,
+    down, or an MoE layer's router, shared and routed experts (with `active`, only the
+    experts_per_token routed experts a token uses)."""
     e, d = model.hidden_size, model.head_dim
     attention = e * d * (2 * model.num_heads + 2 * model.num_kv_heads)
-    mlp = 3 * e * model.intermediate_size
-    return attention + mlp
+    if not is_moe_layer(model, layer):
+        return attention + 3 * e * model.intermediate_size
+    expert = 3 * e * (model.moe_intermediate_size or model.intermediate_size)
+    routed = model.experts_per_token if active else model.num_experts
+    return attention + e * model.num_experts + (routed + model.shared_experts) * expert
 
 
 def parameter_count(model: Any) -> int:
@@ -293,9 +364,12 @@ def parameter_count(model: Any) -> int:
     `model` section, which config.validate sizes before any ModelConfig exists), in Python ints."""
     e, d = model.hidden_size, model.head_dim
     norms = 4 if model.sandwich_norms else 2
-    per_layer = layer_matmul_params(model) + norms * e
+    per_layer = norms * e
     per_layer += (model.num_heads + 2 * model.num_kv_heads) * d if model.qkv_bias else 0
     per_layer += e if model.o_bias else 0
     per_layer += 2 * d if model.qk_norm else 0
     embeddings = model.vocab_size * e * (1 if model.tie_embeddings else 2)
-    return embeddings + model.num_layers * per_layer + e  # + final norm
+    layers = sum(layer_matmul_params(model, i) for i in range(model.num_layers))
+    if model.num_experts and model.router_bias_update:  # the selection bias of each MoE layer
+        layers += model.num_experts * sum(is_moe_layer(model, i) for i in range(model.num_layers))
+    return embeddings + layers + model.num_layers * per_layer + e  # + final norm

@@ -17,6 +17,10 @@
   differ: Llama's `post_attention_layernorm` is the norm *before* the MLP, while Gemma
   2/3 (sandwich norms) call that one `pre_feedforward_layernorm` and use
   `post_attention_layernorm` for the norm after attention.
+- Experts (Mixtral, Qwen 3 MoE). The router ('embed', 'router') is HF's `gate` [experts,
+  embed]; our stacked expert kernels [experts, in, out] are one torch Linear per expert
+  on disk (`experts.{j}.w1` / `gate_proj`, ...), so an expert leaf maps to layers x
+  experts tensors, enumerated row-major (`lead`), each a plain kernel.
 """
 from __future__ import annotations
 
@@ -50,6 +54,15 @@ SANDWICH_TENSORS: dict[str, tuple[str, int | None]] = {
     "post_attn_norm/scale": ("post_attention_layernorm.weight", None),
     "post_mlp_norm/scale": ("post_feedforward_layernorm.weight", None),
 }
+# The MoE layer's leaves, by family ({j}: the expert); routers and experts are plain kernels.
+MOE_TENSORS: dict[str, dict[str, str]] = {
+    "mixtral": {"mlp/router": "block_sparse_moe.gate.weight", "mlp/experts/gate": "block_sparse_moe.experts.{j}.w1.weight",
+                "mlp/experts/up": "block_sparse_moe.experts.{j}.w3.weight",
+                "mlp/experts/down": "block_sparse_moe.experts.{j}.w2.weight"},
+    "qwen3_moe": {"mlp/router": "mlp.gate.weight", "mlp/experts/gate": "mlp.experts.{j}.gate_proj.weight",
+                  "mlp/experts/up": "mlp.experts.{j}.up_proj.weight",
+                  "mlp/experts/down": "mlp.experts.{j}.down_proj.weight"},
+}
 TOP_TENSORS: dict[str, tuple[str, int | None]] = {
     "embed/embedding": ("model.embed_tokens.weight", None),
     "final_norm/scale": ("model.norm.weight", None),
@@ -70,10 +83,15 @@ class TensorMap:
     stacked: bool  # the leaf has a leading layers axis
     shape: tuple[int, ...]  # our shape of one HF tensor's worth (one layer when stacked)
     n_in: int | None  # a kernel (in..., out...) with n_in input dims; None: same layout
+    lead: tuple[int, ...] = ()  # when stacked, the leading dims hf_names enumerate (default: one per name)
 
     @property
     def leaf_shape(self) -> tuple[int, ...]:
-        return (len(self.hf_names), *self.shape) if self.stacked else self.shape
+        return (*(self.lead or (len(self.hf_names),)), *self.shape) if self.stacked else self.shape
+
+    def parts(self, value: np.ndarray) -> list[np.ndarray]:
+        """Our leaf's value cut into one array of `shape` per HF tensor, in hf_names' order."""
+        return list(value.reshape(-1, *self.shape)) if self.stacked else [value]
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
@@ -100,12 +118,39 @@ class TensorMap:
         return tensor.T.reshape(self.shape)
 
 
-def map_leaf(leaf: str, shape: tuple[int, ...], num_layers: int, sandwich_norms: bool = False) -> TensorMap | None:
+def moe_family(qk_norm: bool) -> str:
+    """The HF family whose names an MoE model's tensors take: Qwen 3 MoE (q/k norms) or Mixtral."""
+    return "qwen3_moe" if qk_norm else "mixtral"
+
+
+def _map_expert_leaf(leaf: str, shape: tuple[int, ...], num_layers: int, family: str) -> TensorMap | None:
+    """An MoE leaf (router or stacked experts), scanned ("blocks/mlp/...") or not ("blocks/{i}/mlp/...")."""
+    head, _, rest = leaf.partition("/")
+    index, _, inner = rest.partition("/")
+    scanned = not index.isdigit()
+    inner = rest if scanned else inner
+    table = MOE_TENSORS[family]
+    if head != "blocks" or inner not in table:
+        return None
+    layers = range(num_layers) if scanned else [int(index)]
+    one = shape[1:] if scanned else shape
+    if inner == "mlp/router":
+        names = tuple(f"model.layers.{i}.{table[inner]}" for i in layers)
+        return TensorMap(leaf, names, scanned, one, 1)
+    experts = one[0]
+    names = tuple(f"model.layers.{i}.{table[inner].format(j=j)}" for i in layers for j in range(experts))
+    return TensorMap(leaf, names, True, one[1:], 1, lead=shape[:2] if scanned else shape[:1])
+
+
+def map_leaf(leaf: str, shape: tuple[int, ...], num_layers: int, sandwich_norms: bool = False,
+             moe: str | None = None) -> TensorMap | None:
     """The HF tensors of our leaf of `shape` in a model of `num_layers` (with Gemma's
-    norm names when `sandwich_norms`); None: it has none."""
+    norm names when `sandwich_norms`, an MoE family's expert names when `moe`); None: it has none."""
     if leaf in TOP_TENSORS:
         name, n_in = TOP_TENSORS[leaf]
         return TensorMap(leaf, (name,), False, shape, n_in)
+    if moe is not None and "/mlp/" in f"/{leaf}" and (found := _map_expert_leaf(leaf, shape, num_layers, moe)):
+        return found
     table = {**LAYER_TENSORS, **SANDWICH_TENSORS} if sandwich_norms else LAYER_TENSORS
     head, _, rest = leaf.partition("/")
     index, _, inner = rest.partition("/")

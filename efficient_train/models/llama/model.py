@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from efficient_train.models import lora, rope
+from efficient_train.models import lora, moe, rope
 from efficient_train.models import remat as names
 from efficient_train.models.attention import attention
 from efficient_train.models.layers import Embed, Linear, RMSNorm, apply_rope
@@ -112,8 +112,8 @@ class MLP(nnx.Module):
     """Gated MLP: down(act(gate(x)) * up(x)), act silu (SwiGLU) or tanh-gelu (GeGLU);
     gate/up ('embed', 'mlp'), down ('mlp', 'embed')."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        e, m = cfg.hidden_size, cfg.intermediate_size
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, size: int = 0):
+        e, m = cfg.hidden_size, size or cfg.intermediate_size
         dt = _layer_dtypes(cfg)
         self.gate = Linear((e,), (m,), ("embed", "mlp"), **dt, rngs=rngs)
         self.up = Linear((e,), (m,), ("embed", "mlp"), **dt, rngs=rngs)
@@ -126,26 +126,43 @@ class MLP(nnx.Module):
         return checkpoint_name(self.down(act * checkpoint_name(self.up(x), names.UP_NAME)), names.DOWN_NAME)
 
 
-class Block(nnx.Module):
-    """One pre-norm decoder layer; with sandwich_norms also a norm on each branch's output."""
+def _feed_forward(cfg: ModelConfig, layer: int, rngs: nnx.Rngs) -> MLP | moe.MoE:
+    """The dense MLP, or the MoE block (with its shared experts as one dense MLP) on an MoE layer."""
+    if not cfg.is_moe_layer(layer):
+        return MLP(cfg, rngs=rngs)
+    shared = MLP(cfg, rngs=rngs, size=cfg.shared_experts * cfg.expert_size) if cfg.shared_experts else None
+    return moe.MoE(cfg, rngs=rngs, shared=shared)
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+
+class Block(nnx.Module):
+    """One pre-norm decoder layer; with sandwich_norms also a norm on each branch's output.
+    `forward` also returns the MoE router statistics ({} on a dense layer)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layer: int = 0):
         self.attn_norm = _norm(cfg, cfg.hidden_size)
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = _norm(cfg, cfg.hidden_size)
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.mlp = _feed_forward(cfg, layer, rngs)
         self.post_attn_norm = _norm(cfg, cfg.hidden_size) if cfg.sandwich_norms else None
         self.post_mlp_norm = _norm(cfg, cfg.hidden_size) if cfg.sandwich_norms else None
 
     def __call__(self, x: jax.Array, rope_tables: Rope, positions: jax.Array, segment_ids: jax.Array,
                  window: jax.Array) -> jax.Array:
+        return self.forward(x, rope_tables, positions, segment_ids, window)[0]
+
+    def forward(self, x: jax.Array, rope_tables: Rope, positions: jax.Array, segment_ids: jax.Array,
+                window: jax.Array) -> tuple[jax.Array, moe.Stats]:
         (cos, sin), local = rope_tables
         if local is not None:  # windowed layers have their own RoPE
             cos, sin = (jnp.where(window > 0, a, b) for a, b in zip(local, (cos, sin)))
         h = self.attn(self.attn_norm(x), cos, sin, positions, segment_ids, window)
         x = x + (h if self.post_attn_norm is None else self.post_attn_norm(h))
-        h = self.mlp(self.mlp_norm(x))
-        return x + (h if self.post_mlp_norm is None else self.post_mlp_norm(h))
+        stats: moe.Stats = {}
+        if isinstance(self.mlp, moe.MoE):
+            h, stats = self.mlp(self.mlp_norm(x))
+        else:
+            h = self.mlp(self.mlp_norm(x))
+        return x + (h if self.post_mlp_norm is None else self.post_mlp_norm(h)), stats
 
 
 def _stacked_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
@@ -165,12 +182,13 @@ def _stacked_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
 
 
 def _layer_fn(graphdef: nnx.GraphDef, stacked_dims: int, state: nnx.State, window: jax.Array, index: jax.Array,
-              x: jax.Array, rope_tables: Rope, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+              x: jax.Array, rope_tables: Rope, positions: jax.Array, segment_ids: jax.Array
+              ) -> tuple[jax.Array, moe.Stats]:
     """One layer as a pure function of its state, window and index (LoRA dropout draws per layer);
-    ZeRO-3 gathers its weights here."""
+    ZeRO-3 gathers its weights here. Returns the layer's output and its MoE router statistics."""
     block = nnx.merge(graphdef, param_gather.gather(state, stacked_dims=stacked_dims))
     with lora.layer_dropout(index):
-        return block(x, rope_tables, positions, segment_ids, window)
+        return block.forward(x, rope_tables, positions, segment_ids, window)
 
 
 class Llama(nnx.Module):
@@ -195,6 +213,11 @@ class Llama(nnx.Module):
       blocks.attn.o.bias                ('embed',)               (o_bias)
       blocks.attn.{q,k}_norm.scale      ('norm',)                (qk_norm)
       blocks.post_{attn,mlp}_norm.scale ('norm',)                (sandwich_norms)
+    and on an MoE layer (num_experts > 0; models/moe.py), instead of blocks.mlp.{gate,up,down}:
+      blocks.mlp.router                 ('embed', 'router')      fp32
+      blocks.mlp.experts.gate, .up      ('experts', 'embed', 'expert_mlp')
+      blocks.mlp.experts.down           ('experts', 'expert_mlp', 'embed')
+      blocks.mlp.shared.{gate,up,down}.kernel  as the dense MLP's       (shared_experts)
     """
 
     # Tells the trainer that ZeRO-3 gathers happen here, layer by layer (param_gather),
@@ -209,7 +232,7 @@ class Llama(nnx.Module):
         if cfg.scan_layers:
             self.blocks = _stacked_block(cfg, rngs)
         else:
-            self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+            self.blocks = nnx.List([Block(cfg, rngs=rngs, layer=i) for i in range(cfg.num_layers)])
         self.final_norm = _norm(cfg, cfg.hidden_size)
         self.lm_head = None if cfg.tie_embeddings else Linear(
             (cfg.hidden_size,), (cfg.vocab_size,), ("embed", "vocab"), **dt, rngs=rngs)
@@ -235,16 +258,21 @@ class Llama(nnx.Module):
             # Inside scan the body is traced once, so CSE cannot merge recomputation away.
             layer = remat(functools.partial(_layer_fn, graphdef, 1), cfg.remat, prevent_cse=False)
 
-            def body(x: jax.Array, xs: tuple[nnx.State, jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+            def body(x: jax.Array, xs: tuple[nnx.State, jax.Array, jax.Array]) -> tuple[jax.Array, moe.Stats]:
                 state, window, index = xs
-                return layer(state, window, index, x, rope_tables, positions, segment_ids), None
+                return layer(state, window, index, x, rope_tables, positions, segment_ids)
 
-            x, _ = jax.lax.scan(body, x, (stacked, windows, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
+            x, stats = jax.lax.scan(body, x, (stacked, windows, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
         else:
+            per_layer = []
             for i, block in enumerate(self.blocks):
                 graphdef, state = nnx.split(block)
                 layer = remat(functools.partial(_layer_fn, graphdef, 0), cfg.remat, prevent_cse=True)
-                x = layer(state, windows[i], jnp.int32(i), x, rope_tables, positions, segment_ids)
+                x, layer_stats = layer(state, windows[i], jnp.int32(i), x, rope_tables, positions, segment_ids)
+                per_layer += [layer_stats] if layer_stats else []
+            stats = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if per_layer else {}
+        if stats:
+            moe.record(stats)  # [MoE layers, ...] each, for the train step's balance loss and metrics
         return param_gather.gather(self.final_norm)(x)
 
     # The pieces around the layers, shared by __call__ and KV-cache decoding (generate/decode.py).
