@@ -186,6 +186,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
+@pytest.mark.slow
 def test_inspect_and_verify_commands(tmp_path, two_steps_saved):
     _, checkpoints = _copy(two_steps_saved, tmp_path)
     inspected = _cli("inspect", checkpoints)  # a checkpoint directory: its newest step

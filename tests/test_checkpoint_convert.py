@@ -108,6 +108,7 @@ def test_int8_to_fp32_and_back_decode_and_encode_exactly_and_training_continues(
     assert float(resumed.step()["loss"]) < first  # the decoded moments keep the descent going
 
 
+@pytest.mark.slow
 def test_params_only_trains_with_a_fresh_optimizer(tmp_path, trained):
     source, trainer = trained
     step_dir = convert(source, str(tmp_path / "dst"), mesh=parse_mesh_flag("data=8"), drop_optimizer=True)

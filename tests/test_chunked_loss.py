@@ -70,7 +70,7 @@ def assert_trees_close(actual: dict, expected: dict, tolerance: float = 1e-5) ->
 
 
 @pytest.mark.parametrize("overrides,loss_args", [
-    (dict(tie_embeddings=True), {}),
+    pytest.param(dict(tie_embeddings=True), {}, marks=pytest.mark.slow),
     (dict(tie_embeddings=False, final_softcap=3.0), dict(z_loss=1e-3)),
 ], ids=["tied", "untied-softcap-zloss"])
 def test_chunked_equals_full_loss_and_gradients(overrides, loss_args) -> None:

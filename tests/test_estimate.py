@@ -21,6 +21,7 @@ def _estimate(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_llama_8b_zero3_on_8_devices_holds_an_eighth():
     from efficient_train.config import get_config
     from efficient_train.models import ModelConfig

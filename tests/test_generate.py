@@ -68,6 +68,7 @@ def test_greedy_decoding_is_the_full_forward_argmax_at_every_position():
 
 
 @pytest.mark.parametrize("family", [GEMMA_LIKE, QWEN_LIKE], ids=["gemma_like", "qwen_like"])
+@pytest.mark.slow
 def test_greedy_decoding_computes_every_family_field(family):
     """Sliding windows shorter than the decoded text, local RoPE, soft-caps, embedding scale,
     sandwich and (1 + w) norms, q/k norms, biases and YaRN: the cached decode is the full

@@ -184,6 +184,7 @@ def test_imported_params_are_the_hf_tensors_bit_exactly(hf_dirs, tmp_path):
         np.testing.assert_array_equal(read_leaf(step_dir, f"params/{leaf}"), value, err_msg=leaf)
 
 
+@pytest.mark.slow
 def test_trainer_fine_tunes_from_an_import(hf_dirs, tmp_path, capsys):
     from efficient_train import Trainer, get_config
     from efficient_train.config import apply_overrides

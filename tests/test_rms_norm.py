@@ -220,6 +220,7 @@ def test_norm_impl_config():
     check_model_matches(saved, saved | {"norm_impl": "xla"})
 
 
+@pytest.mark.slow
 def test_training_with_pallas_norm_matches_xla():
     """A few steps of the small model on the 8-device mesh: the kernel in every norm
     (interpreted here) gives the losses of the XLA norm."""

@@ -106,6 +106,7 @@ def test_every_step_damaged_is_one_line_on_the_command_line(tmp_path, two_steps)
     assert tree_hash(checkpoints) == before
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_step_is_set_aside_and_the_run_continues_past_it(tmp_path, two_steps, capsys):
     workdir, checkpoints = _copy(two_steps, tmp_path)
     flip_a_byte(os.path.join(checkpoints, "2"))

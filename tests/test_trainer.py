@@ -135,6 +135,7 @@ def test_decay_mask_spares_norms_even_when_stacked():
     assert mask["blocks"]["mlp"]["up"]["kernel"] is True and mask["embed"]["embedding"] is True
 
 
+@pytest.mark.slow
 def test_learns_synthetic_data_toward_its_best_loss(tmp_path):
     config = small_config(**{"mesh.data": 8, "train.steps": 120, "train.learning_rate": 1e-2,
                              "train.warmup_steps": 10, "train.log_every": 120})

@@ -43,7 +43,7 @@ def reference_losses() -> list[float]:
 
 # Layouts whose equivalence runs only in the whole suite (the fast tier keeps the four
 # stages, tensor parallelism and one of each sequence-parallel shape).
-SLOW_LAYOUTS = {"replica2_data4_zero3", "zero2_grad_accum2", "pallas_attention_data2_sequence4",
+SLOW_LAYOUTS = {"replica2_data4_zero3", "data2_sequence4_zero3", "zero2_grad_accum2", "pallas_attention_data2_sequence4",
                 "ulysses_data2_sequence4_zero3", "ring_sequence4_tensor2_grad_accum2_remat", "zero2",
                 "ring_data2_sequence4_zero3"}
 
