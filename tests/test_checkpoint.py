@@ -85,6 +85,7 @@ def test_restore_on_another_mesh_is_byte_identical_and_saves_back_the_same(tmp_p
     assert int(moved.state.step) == 5
 
 
+@pytest.mark.slow
 def test_one_device_restore(tmp_path):
     _, saved = _fit_losses(_config(tmp_path, **{"train.steps": 3}))
     fingerprints = {p: r.fingerprint for p, r in read_metadata(saved.checkpointer.step_dir(3)).leaves.items()}

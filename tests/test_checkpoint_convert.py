@@ -169,6 +169,7 @@ def test_a_damaged_source_is_refused_naming_what_verify_names_and_nothing_is_wri
     assert not os.path.exists(tmp_path / "dst")
 
 
+@pytest.mark.slow
 def test_cli_convert_and_its_errors(tmp_path, trained):
     source, _ = trained
     env = subprocess_env()  # the command simulates the target mesh's devices itself

@@ -137,7 +137,7 @@ def test_byte_identical_on_every_mesh_and_stage(state_format):
             assert found
 
 
-@pytest.mark.parametrize("name", [pytest.param("data2_tensor4_zero3", marks=pytest.mark.slow), "data8_zero3"])
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) for name in ("data2_tensor4_zero3", "data8_zero3")])
 def test_pallas_kernel_under_shard_map_matches_one_device(name):
     sizes, stage = LAYOUTS[name]
     reference = _one_device("int8")
@@ -178,6 +178,7 @@ def trainers() -> dict:
     return runs
 
 
+@pytest.mark.slow
 def test_offload_keeps_states_on_host_and_changes_nothing(trainers):
     on_device, losses = trainers["int8"]
     offloaded, offloaded_losses = trainers["int8_offload"]
@@ -189,6 +190,7 @@ def test_offload_keeps_states_on_host_and_changes_nothing(trainers):
     assert _bytes(offloaded.state) == _bytes(on_device.state)
 
 
+@pytest.mark.slow
 def test_compiled_step_holds_exactly_the_reported_state(trainers):
     trainer, _ = trainers["int8"]
     record = trainer.startup_record()["per_device_bytes"]
