@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from efficient_train.models import Llama
 from efficient_train.tools.hf import config_from_hf, export_hf, import_hf, load_llama
 from efficient_train.tools.safetensors import tensor_maps
 
@@ -98,6 +100,39 @@ def torch_logits(model: torch.nn.Module, ids: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor(ids)).logits.float().numpy()
 
+def torch_loss_and_grads(model: torch.nn.Module, ids: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+    """transformers' mean next-token loss on `ids` and its gradient per parameter name."""
+    model.zero_grad()
+    logits = model(torch.tensor(ids)).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                             torch.tensor(ids[:, 1:]).reshape(-1))
+    loss.backward()
+    return loss.item(), {name: p.grad.numpy() for name, p in model.named_parameters()}
+
+
+def check_gradient_parity(path: str, ids: np.ndarray, loss: float, reference: dict[str, np.ndarray],
+                          reference_name: Callable[[str], str] = lambda name: name) -> tuple[Llama, int]:
+    """Our model loaded from `path`: its loss within 1e-4 of `loss` and every gradient, in HF tensor
+    names (`reference_name` maps one to `reference`'s key), within 1e-4; returns the model and the
+    number of tensors compared."""
+    ours = load_llama(path)
+    graphdef, params = nnx.split(ours, nnx.Param)
+
+    def our_loss(params):
+        out = nnx.merge(graphdef, params)(jnp.asarray(ids))
+        return optax.softmax_cross_entropy_with_integer_labels(out[:, :-1], jnp.asarray(ids[:, 1:])).mean()
+
+    our_value, grads = jax.value_and_grad(our_loss)(params)
+    assert abs(float(our_value) - loss) < 1e-4 * abs(loss)
+    flat = {"/".join(map(str, path)): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(grads)}
+    compared = 0
+    for m in tensor_maps(ours.cfg):
+        for name, part in zip(m.hf_names, m.parts(flat[m.leaf])):
+            assert relative_error(m.to_hf(part), reference[reference_name(name)]) < 1e-4, name
+            compared += 1
+    return ours, compared
+
+
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
@@ -129,29 +164,8 @@ def test_training_gradients_match_transformers(saved, family):
     """The gradient of the mean next-token loss, tensor by tensor, in HF names."""
     path, model = saved(family)
     ids = token_ids()
-    model.zero_grad()
-    logits = model(torch.tensor(ids)).logits
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                             torch.tensor(ids[:, 1:]).reshape(-1))
-    loss.backward()
-    reference = {name: p.grad.numpy() for name, p in model.named_parameters()}
-
-    ours = load_llama(path)
-    graphdef, params = nnx.split(ours, nnx.Param)
-
-    def our_loss(params):
-        out = nnx.merge(graphdef, params)(jnp.asarray(ids))
-        return optax.softmax_cross_entropy_with_integer_labels(out[:, :-1], jnp.asarray(ids[:, 1:])).mean()
-
-    our_value, grads = jax.value_and_grad(our_loss)(params)
-    assert abs(float(our_value) - loss.item()) < 1e-4 * abs(loss.item())
-    flat = {"/".join(map(str, path)): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(grads)}
-    compared = 0
-    for m in tensor_maps(ours.cfg):
-        value = flat[m.leaf]
-        for name, part in zip(m.hf_names, m.parts(value)):
-            assert relative_error(m.to_hf(part), reference[name]) < 1e-4, name
-            compared += 1
+    loss, reference = torch_loss_and_grads(model, ids)
+    ours, compared = check_gradient_parity(path, ids, loss, reference)
     assert compared == len([n for n in reference if n != "lm_head.weight" or not ours.cfg.tie_embeddings])
 
 

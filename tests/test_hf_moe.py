@@ -6,18 +6,14 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
-from flax import nnx
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from efficient_train.tools.hf import config_from_hf, export_hf, import_hf, load_llama
-from efficient_train.tools.safetensors import tensor_maps
-from tests.test_hf_families import relative_error, token_ids, torch_logits
+from tests.test_hf_families import check_gradient_parity, relative_error, token_ids, torch_logits, torch_loss_and_grads
 
 torch.set_num_threads(1)
 
@@ -64,14 +60,9 @@ def test_logits_match_transformers(saved):
 def _reference_grads(model: torch.nn.Module, ids: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
     """The loss and gradients in the on-disk names (transformers fuses each layer's experts in memory:
     gate_up_proj [experts, 2 x inter, hidden] = w1 | w3, down_proj [experts, hidden, inter] = w2)."""
-    model.zero_grad()
-    logits = model(torch.tensor(ids)).logits
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                             torch.tensor(ids[:, 1:]).reshape(-1))
-    loss.backward()
+    loss, fused = torch_loss_and_grads(model, ids)
     grads = {}
-    for name, p in model.named_parameters():
-        g = p.grad.numpy()
+    for name, g in fused.items():
         if name.endswith("experts.gate_up_proj"):
             prefix, half = name[: -len("gate_up_proj")], g.shape[1] // 2
             for j in range(g.shape[0]):
@@ -81,7 +72,7 @@ def _reference_grads(model: torch.nn.Module, ids: np.ndarray) -> tuple[float, di
                 grads[f"{name[: -len('down_proj')]}{j}.down"] = g[j]
         else:
             grads[name] = g
-    return loss.item(), grads
+    return loss, grads
 
 
 DISK_TO_FUSED = {".w1.weight": ".gate", ".w3.weight": ".up", ".w2.weight": ".down", ".gate_proj.weight": ".gate",
@@ -102,21 +93,7 @@ def test_training_gradients_match_transformers(saved):
     family, path, model = saved
     ids = token_ids()
     loss, reference = _reference_grads(model, ids)
-    ours = load_llama(path)
-    graphdef, params = nnx.split(ours, nnx.Param)
-
-    def our_loss(params):
-        out = nnx.merge(graphdef, params)(jnp.asarray(ids))
-        return optax.softmax_cross_entropy_with_integer_labels(out[:, :-1], jnp.asarray(ids[:, 1:])).mean()
-
-    value, grads = jax.value_and_grad(our_loss)(params)
-    assert abs(float(value) - loss) < 1e-4 * abs(loss)
-    flat = {"/".join(map(str, path)): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(grads)}
-    compared = 0
-    for m in tensor_maps(ours.cfg):
-        for name, part in zip(m.hf_names, m.parts(flat[m.leaf])):
-            assert relative_error(m.to_hf(part), reference[_fused_name(name)]) < 1e-4, name
-            compared += 1
+    _, compared = check_gradient_parity(path, ids, loss, reference, _fused_name)
     assert compared == len(reference)
 
 

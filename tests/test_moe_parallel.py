@@ -29,6 +29,22 @@ def _batch(rows: int, seq_len: int = 32, seed: int = 0) -> Batch:
 
 
 @pytest.mark.slow
+
+def router_stats(trainer: Trainer, params: dict, inputs: np.ndarray) -> dict:
+    """The MoE statistics (per-expert load, router probability sums, ...) of a forward pass of the
+    trainer's model holding `params` on `inputs`, on the host."""
+    step_def = trainer.setup.step_def
+    model = bind(step_def.graphdef, step_def.param_structure, params, step_def.rest)
+
+    @jax.jit
+    def stats(tokens):
+        with moe.collecting() as sink:
+            model(tokens)
+        return sink[0]
+
+    return jax.device_get(stats(jnp.asarray(inputs)))
+
+
 def test_expert_parallel_training_equals_one_device():
     """5 steps: data=2 x expert=4 (ZeRO-1 and ZeRO-3, and with grad_accum=4), data=2 x expert=2 x
     tensor=2, data=2 x expert=2 x sequence=2 (Ulysses, ZeRO-3), and the capacity exchange with room for
@@ -84,16 +100,7 @@ def test_balance_loss_over_grad_accum_and_data_ranks_is_the_concatenated_batch_l
         params = jax.device_get(trainer.state.params)
         values[scope] = float(trainer.step()["moe/aux_loss"])
 
-    step_def = trainer.setup.step_def
-    model = bind(step_def.graphdef, step_def.param_structure, params, step_def.rest)
-
-    @jax.jit
-    def stats(inputs):
-        with moe.collecting() as sink:
-            model(inputs)
-        return sink[0]
-
-    s = jax.device_get(stats(jnp.asarray(batch.inputs)))
+    s = router_stats(trainer, params, batch.inputs)
     n, k = 32 * 32, 2
     expected = np.mean(EXPERTS * np.sum(s["load"] / (n * k) * s["prob_sum"] / n, axis=1))
     assert values["global"] == pytest.approx(expected, rel=1e-5)
@@ -146,16 +153,7 @@ def test_selection_bias_moves_against_the_global_load():
     trainer = Trainer(config, data=iter([batch]))
     params = jax.device_get(trainer.state.params)
     trainer.step()
-    step_def = trainer.setup.step_def
-    model = bind(step_def.graphdef, step_def.param_structure, params, step_def.rest)
-
-    @jax.jit
-    def stats(inputs):
-        with moe.collecting() as sink:
-            model(inputs)
-        return sink[0]
-
-    loads = np.asarray(jax.device_get(stats(jnp.asarray(batch.inputs)))["load"])
+    loads = np.asarray(router_stats(trainer, params, batch.inputs)["load"])
     expected = (0.01 * np.sign(loads.mean(axis=1, keepdims=True) - loads)).astype(np.float32)
     assert np.abs(expected).sum() > 0
     np.testing.assert_array_equal(np.asarray(trainer.state.params["blocks"]["mlp"]["router_bias"]), expected)
