@@ -139,9 +139,9 @@ def step_grads(mesh_axes: dict, zero_stage: int, loss_chunk: int) -> tuple[float
                                                        batch.segment_ids, batch.loss_weights)))
     plan = setup.plan
     local = over_batch_axes(make_local_grads(setup.step_def), setup.step_def, batch,
-                            (plan.manual_grad_specs(), P(), P()))
+                            (plan.manual_grad_specs(), P(), P(), P()))
     compiled = jax.jit(local).lower(state.params, {}, batch).compile()  # {}: no LoRA base
-    grads, total, weight = compiled(state.params, {}, batch)
+    grads, total, weight, _ = compiled(state.params, {}, batch)  # _: MoE statistics (none here)
     return float(total / weight), grads, compiled.as_text()
 
 
