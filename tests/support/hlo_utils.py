@@ -27,10 +27,10 @@ def replica_groups(line: str) -> Groups | None:
     iota = _IOTA_GROUPS.search(line)
     if not iota:
         return None
-    shape, dims, perm = ([int(d) for d in part.split(",")] if part else None for part in iota.groups())
+    shape, dims = ([int(d) for d in part.split(",")] for part in iota.groups()[:2])
     ids = np.arange(math.prod(dims)).reshape(dims)
-    if perm is not None:
-        ids = ids.transpose(perm)
+    if iota.group(3):
+        ids = ids.transpose([int(d) for d in iota.group(3).split(",")])
     return frozenset(frozenset(int(d) for d in row) for row in ids.reshape(shape[0], -1))
 
 
