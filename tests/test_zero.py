@@ -133,5 +133,43 @@ def test_zero3_gathers_parameters_layer_by_layer(runs):
     assert per_layer <= gathered
 
 
+def _axis_groups(mesh, axis: str) -> frozenset:
+    """The device-id groups a collective over `axis` alone runs in (the other axes fixed)."""
+    ids = np.vectorize(lambda device: device.id)(mesh.devices)
+    rows = np.moveaxis(ids, mesh.axis_names.index(axis), -1).reshape(-1, mesh.shape[axis])
+    return frozenset(frozenset(int(i) for i in row) for row in rows)
+
+
+def _layer_shard_shapes(trainer) -> tuple[set, set]:
+    """(every per-layer shape a decoder weight can take: whole, or split over ZeRO and/or tensor;
+    each weight's ZeRO-3 gather result when the tensor split is kept)."""
+    plan = trainer.setup.plan
+    any_shape, tensor_split = set(), set()
+    for leaf in jax.tree.leaves(plan.leaves["blocks"], is_leaf=lambda x: hasattr(x, "zero_dim")):
+        for zero in (False, True):
+            for keep in (("data",), ("tensor",), ("data", "tensor")):
+                spec = leaf.spec(zero, keep=keep)
+                any_shape.add(jax.sharding.NamedSharding(plan.mesh, spec).shard_shape(leaf.shape)[1:])
+        tensor_only = jax.sharding.NamedSharding(plan.mesh, leaf.spec(False, keep=("tensor",)))
+        tensor_split.add(tensor_only.shard_shape(leaf.shape)[1:])
+    return any_shape, tensor_split
+
+
+def test_zero3_under_tensor_parallelism_gathers_over_data_only(runs):
+    """ZeRO-3's per-layer gather (and its reduce-scatter transpose) runs over the data axis
+    alone: each decoder weight keeps its tensor split, never gathered into whole heads or MLP."""
+    _, trainer = runs["tensor2_zero3"]
+    mesh = trainer.setup.plan.mesh
+    tensor, data = _axis_groups(mesh, "tensor"), _axis_groups(mesh, "data")
+    # Mesh order replica, data, expert, sequence, tensor: tensor pairs neighbouring device ids.
+    assert tensor == frozenset(frozenset({2 * i, 2 * i + 1}) for i in range(4))
+    assert data == frozenset({frozenset({0, 2, 4, 6}), frozenset({1, 3, 5, 7})})
+    any_shape, tensor_split = _layer_shard_shapes(trainer)
+    found = [c for c in collectives(trainer.compiled.as_text()) if c.op in ("all-gather", "reduce-scatter")]
+    over_tensor = [c for c in found if c.groups == tensor and set(c.shapes) & any_shape]
+    assert not over_tensor, over_tensor
+    assert tensor_split <= {shape for c in found if c.op == "all-gather" and c.groups == data for shape in c.shapes}
+
+
 def _paths(tree) -> list[tuple]:
     return [tuple(getattr(k, "key", k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]

@@ -34,11 +34,13 @@ from typing import Any, TypeVar
 import jax
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from efficient_train.parallel.context import TracingContext
 
 ZERO_DIM = "zero_dim"
 ZERO_AXES = "zero_axes"
+ZERO_AUTO_SPEC = "zero_auto_spec"  # the PartitionSpec over the shard_map's automatic axes (tensor)
 GATHERED_NAME = "zero3_gathered"  # the checkpoint_name of a value GatheredOnRead gathered
 
 T = TypeVar("T")
@@ -51,6 +53,32 @@ def gathering(axes: tuple[str, ...]) -> AbstractContextManager[None]:
     return _GATHER_AXES.holding(tuple(axes))
 
 
+def _all_gather(value: jax.Array, axes: tuple[str, ...], dim: int, auto_spec: P | None) -> jax.Array:
+    """`value` all-gathered over `axes` along `dim`, keeping its split over the automatic axes.
+
+    XLA partitions a collective inside a partially manual region with its operand replicated
+    over the automatic axes: a bare all_gather would first gather a tensor-split weight over
+    `tensor` too (whole heads, whole MLP), and its transpose would gather the gradient the same
+    way. Inside a nested shard_map manual over those axes the all-gather sees only this
+    device's tensor shard, and the parameter stays split over `tensor` where it is used."""
+    def gather_shard(shard: jax.Array) -> jax.Array:
+        return jax.lax.all_gather(shard, axes, axis=dim, tiled=True)
+
+    auto_axes = set() if auto_spec is None else {
+        axis for entry in auto_spec if entry is not None for axis in ((entry,) if isinstance(entry, str) else entry)}
+    if not auto_axes:
+        return gather_shard(value)
+    assert auto_spec is not None
+    return jax.shard_map(gather_shard, in_specs=auto_spec, out_specs=auto_spec, axis_names=auto_axes,
+                         check_vma=False)(value)
+
+
+def _local_spec(metadata: dict, dropped: int) -> P | None:
+    """The automatic-axes spec of a parameter read without its `dropped` leading (stacked) dims."""
+    spec = metadata.get(ZERO_AUTO_SPEC)
+    return None if spec is None else P(*tuple(spec)[dropped:])
+
+
 def _gather_variable(variable: nnx.Variable, axes: tuple[str, ...], stacked_dims: int) -> nnx.Variable:
     metadata = variable.get_metadata()
     dim = metadata.get(ZERO_DIM)
@@ -60,7 +88,7 @@ def _gather_variable(variable: nnx.Variable, axes: tuple[str, ...], stacked_dims
     local_dim = dim - stacked_dims
     if local_dim < 0:
         raise ValueError(f"zero_dim {dim} lies in the stacked layer dims; the layer axis is never ZeRO-sharded")
-    value = jax.lax.all_gather(variable.get_value(), axes, axis=local_dim, tiled=True)
+    value = _all_gather(variable.get_value(), axes, local_dim, _local_spec(metadata, stacked_dims))
     return variable.replace(value)
 
 
@@ -86,7 +114,7 @@ def gather(state: T, stacked_dims: int = 0) -> T:
 STORED_NDIM = "stored_ndim"  # rank of the parameter as stored, so a read of a slice finds its dim
 
 
-def _gather_at_read(value: jax.Array, dim: int, stored_ndim: int) -> jax.Array:
+def _gather_at_read(value: jax.Array, dim: int, stored_ndim: int, auto_spec: P | None) -> jax.Array:
     axes = _GATHER_AXES.current()
     if not axes:
         return value
@@ -95,7 +123,9 @@ def _gather_at_read(value: jax.Array, dim: int, stored_ndim: int) -> jax.Array:
     local_dim = dim - (stored_ndim - value.ndim)
     if local_dim < 0:
         raise ValueError(f"zero_dim {dim} lies in the {stored_ndim - value.ndim} leading dims this read sliced off")
-    return checkpoint_name(jax.lax.all_gather(value, axes, axis=local_dim, tiled=True), GATHERED_NAME)
+    if auto_spec is not None:
+        auto_spec = P(*tuple(auto_spec)[stored_ndim - value.ndim:])
+    return checkpoint_name(_all_gather(value, axes, local_dim, auto_spec), GATHERED_NAME)
 
 
 _WHOLE = object()  # no index given to get_value
@@ -107,7 +137,8 @@ class GatheredOnRead(nnx.Param):
 
     def get_value(self, *, index: Any = _WHOLE) -> Any:
         metadata = self.get_metadata()
-        whole = _gather_at_read(super().get_value(), metadata[ZERO_DIM], metadata[STORED_NDIM])
+        whole = _gather_at_read(super().get_value(), metadata[ZERO_DIM], metadata[STORED_NDIM],
+                                metadata.get(ZERO_AUTO_SPEC))
         return whole if index is _WHOLE or index is Ellipsis else whole[index]
 
     def __getattr__(self, name: str) -> Any:  # .T, .dtype, .ndim, ... of the whole value

@@ -228,6 +228,12 @@ class ShardingPlan:
     def manual_grad_specs(self) -> Any:
         return self._specs(self.grads_sharded, keep=MANUAL_AXES)
 
+    def auto_param_specs(self) -> Any:
+        """Parameter specs over the axes the step's shard_map leaves automatic (tensor, where it has
+        more than one device): the placement a ZeRO-3 gather over the manual axes must keep."""
+        auto = tuple(axis for axis in self.mesh.axis_names if axis not in MANUAL_AXES and self.mesh.shape[axis] > 1)
+        return self._specs(False, keep=auto)
+
     def zero_dims(self) -> Any:
         return jax.tree.map(lambda leaf: leaf.zero_dim, self.leaves, is_leaf=_is_leaf_plan)
 

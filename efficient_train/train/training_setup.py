@@ -33,7 +33,7 @@ from efficient_train.models import Llama, ModelConfig
 from efficient_train.models.lora import LoRAConfig, LoRAParam, add_adapters
 from efficient_train.optim import adamw, decay_mask, make_schedule, quantize_mask
 from efficient_train.optim import state_shardings as optimizer_state_shardings
-from efficient_train.parallel.param_gather import ZERO_AXES, ZERO_DIM
+from efficient_train.parallel.param_gather import ZERO_AUTO_SPEC, ZERO_AXES, ZERO_DIM
 from efficient_train.parallel.sharding import ShardingPlan, plan_sharding
 from efficient_train.train.loss import make_loss, resolve_chunk
 from efficient_train.train.moe_balance import MoeBalance
@@ -93,6 +93,14 @@ def lm_batch_shapes(config: ml_collections.ConfigDict) -> Batch:
     return Batch(inputs=ints, targets=ints, positions=ints, segment_ids=ints, loss_weights=jax.ShapeDtypeStruct(shape, jnp.float32))
 
 
+def zero3_metadata(structure: nnx.State, plan: ShardingPlan) -> nnx.State:
+    """`structure` whose Variables carry what ZeRO-3's gather reads (param_gather): the ZeRO dim,
+    the ZeRO group, and the placement over the shard_map's automatic axes (tensor) to keep."""
+    structure = set_metadata(structure, ZERO_DIM, plan.zero_dims())
+    structure = set_metadata(structure, ZERO_AXES, plan.leaf_zero_axes())
+    return set_metadata(structure, ZERO_AUTO_SPEC, plan.auto_param_specs())
+
+
 def build_setup(
     config: ml_collections.ConfigDict,
     mesh: Mesh,
@@ -130,15 +138,13 @@ def build_setup(
     plan = plan_sharding(abstract_params, mesh, config.zero_stage)
     param_structure = abstract_params
     if plan.params_sharded:
-        param_structure = set_metadata(set_metadata(abstract_params, ZERO_DIM, plan.zero_dims()), ZERO_AXES,
-                                       plan.leaf_zero_axes())
+        param_structure = zero3_metadata(abstract_params, plan)
     frozen_plan = frozen_structure = None
     if abstract_frozen is not None:
         frozen_plan = plan_sharding(abstract_frozen, mesh, config.zero_stage)
         frozen_structure = abstract_frozen
         if frozen_plan.params_sharded:
-            frozen_structure = set_metadata(set_metadata(abstract_frozen, ZERO_DIM, frozen_plan.zero_dims()),
-                                            ZERO_AXES, frozen_plan.leaf_zero_axes())
+            frozen_structure = zero3_metadata(abstract_frozen, frozen_plan)
 
     train = config.train
     schedule = make_schedule(train.schedule, train.learning_rate, train.warmup_steps, train.steps, train.min_lr_ratio)
