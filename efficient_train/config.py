@@ -210,7 +210,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.profile = ml_collections.ConfigDict(dict(start_step=10, steps=0))
     # Samples printed every `every` steps (0: never): `prompt` continued by `max_new_tokens` tokens,
     # with data.tokenizer (bytes when empty); temperature 0 is greedy.
-    c.sample = ml_collections.ConfigDict(dict(every=0, prompt="", max_new_tokens=64, temperature=0.0))
+    c.sample = ml_collections.ConfigDict(dict(every=0, prompt="", max_new_tokens=64, temperature=0.0, top_k=0,
+                                               top_p=1.0, seed=0))
     # Fine-tuning (models/lora.py, train/finetune.py): `base` is the checkpoint (a directory: its newest
     # step, or a step directory) whose parameters are frozen; LoRA adapters of `rank` (0: none, a full
     # fine-tune) with scale alpha / rank on the comma-separated `targets` (q, k, v, o, gate, up, down, embed)
@@ -557,7 +558,7 @@ def validate_fields(config: ml_collections.ConfigDict) -> None:
     for field in ("train.warmup_steps", "train.min_lr_ratio", "optimizer.weight_decay",
                   "optimizer.min_quantized_size", "checkpoint.every", "checkpoint.keep", "checkpoint.keep_every",
                   "data.seed", "eval.every", "eval.steps", "profile.steps", "sample.every", "sample.temperature",
-                  "train.z_loss"):
+                  "sample.top_k", "sample.seed", "train.z_loss"):
         _check_positive(config, field, allow_zero=True)
     for field in ("profile.start_step", "sample.max_new_tokens"):
         _check_positive(config, field)
@@ -573,6 +574,7 @@ def validate_fields(config: ml_collections.ConfigDict) -> None:
     if config.sample.every and not config.sample.prompt:
         raise ConfigError(f"sample.every: {config.sample.every} needs sample.prompt, the text samples continue")
     _check_range(config, "seed", 0, MAX_SEED)
+    _check_range(config, "sample.top_p", 0.0, 1.0, low_open=True)
     _check_range(config, "train.min_lr_ratio", 0.0, 1.0)
     for field in ("optimizer.b1", "optimizer.b2"):
         _check_range(config, field, 0.0, 1.0, high_open=True)

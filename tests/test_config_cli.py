@@ -141,6 +141,8 @@ def test_overrides_that_cannot_apply_are_one_line():
         (["train", "--config.tracker.wandb.mode=cloud"], "tracker.wandb.mode"),
         (["train", "--config.profile.start_step=0"], "profile.start_step"),
         (["train", "--config.sample.every=5"], "sample.every"),
+        (["train", "--config.sample.top_p=0"], "sample.top_p"),
+        (["train", "--config.sample.top_k=-1"], "sample.top_k"),
         (["eval", "--checkpoint", "/nonexistent"], "--data"),
         (["eval", "--checkpoint", "/nonexistent", "--data", "validation"], "eval.sets"),
         (["eval", "--checkpoint", "/nonexistent", "--data", "x=/nonexistent"], "eval.sets"),

@@ -147,11 +147,13 @@ def test_decoding_on_a_sharded_mesh_equals_one_device():
 def test_generate_command_on_a_checkpoint(tmp_path, capsys):
     """`efficient-train generate` on a byte-level run's checkpoint prints each prompt and its
     continuation; greedy output is what `complete` gives for the trained parameters. The run's
-    sample hook (sample.every=2) printed the same continuation at its last step."""
+    sample hook (sample.every=2, temperature 0.8 but sample.top_k=1, so greedy) printed the same
+    continuation at its last step."""
     from efficient_train import Trainer
 
     config = small_config(**{"train.steps": 2, "mesh.data": 8, "data.source": "text", "model.vocab_size": 256,
-                             "sample.every": 2, "sample.prompt": "def ", "sample.max_new_tokens": 12})
+                             "sample.every": 2, "sample.prompt": "def ", "sample.max_new_tokens": 12,
+                             "sample.temperature": 0.8, "sample.top_k": 1, "sample.seed": 5})
     config.workdir = str(tmp_path / "run")
     trainer = Trainer(config)
     trainer.fit()

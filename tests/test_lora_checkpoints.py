@@ -204,6 +204,24 @@ def test_adapter_layout_names_every_layer_and_target(workflow):
                                   np.asarray(adapters["blocks/attn/o/lora/a"])[1].reshape(64, 8).T)
 
 
+def test_adapters_export_in_bfloat16(workflow):
+    """`--adapters_only --dtype bfloat16`: the same tensors, each the fp32 one rounded to bf16."""
+    import torch
+    from safetensors.numpy import load_file
+    from safetensors.torch import load_file as load_torch
+
+    tmp = workflow["tmp"]
+    assert cli.main(["checkpoint", "export-hf", workflow["ckpt"], str(tmp / "peft_bf16"), "--adapters_only",
+                     "--dtype", "bfloat16"]) == 0
+    if not os.path.isdir(tmp / "peft"):
+        assert cli.main(["checkpoint", "export-hf", workflow["ckpt"], str(tmp / "peft"), "--adapters_only"]) == 0
+    halves = load_torch(str(tmp / "peft_bf16" / "adapter_model.safetensors"))
+    wholes = load_file(str(tmp / "peft" / "adapter_model.safetensors"))
+    assert set(halves) == set(wholes) and all(t.dtype == torch.bfloat16 for t in halves.values())
+    for name, whole in wholes.items():
+        assert torch.equal(halves[name], torch.from_numpy(whole).to(torch.bfloat16)), name
+
+
 def test_lora_tools_refuse_bad_input_with_one_line(workflow, capsys):
     tmp, base, ckpt = workflow["tmp"], workflow["base"], workflow["ckpt"]
     cases = [

@@ -120,7 +120,8 @@ def test_a_resumed_run_with_evaluation_trains_as_one_without(runs):
     """Evaluating every 2 steps, stopped by SIGTERM after step 3 (saved with the loader before
     batch 4) and resumed by a new trainer: the losses at every logged step and the final
     parameters are bitwise those of the uninterrupted run without evaluation, and the final
-    evaluation is the watched run's."""
+    evaluation is the watched run's. With wandb installed, the resumed trainer continues the first
+    one's W&B run (same run id) from the step after the checkpoint."""
     import signal
 
     from efficient_train.train.trainer import Hook
@@ -130,6 +131,8 @@ def test_a_resumed_run_with_evaluation_trains_as_one_without(runs):
     config = _config(tmp, tmp / "prepared", watched=False)
     config.workdir = str(tmp / "resumed")
     config.eval.update(sets="validation", every=2, steps=2)
+    if _has_wandb():
+        config.tracker.wandb.update(project="efficient-train-tests", mode="offline")
     terminate = Hook(every=3, fn=lambda trainer, step, record: os.kill(os.getpid(), signal.SIGTERM))
     first = Trainer(config, hooks=[terminate])
     first.fit()
@@ -147,6 +150,13 @@ def test_a_resumed_run_with_evaluation_trains_as_one_without(runs):
     assert all(jax.tree.leaves(same))
     final = lambda c: [r for r in _records(c) if "eval_time_s" in r][-1]["eval/validation/loss"]
     assert final(config) == final(watched)
+    if _has_wandb():
+        runs_on_disk = sorted(glob.glob(os.path.join(config.workdir, "wandb", "offline-run-*")))
+        assert len(runs_on_disk) == 2
+        assert len({path.rsplit("-", 1)[1] for path in runs_on_disk}) == 1  # one W&B run id, continued
+        histories = [_wandb_records(glob.glob(os.path.join(path, "run-*.wandb"))[0])[0] for path in runs_on_disk]
+        assert [step for step, _ in histories[0]] == [2, 3]  # the log step, then the record at the stop
+        assert [step for step, _ in histories[1]] == [4, 6]
 
 
 @pytest.mark.slow

@@ -44,6 +44,7 @@ from efficient_train.tools.safetensors import (
     HFError,
     SafetensorsDir,
     TensorSpec,
+    conversion_dtype,
     shard_files,
     tensor_maps,
     write_safetensors,
@@ -54,7 +55,6 @@ __all__ = [
     "train_overrides",
 ]
 
-NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16)}
 TOKENIZER_DIR = "tokenizer"  # inside a checkpoint directory, beside the steps
 # What a HF model directory holds besides weights and config.json: tokenizer and generation settings.
 HF_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -82,18 +82,12 @@ def read_hf_config(hf_dir: str) -> ModelConfig:
     return config_from_hf(hf)
 
 
-def _dtype(name: str, field: str) -> np.dtype:
-    if name not in NUMPY_DTYPES:
-        raise HFError(f"{field}: {name!r} is not allowed; choose one of {', '.join(NUMPY_DTYPES)}")
-    return NUMPY_DTYPES[name]
-
-
 def load_llama(hf_dir: str, *, dtype: str = "float32", attention_impl: str = "xla") -> Llama:
     """Our `Llama` with the weights of a HF directory, parameters and compute in `dtype`.
 
     `model(ids)` on int token ids [batch, seq] gives fp32 logits [batch, seq, vocab].
     """
-    np_dtype = _dtype(dtype, "dtype")
+    np_dtype = conversion_dtype(dtype, "dtype")
     cfg = dataclasses.replace(read_hf_config(hf_dir), dtype=cast(DTypeName, dtype), param_dtype=cast(DTypeName, dtype),
                               attention_impl=cast(AttentionImpl, attention_impl))
     files = SafetensorsDir(hf_dir)
@@ -121,7 +115,7 @@ def import_hf(hf_dir: str, out: str, *, param_dtype: str = "float32", scan_layer
     be trained from, and retention would delete it as the oldest. Refused with the steps
     named, before any weight is read.
     """
-    np_dtype = _dtype(param_dtype, "param_dtype")
+    np_dtype = conversion_dtype(param_dtype, "param_dtype")
     check_destination(out, "OUT")
     refuse_existing_steps(out, "OUT")
     cfg = dataclasses.replace(read_hf_config(hf_dir), param_dtype=cast(DTypeName, param_dtype), scan_layers=scan_layers)
@@ -188,7 +182,7 @@ def export_hf(ckpt: str, out_dir: str, *, dtype: str | None = None,
         if metadata.finetune is None:
             raise HFError(f"--adapters_only: {step_dir} is not a LoRA checkpoint (no finetune in its metadata.json); "
                           "export the whole model without it")
-        return write_peft(step_dir, out_dir)
+        return write_peft(step_dir, out_dir, dtype)
     lora = LoRASource(step_dir, "CKPT") if metadata.finetune is not None else None
     if lora is not None:  # the base's parameters, merged with the adapters as they are read
         step_dir, metadata = lora.base_dir, lora.base_metadata
@@ -196,7 +190,7 @@ def export_hf(ckpt: str, out_dir: str, *, dtype: str | None = None,
         raise HFError(f"{step_dir}: holds a user's own module, not the built-in Llama; nothing to export")
     cfg = model_config(metadata, step_dir)
     dtype = dtype or cfg.param_dtype
-    out_dtype = _dtype(dtype, "dtype")
+    out_dtype = conversion_dtype(dtype, "dtype")
     maps = tensor_maps(cfg)
     for m in maps:
         record = metadata.leaves.get("params/" + m.leaf)

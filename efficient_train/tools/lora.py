@@ -34,7 +34,7 @@ from efficient_train.models.choices import LORA_TARGETS
 from efficient_train.models.llama.hf_names import TensorMap
 from efficient_train.models.lora import LoRAConfig, merge_delta
 from efficient_train.tools.report import model_config
-from efficient_train.tools.safetensors import HFError, tensor_maps, write_safetensors_file
+from efficient_train.tools.safetensors import HFError, conversion_dtype, tensor_maps, write_safetensors_file
 from efficient_train.train.finetune import PARAMS_PREFIX, base_fingerprint
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -131,8 +131,8 @@ def _copy_side_files(base_step_dir: str, dst: str) -> None:
             shutil.copyfile(os.path.join(side_dir, name), os.path.join(dst, TOKENIZER_DIR, name))
 
 
-def _peft_tensors(source: LoRASource, maps: list[TensorMap]) -> Iterator[tuple[str, np.ndarray]]:
-    """PEFT's (name, fp32 tensor) pairs of every adapter, layer by layer."""
+def _peft_tensors(source: LoRASource, maps: list[TensorMap], dtype: np.dtype) -> Iterator[tuple[str, np.ndarray]]:
+    """PEFT's (name, tensor in `dtype`) pairs of every adapter, layer by layer."""
     for m in maps:
         if not source.has_adapter(m.leaf):
             continue
@@ -141,8 +141,8 @@ def _peft_tensors(source: LoRASource, maps: list[TensorMap]) -> Iterator[tuple[s
         for hf_name, a_layer, b_layer in zip(m.hf_names, layers_a, layers_b):
             module = PEFT_PREFIX + hf_name.removesuffix(".weight")
             rank = a_layer.shape[-1]
-            lora_a = np.asarray(a_layer, np.float32).reshape(-1, rank).T  # [rank, in]
-            lora_b = np.asarray(b_layer, np.float32).reshape(rank, -1).T  # [out, rank]
+            lora_a = np.asarray(a_layer).astype(dtype).reshape(-1, rank).T  # [rank, in]
+            lora_b = np.asarray(b_layer).astype(dtype).reshape(rank, -1).T  # [out, rank]
             if m.leaf == "embed/embedding":  # PEFT's embedding layout: A [rank, vocab], B [hidden, rank]
                 yield f"{module}.lora_embedding_A", np.ascontiguousarray(lora_a)
                 yield f"{module}.lora_embedding_B", np.ascontiguousarray(lora_b)
@@ -161,14 +161,16 @@ def peft_config(lora: LoRAConfig) -> dict:
     }
 
 
-def write_peft(src: str, out_dir: str) -> list[str]:
-    """`export-hf --adapters_only`: the adapters of LoRA checkpoint `src` in the PEFT layout; returns the files."""
+def write_peft(src: str, out_dir: str, dtype: str | None = None) -> list[str]:
+    """`export-hf --adapters_only`: the adapters of LoRA checkpoint `src` in the PEFT layout, in
+    `dtype` (default: the checkpoint's param_dtype); returns the files."""
     source = LoRASource(src, "CKPT")
+    out_dtype = conversion_dtype(dtype or source.config.param_dtype, "--dtype")
     maps = tensor_maps(source.config)
     check_destination(out_dir, "OUT_DIR")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise HFError(f"OUT_DIR: {out_dir!r} is not empty; choose a new directory")
-    tensors = list(_peft_tensors(source, maps))  # adapters are small; read (and verified) before writing
+    tensors = list(_peft_tensors(source, maps, out_dtype))  # adapters are small; read (and verified) before writing
     created = first_missing_dir(out_dir)
     files = [ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE]
     try:

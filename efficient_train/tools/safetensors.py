@@ -54,6 +54,17 @@ class HFError(CheckpointError):
     """A Hugging Face directory or config that cannot be used as asked, as one line."""
 
 
+# The dtypes an import or export converts tensors to (`--dtype`, `param_dtype`), by their config names.
+CONVERSION_DTYPES: dict[str, np.dtype] = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16)}
+
+
+def conversion_dtype(name: str, field: str) -> np.dtype:
+    """The numpy dtype of conversion dtype `name`; an HFError naming `field` for any other name."""
+    if name not in CONVERSION_DTYPES:
+        raise HFError(f"{field}: {name!r} is not allowed; choose one of {', '.join(CONVERSION_DTYPES)}")
+    return CONVERSION_DTYPES[name]
+
+
 def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
     """Every parameter leaf of `Llama(cfg)`, in the state's (sorted) leaf order."""
     with nnx.use_eager_sharding(False):

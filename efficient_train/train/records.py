@@ -86,16 +86,27 @@ class WandbSink:
     """A Weights & Biases run: the startup record as its config, scalars logged at their step
     (W&B keeps one history row per step, so a training and an evaluation record of the same
     step share a row), events in its summary (`event/<name>`). Mode `offline` writes
-    `<workdir>/wandb` only, for `wandb sync` later."""
+    `<workdir>/wandb` only, for `wandb sync` later.
 
-    def __init__(self, tracker: ml_collections.ConfigDict, workdir: str) -> None:
+    The run's id is kept in `<workdir>/wandb/run_id`; a run resumed from a checkpoint continues
+    that W&B run (`resume="allow"`) rather than starting another. Steps the earlier run logged after
+    its last checkpoint are logged again; resumption is bitwise, so W&B, which keeps the first row of
+    a step, holds the same values either way."""
+
+    def __init__(self, tracker: ml_collections.ConfigDict, workdir: str, *, resuming: bool = False) -> None:
         try:
             import wandb
         except ImportError:
             raise InputError("tracker.wandb.project: is set but wandb is not installed; pip install "
                              "'efficient-train[wandb]', or leave tracker.wandb.project empty") from None
+        id_file = os.path.join(workdir, "wandb", "run_id")
+        run_id = open(id_file).read().strip() if resuming and os.path.exists(id_file) else None
         self._run = wandb.init(project=tracker.project, entity=tracker.entity or None, name=tracker.name or None,
-                               mode=tracker.mode, dir=workdir, settings=wandb.Settings(silent=True))
+                               mode=tracker.mode, dir=workdir, settings=wandb.Settings(silent=True),
+                               id=run_id, resume="allow" if run_id else None)
+        os.makedirs(os.path.dirname(id_file), exist_ok=True)
+        with open(id_file, "w") as handle:
+            handle.write(self._run.id)
 
     def write(self, record: dict[str, Any]) -> None:
         event = record.get("event")
@@ -115,11 +126,12 @@ def _as_text(record: dict[str, Any]) -> str:
     return "```\n" + json.dumps(record, indent=1) + "\n```"
 
 
-def tracker_sinks(config: ml_collections.ConfigDict) -> list[Sink]:
-    """The trackers `config.tracker` asks for (process 0 only builds them)."""
+def tracker_sinks(config: ml_collections.ConfigDict, *, resuming: bool = False) -> list[Sink]:
+    """The trackers `config.tracker` asks for (process 0 only builds them); `resuming`: the run
+    continues from a checkpoint, so a W&B run continues too."""
     sinks: list[Sink] = []
     if config.tracker.tensorboard:
         sinks.append(TensorBoardSink(os.path.join(config.workdir, "tensorboard")))
     if config.tracker.wandb.project:
-        sinks.append(WandbSink(config.tracker.wandb, config.workdir))
+        sinks.append(WandbSink(config.tracker.wandb, config.workdir, resuming=resuming))
     return sinks

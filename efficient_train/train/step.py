@@ -205,18 +205,13 @@ def zero_extras(balance: MoeBalance | None) -> dict:
             "aux": jnp.zeros(()), "z": jnp.zeros(()), "lm": jnp.zeros(())}
 
 
-def make_local_grads(step_def: StepDefinition) -> Callable:
-    """The shard_map body: local gradients reduced over the batch axes, loss sum and weight."""
-    plan = step_def.plan
-    mesh_shape = dict(plan.mesh.shape)
-    all_batch_axes = batch_axes(mesh_shape)
-    replica_axes = _axes_over_one(mesh_shape, ("replica",))
-    forward = make_local_loss_and_stats(step_def)
-    balance = step_def.moe
+def make_objective(forward: Callable, balance: MoeBalance | None, all_batch_axes: tuple[str, ...]) -> Callable:
+    """(params, frozen, micro_batch, key, freq) -> (the differentiated sum, (weight, extras)): the
+    loss's sum plus, for a model with experts, the MoE terms (times the global weight); `extras`
+    holds the router statistics, the terms and the loss's own sum `lm`, all outside the gradient."""
 
     def objective(params: dict, frozen: dict, micro_batch: Any, key: jax.Array | None,
                   freq: Frequencies | None) -> tuple[jax.Array, tuple]:
-        """The differentiated sum: the loss's, plus the MoE terms (times the global weight)."""
         (total, weight), stats = forward(params, frozen, micro_batch, key)
         if balance is None or stats is None or freq is None:
             return total, (weight, {})
@@ -227,17 +222,22 @@ def make_local_grads(step_def: StepDefinition) -> Callable:
         extras = {**jax.lax.stop_gradient(stats), "aux": jax.lax.stop_gradient(aux), "z": jax.lax.stop_gradient(z)}
         return total + moe_balance.objective_extra(balance, aux, z, freq.weight), (weight, extras | {"lm": total})
 
-    grad_fn = jax.value_and_grad(objective, has_aux=True)  # parameters only, never `frozen`
+    return objective
+
+
+def make_frequencies(step_def: StepDefinition, forward: Callable, all_batch_axes: tuple[str, ...]) -> Callable:
+    """(params, frozen, batch, key) -> the global loads the MoE terms use (None without experts):
+    counted by a forward over every micro-batch first (scope 'global' with grad_accum > 1), else
+    with the loads left None for each gradient forward to fill in from its own routing."""
+    balance = step_def.moe
+    grad_accum = step_def.grad_accum
 
     def frequencies(params: dict, frozen: dict, batch: Any, key: jax.Array | None) -> Frequencies | None:
-        """The global loads the MoE terms use: counted by a forward over every micro-batch first
-        (scope 'global' with grad_accum > 1), else None parts filled in by each forward."""
         if balance is None:
             return None
         weight = moe_balance.psum(moe_balance.batch_weight(batch), all_batch_axes)
-        if step_def.grad_accum == 1 or balance.scope != "global":
-            share = 1.0 if step_def.grad_accum == 1 else 1.0 / step_def.grad_accum
-            return Frequencies(loads=None, tokens=None, weight=weight, share=share)
+        if grad_accum == 1 or balance.scope != "global":
+            return Frequencies(loads=None, tokens=None, weight=weight, share=1.0 / grad_accum)
 
         def count(carry: tuple, xs: tuple) -> tuple[tuple, None]:
             micro_batch, index = xs
@@ -247,22 +247,61 @@ def make_local_grads(step_def: StepDefinition) -> Callable:
             return (carry[0] + stats["load"], carry[1] + stats["tokens"]), None
 
         zeros = (jnp.zeros((balance.layers, balance.num_experts)), jnp.zeros((balance.layers,)))
-        indices = jnp.arange(step_def.grad_accum, dtype=jnp.int32)
-        (loads, tokens), _ = jax.lax.scan(count, zeros, (micro_batches(batch, step_def.grad_accum), indices))
+        indices = jnp.arange(grad_accum, dtype=jnp.int32)
+        (loads, tokens), _ = jax.lax.scan(count, zeros, (micro_batches(batch, grad_accum), indices))
         loads, tokens = moe_balance.psum((jax.lax.stop_gradient(loads), tokens), all_batch_axes)
         return Frequencies(loads=loads, tokens=tokens, weight=weight, share=1.0)
 
-    def reduce(grad: jax.Array, leaf: LeafPlan) -> jax.Array:
-        batch = leaf.reduce_axes(all_batch_axes)  # an expert weight is not summed over `expert`
-        if leaf.zero_dim is None or not leaf.zero_axes:
-            return jax.lax.psum(grad, batch) if batch else grad
-        if plan.params_sharded:  # already reduce-scattered by the gather's transpose
-            reduced = grad
-        elif plan.grads_sharded:
-            reduced = jax.lax.psum_scatter(grad, leaf.zero_axes, scatter_dimension=leaf.zero_dim, tiled=True)
-        else:
-            return jax.lax.psum(grad, batch)
-        return jax.lax.psum(reduced, replica_axes) if replica_axes else reduced
+    return frequencies
+
+
+def reduce_gradient(grad: jax.Array, leaf: LeafPlan, plan: ShardingPlan, all_batch_axes: tuple[str, ...],
+                    replica_axes: tuple[str, ...]) -> jax.Array:
+    """One local gradient reduced over the batch axes as the ZeRO stage asks: all-reduced (stages 0-1,
+    or a leaf ZeRO does not split), reduce-scattered over the ZeRO group (stage 2; stage 3's gather
+    transpose already did), then all-reduced over `replica`. An expert weight skips `expert`."""
+    batch = leaf.reduce_axes(all_batch_axes)
+    if leaf.zero_dim is None or not leaf.zero_axes:
+        return jax.lax.psum(grad, batch) if batch else grad
+    if plan.params_sharded:
+        reduced = grad
+    elif plan.grads_sharded:
+        reduced = jax.lax.psum_scatter(grad, leaf.zero_axes, scatter_dimension=leaf.zero_dim, tiled=True)
+    else:
+        return jax.lax.psum(grad, batch)
+    return jax.lax.psum(reduced, replica_axes) if replica_axes else reduced
+
+
+def accumulate_grads(grad_fn: Callable, grad_accum: int, balance: MoeBalance | None, params: dict, frozen: dict,
+                     batch: Any, key: jax.Array | None, freq: Frequencies | None) -> tuple:
+    """`grad_fn` over the local batch, as one call or summed by a scan over `grad_accum` micro-batches
+    (each with its own dropout key): ((loss sum, (weight, extras)), gradients)."""
+    if grad_accum == 1:
+        return grad_fn(params, frozen, batch, key, freq)
+
+    def accumulate(carry: tuple, xs: tuple) -> tuple[tuple, None]:
+        grads, total, weight, extras = carry
+        micro_batch, index = xs
+        micro_key = None if key is None else jax.random.fold_in(key, index)
+        (t, (w, e)), g = grad_fn(params, frozen, micro_batch, micro_key, freq)
+        return (jax.tree.map(jnp.add, grads, g), total + t, weight + w, jax.tree.map(jnp.add, extras, e)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)  # local shards: gradients have their shapes
+    indices = jnp.arange(grad_accum, dtype=jnp.int32)
+    carry = (zeros, jnp.zeros(()), jnp.zeros(()), zero_extras(balance))
+    (grads, total, weight, extras), _ = jax.lax.scan(accumulate, carry, (micro_batches(batch, grad_accum), indices))
+    return (total, (weight, extras)), grads
+
+
+def make_local_grads(step_def: StepDefinition) -> Callable:
+    """The shard_map body: local gradients reduced over the batch axes, loss sum and weight, MoE extras."""
+    plan = step_def.plan
+    mesh_shape = dict(plan.mesh.shape)
+    all_batch_axes = batch_axes(mesh_shape)
+    replica_axes = _axes_over_one(mesh_shape, ("replica",))
+    forward = make_local_loss_and_stats(step_def)
+    grad_fn = jax.value_and_grad(make_objective(forward, step_def.moe, all_batch_axes), has_aux=True)  # never `frozen`
+    frequencies = make_frequencies(step_def, forward, all_batch_axes)
 
     def local_grads(params: dict, frozen: dict, batch: Any,
                     key_data: jax.Array | None = None) -> tuple[dict, jax.Array, jax.Array, dict]:
@@ -271,22 +310,10 @@ def make_local_grads(step_def: StepDefinition) -> Callable:
         if key is not None and all_batch_axes:
             key = jax.random.fold_in(key, jax.lax.axis_index(all_batch_axes))
         freq = frequencies(params, frozen, batch, key)
-        if step_def.grad_accum == 1:
-            (total, (weight, extras)), grads = grad_fn(params, frozen, batch, key, freq)
-        else:
-            def accumulate(carry, xs):
-                grads, total, weight, extras = carry
-                micro_batch, index = xs
-                micro_key = None if key is None else jax.random.fold_in(key, index)
-                (t, (w, e)), g = grad_fn(params, frozen, micro_batch, micro_key, freq)
-                return (jax.tree.map(jnp.add, grads, g), total + t, weight + w, jax.tree.map(jnp.add, extras, e)), None
-
-            zeros = jax.tree.map(jnp.zeros_like, params)  # local shards: gradients have their shapes
-            indices = jnp.arange(step_def.grad_accum, dtype=jnp.int32)
-            carry = (zeros, jnp.zeros(()), jnp.zeros(()), zero_extras(balance))
-            (grads, total, weight, extras), _ = jax.lax.scan(accumulate, carry,
-                                                           (micro_batches(batch, step_def.grad_accum), indices))
-        grads = jax.tree.map(reduce, grads, plan.leaves)
+        (total, (weight, extras)), grads = accumulate_grads(grad_fn, step_def.grad_accum, step_def.moe,
+                                                            params, frozen, batch, key, freq)
+        grads = jax.tree.map(lambda grad, leaf: reduce_gradient(grad, leaf, plan, all_batch_axes, replica_axes),
+                             grads, plan.leaves)
         if extras:
             total = extras.pop("lm")  # the loss's own sum; the MoE terms are metrics of their own
         if all_batch_axes:

@@ -115,35 +115,7 @@ class Trainer:
         self.mesh = make_mesh(mesh_shape)
         self.hooks = list(hooks)
         self.is_main = jax.process_index() == 0
-        self._first_batch: Any = None
-        self.loader: Any  # the built-in data loader (a DataLoader or MixtureLoader), None with user data
-        if data is None:
-            try:
-                self.loader = build_loader(
-                    config.data,
-                    vocab_size=config.model.vocab_size,
-                    global_batch_size=config.train.batch_size,
-                    process_index=jax.process_index(),
-                    process_count=jax.process_count(),
-                    # Sequence parallelism's token layout (ring: zigzag), applied once, in the loader.
-                    column_order=layout.column_order(
-                        config.sequence_parallel.mode, config.data.seq_len, mesh_shape["sequence"]
-                    ),
-                    cache_dir=os.path.join(config.workdir, "data_cache"),  # data.tokenizer on raw text
-                )
-            except ValueError as error:
-                raise ConfigError(str(error)) from None
-            self._data: Iterator[Any] = iter(self.loader)
-            global_batch: Any = lm_batch_shapes(config)
-        else:
-            self.loader = None
-            self._data = iter(data)
-            try:
-                self._first_batch = next(self._data)
-            except StopIteration:
-                raise DataError("data: the iterator yielded no batch; give an iterable of batches (pytrees of "
-                                "arrays whose first dimension is this process's share of the batch)") from None
-            global_batch = self._global_shapes(self._first_batch)
+        global_batch = self._open_data(data, mesh_shape)
         self.setup = build_setup(
             config, self.mesh, model=model, loss_fn=loss_fn, shard_sequence=isinstance(global_batch, Batch)
         )
@@ -188,6 +160,39 @@ class Trainer:
         self._stop_signal: str | None = None  # "SIGTERM" or "SIGINT" once one arrived
         self.stop_reason: str | None = None  # None: ran to train.steps; else why it stopped early
 
+    def _open_data(self, data: Iterable[Any] | None, mesh_shape: dict[str, int]) -> Any:
+        """Open the batch stream (the built-in loader, or a user's iterable, whose first batch is read
+        now for its shapes) and return the global batch's shapes."""
+        config = self.config
+        self._first_batch: Any = None
+        self.loader: Any  # the built-in data loader (a DataLoader or MixtureLoader), None with user data
+        if data is not None:
+            self.loader = None
+            self._data: Iterator[Any] = iter(data)
+            try:
+                self._first_batch = next(self._data)
+            except StopIteration:
+                raise DataError("data: the iterator yielded no batch; give an iterable of batches (pytrees of "
+                                "arrays whose first dimension is this process's share of the batch)") from None
+            return self._global_shapes(self._first_batch)
+        try:
+            self.loader = build_loader(
+                config.data,
+                vocab_size=config.model.vocab_size,
+                global_batch_size=config.train.batch_size,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+                # Sequence parallelism's token layout (ring: zigzag), applied once, in the loader.
+                column_order=layout.column_order(
+                    config.sequence_parallel.mode, config.data.seq_len, mesh_shape["sequence"]
+                ),
+                cache_dir=os.path.join(config.workdir, "data_cache"),  # data.tokenizer on raw text
+            )
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        self._data = iter(self.loader)
+        return lm_batch_shapes(config)
+
     def _build_evaluator(self, token_data: bool) -> Evaluator | None:
         """The compiled evaluation of `eval.sets` (None when there are none)."""
         if not self.config.eval.sets.strip():
@@ -209,7 +214,8 @@ class Trainer:
                               "leave it 0 and sample in a Hook")
         sample = self.config.sample
         return sample_hook(sample.every, [sample.prompt], tokenizer=self.config.data.tokenizer,
-                           max_new_tokens=sample.max_new_tokens, temperature=sample.temperature)
+                           max_new_tokens=sample.max_new_tokens, temperature=sample.temperature,
+                           top_k=sample.top_k, top_p=sample.top_p, seed=sample.seed)
 
     def _lock_directories(self) -> None:
         """Process 0 takes the locks (if not held yet); every process learns the verdict and
@@ -429,7 +435,7 @@ class Trainer:
         """The loop: each step fetches a batch, stops where every process agrees to, runs, saves
         when the checkpointer says so, and logs and calls hooks when they are due."""
         steps = self.config.train.steps
-        trackers = tracker_sinks(self.config) if self.is_main else []
+        trackers = tracker_sinks(self.config, resuming=int(self.state.step) > 0) if self.is_main else []
         console = ConsoleProgress(steps, int(self.state.step), self.is_main)
         self.records = RecordStream([self.writer, console, *trackers])
         try:  # an error (a failed save included) leaves a closed bar and file, so it is the last thing printed

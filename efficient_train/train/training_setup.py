@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -101,6 +102,43 @@ def zero3_metadata(structure: nnx.State, plan: ShardingPlan) -> nnx.State:
     return set_metadata(structure, ZERO_AUTO_SPEC, plan.auto_param_specs())
 
 
+def _split_abstract(abstract_model: nnx.Module, *, lora: bool,
+                    user_model: bool) -> tuple[nnx.GraphDef, nnx.State, nnx.State | None, nnx.State]:
+    """(graphdef, trained parameters, a LoRA run's frozen base or None, the rest of the module state).
+    A user's module holds real arrays; its parameters are replaced by their shapes and dtypes."""
+    abstract_frozen = None
+    if lora:
+        graphdef, *states = nnx.split(abstract_model, LoRAParam, nnx.Param, ...)
+        abstract_params, abstract_frozen, rest = states
+    else:
+        graphdef, *states = nnx.split(abstract_model, nnx.Param, ...)
+        abstract_params, rest = states
+    if user_model:
+        abstract_params = jax.tree.map(
+            lambda v: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype)),
+            abstract_params,
+            is_leaf=lambda x: isinstance(x, nnx.Variable),
+        )
+    return graphdef, abstract_params, abstract_frozen, rest
+
+
+def _plan_with_metadata(abstract: nnx.State, mesh: Mesh, zero_stage: int) -> tuple[ShardingPlan, nnx.State]:
+    """The sharding plan of `abstract` and its structure, carrying the ZeRO-3 gather metadata under stage 3."""
+    plan = plan_sharding(abstract, mesh, zero_stage)
+    return plan, (zero3_metadata(abstract, plan) if plan.params_sharded else abstract)
+
+
+def _optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule, abstract_params: nnx.State,
+               opt_param_shardings: Any) -> optax.GradientTransformation:
+    """AdamW as `optimizer.*` configures it, its state placed per parameter by `opt_param_shardings`."""
+    return adamw(
+        schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+        state_format=opt.state_format, block_size=opt.block_size, min_quantized_size=opt.min_quantized_size,
+        mask=decay_mask(abstract_params), quantize_mask=quantize_mask(abstract_params, embeddings=opt.quantize_embeddings),
+        kernel=opt.kernel, shardings=opt_param_shardings,
+    )
+
+
 def build_setup(
     config: ml_collections.ConfigDict,
     mesh: Mesh,
@@ -122,48 +160,25 @@ def build_setup(
         create_model = lambda: model
     with nnx.use_eager_sharding(False):
         abstract_model = nnx.eval_shape(create_model) if model is None else model
-    abstract_frozen = None
-    if lora_config is None:
-        graphdef, *states = nnx.split(abstract_model, nnx.Param, ...)
-        abstract_params, rest = states
-    else:
-        graphdef, *states = nnx.split(abstract_model, LoRAParam, nnx.Param, ...)
-        abstract_params, abstract_frozen, rest = states
-    if model is not None:
-        abstract_params = jax.tree.map(
-            lambda v: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype)),
-            abstract_params,
-            is_leaf=lambda x: isinstance(x, nnx.Variable),
-        )
-    plan = plan_sharding(abstract_params, mesh, config.zero_stage)
-    param_structure = abstract_params
-    if plan.params_sharded:
-        param_structure = zero3_metadata(abstract_params, plan)
+    graphdef, abstract_params, abstract_frozen, rest = _split_abstract(abstract_model, lora=lora_config is not None,
+                                                                       user_model=model is not None)
+    plan, param_structure = _plan_with_metadata(abstract_params, mesh, config.zero_stage)
     frozen_plan = frozen_structure = None
     if abstract_frozen is not None:
-        frozen_plan = plan_sharding(abstract_frozen, mesh, config.zero_stage)
-        frozen_structure = abstract_frozen
-        if frozen_plan.params_sharded:
-            frozen_structure = zero3_metadata(abstract_frozen, frozen_plan)
+        frozen_plan, frozen_structure = _plan_with_metadata(abstract_frozen, mesh, config.zero_stage)
 
     train = config.train
     schedule = make_schedule(train.schedule, train.learning_rate, train.warmup_steps, train.steps, train.min_lr_ratio)
-    opt = config.optimizer
     # The state lives where the ZeRO stage puts it; the fused kernel runs per device there.
     opt_param_shardings = plan.named(plan.opt_param_specs())
-    optimizer = adamw(
-        schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-        state_format=opt.state_format, block_size=opt.block_size, min_quantized_size=opt.min_quantized_size,
-        mask=decay_mask(abstract_params), quantize_mask=quantize_mask(abstract_params, embeddings=opt.quantize_embeddings),
-        kernel=opt.kernel, shardings=opt_param_shardings,
-    )
+    optimizer = _optimizer(config.optimizer, schedule, abstract_params, opt_param_shardings)
     pure_params = nnx.to_pure_dict(abstract_params)
     abstract_opt_state = jax.eval_shape(optimizer.init, pure_params)
     scalar = NamedSharding(mesh, P())
     state_shardings = TrainState(
         step=scalar,
         params=plan.named(plan.param_specs()),
-        opt_state=optimizer_state_shardings(abstract_opt_state, opt_param_shardings, offload=opt.offload),
+        opt_state=optimizer_state_shardings(abstract_opt_state, opt_param_shardings, offload=config.optimizer.offload),
         skipped_steps=scalar,
         frozen=None if frozen_plan is None else frozen_plan.named(frozen_plan.param_specs()),
     )
