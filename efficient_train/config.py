@@ -51,6 +51,7 @@ from efficient_train.models.choices import (
     DTYPES,
     LORA_TARGETS,
     MOE_BALANCE_SCOPES,
+    MOE_IMPLS,
     NORM_IMPLS,
     REMAT_POLICIES,
 )
@@ -134,8 +135,9 @@ def default_config() -> ml_collections.ConfigDict:
     )
     # MoE training (train/moe_balance.py): load-balancing loss coefficient (frequencies over the global
     # batch: every micro-batch and data rank, when balance_scope is "global"; "micro_batch": each
-    # micro-batch's own, over the data ranks) and router z-loss coefficient.
-    c.moe = ml_collections.ConfigDict(dict(aux_loss=0.01, z_loss=0.001, balance_scope="global"))
+    # micro-batch's own, over the data ranks) and router z-loss coefficient. impl: how a dropless
+    # expert layer runs its grouped matmuls (models/choices.MOE_IMPLS).
+    c.moe = ml_collections.ConfigDict(dict(aux_loss=0.01, z_loss=0.001, balance_scope="global", impl="auto"))
     c.attention = ml_collections.ConfigDict(dict(impl="auto"))
     # norm.impl: auto (= xla for now), xla, pallas (the fused pallas_kernels.rms_norm).
     c.norm = ml_collections.ConfigDict(dict(impl="auto"))
@@ -463,6 +465,26 @@ def _check_finetune_base(config: ml_collections.ConfigDict) -> None:
                           "saves its adapters there, so give it another checkpoint.dir or workdir")
 
 
+def _check_moe_impl(config: ml_collections.ConfigDict, mesh: dict[str, int]) -> None:
+    """moe.impl='pallas' needs dropless experts, whole experts per device and 16-aligned sizes."""
+    model = config.model
+    if config.moe.impl != "pallas":
+        return
+    why = None
+    if not model.num_experts:
+        why = "applies to a model with experts (model.num_experts > 0)"
+    elif model.capacity_factor:
+        why = (f"runs the dropless grouped matmul; model.capacity_factor={model.capacity_factor} dispatches "
+               "through a dense buffer instead (set it to 0, or moe.impl to 'auto')")
+    elif mesh["tensor"] > 1:
+        why = ("runs whole experts per device and is not split by the compiler; use mesh.tensor=1 with it, "
+               "or 'auto'/'xla' with tensor parallelism")
+    elif model.hidden_size % 16 or (model.moe_intermediate_size or model.intermediate_size) % 16:
+        why = "needs model.hidden_size and the experts' intermediate size to be multiples of 16"
+    if why:
+        raise ConfigError(f"moe.impl: 'pallas' {why}")
+
+
 def _check_mesh_sizes(mesh: ml_collections.ConfigDict) -> dict[str, int]:
     sizes = {axis: mesh[axis] for axis in MESH_AXES}
     for axis, size in sizes.items():
@@ -598,6 +620,7 @@ def validate_fields(config: ml_collections.ConfigDict) -> None:
     _check_choice(config, "data.source", DATA_SOURCES)
     _check_choice(config, "data.token_dtype", TOKEN_DTYPES)
     _check_choice(config, "moe.balance_scope", MOE_BALANCE_SCOPES)
+    _check_choice(config, "moe.impl", MOE_IMPLS)
     for field in ("moe.aux_loss", "moe.z_loss"):
         _check_positive(config, field, allow_zero=True)
     if not config.data.jsonl_field:
@@ -669,6 +692,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, *, check_paths
             "attention.impl: 'pallas' runs whole heads per device and is not split by the compiler; "
             "use mesh.tensor=1 with it, or 'auto'/'xla' with tensor parallelism"
         )
+    _check_moe_impl(config, mesh)
     if model.num_experts and model.num_experts % mesh["expert"]:
         raise ConfigError(f"mesh.expert: {mesh['expert']} must divide model.num_experts={model.num_experts}")
     if model.num_experts and (model.moe_intermediate_size or model.intermediate_size) % mesh["tensor"]:

@@ -143,13 +143,18 @@ def test_overrides_that_cannot_apply_are_one_line():
         (["train", "--config.sample.every=5"], "sample.every"),
         (["train", "--config.sample.top_p=0"], "sample.top_p"),
         (["train", "--config.sample.top_k=-1"], "sample.top_k"),
+        (["train", "--config.moe.impl=megablox"], "moe.impl"),
+        (["train", "--config.moe.impl=pallas"], "moe.impl"),  # a dense model
+        (["train", "--config.moe.impl=pallas", "--config.model.num_experts=4", "--config.mesh.tensor=2"], "moe.impl"),
+        (["train", "--config.moe.impl=pallas", "--config.model.num_experts=4", "--config.model.capacity_factor=1.5"],
+         "moe.impl"),
         (["eval", "--checkpoint", "/nonexistent"], "--data"),
         (["eval", "--checkpoint", "/nonexistent", "--data", "validation"], "eval.sets"),
         (["eval", "--checkpoint", "/nonexistent", "--data", "x=/nonexistent"], "eval.sets"),
     ],
 )
 def test_watching_fields_bad_input_is_one_line_and_exit_2(args, field, capsys):
-    """Evaluation, tracker, profile and sample fields, and the eval command's flags: refused in one
+    """Evaluation, tracker, profile, sample and moe.impl fields, and the eval command's flags: refused in one
     line naming the field before anything runs (in-process: these checks precede jax's work)."""
     from efficient_train.cli import main
 

@@ -28,8 +28,6 @@ def _batch(rows: int, seq_len: int = 32, seed: int = 0) -> Batch:
                  segment_ids=np.ones((rows, seq_len), np.int32), loss_weights=np.ones((rows, seq_len), np.float32))
 
 
-@pytest.mark.slow
-
 def router_stats(trainer: Trainer, params: dict, inputs: np.ndarray) -> dict:
     """The MoE statistics (per-expert load, router probability sums, ...) of a forward pass of the
     trainer's model holding `params` on `inputs`, on the host."""
@@ -45,6 +43,7 @@ def router_stats(trainer: Trainer, params: dict, inputs: np.ndarray) -> dict:
     return jax.device_get(stats(jnp.asarray(inputs)))
 
 
+@pytest.mark.slow
 def test_expert_parallel_training_equals_one_device():
     """5 steps: data=2 x expert=4 (ZeRO-1 and ZeRO-3, and with grad_accum=4), data=2 x expert=2 x
     tensor=2, data=2 x expert=2 x sequence=2 (Ulysses, ZeRO-3), and the capacity exchange with room for

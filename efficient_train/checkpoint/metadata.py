@@ -289,7 +289,7 @@ def read_metadata_file(path: str) -> CheckpointMetadata:
 
 def check_model_matches(saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Refuse a checkpoint of another architecture; only the attention kernel may differ."""
-    ignored = {"attention_impl", "norm_impl", "remat", "dtype", "matmul_precision"}  # how to compute, not what is stored
+    ignored = {"attention_impl", "norm_impl", "moe_impl", "remat", "dtype", "matmul_precision"}  # how to compute, not what is stored
     differing = sorted(
         key for key in set(saved) | set(current) if key not in ignored and saved.get(key) != current.get(key)
     )

@@ -22,4 +22,7 @@ LORA_LINEAR_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 LORA_TARGETS = (*LORA_LINEAR_TARGETS, "embed")
 MATMUL_PRECISIONS = ("bf16", "fp8")  # the decoder layers' projections: model.dtype, or FP8 (models/fp8.py)
 ROUTERS = ("softmax_topk", "sigmoid_topk")  # Mixtral / Qwen MoE; DeepSeek V3 (normalized sigmoid scores)
+# How a dropless MoE layer computes its grouped matmul: auto (= xla for now), xla (jax.lax.ragged_dot),
+# pallas (pallas_kernels.grouped_matmul: Triton on NVIDIA GPUs, the interpreter on a CPU).
+MOE_IMPLS = ("auto", "xla", "pallas")
 MOE_BALANCE_SCOPES = ("global", "micro_batch")  # expert frequencies of the balance loss (train/moe_balance.py)

@@ -7,8 +7,10 @@
   when norm_topk_prob. 'sigmoid_topk' (DeepSeek V3): sigmoid scores, top k, normalized.
   Both multiply by routed_scaling.
 - Dropless by default: the token x k assignments are sorted by expert and the experts
-  run as one grouped matmul (`jax.lax.ragged_dot`, group sizes = tokens per expert), so
-  nothing is dropped and the result does not depend on how tokens are batched.
+  run as one grouped matmul (group sizes = tokens per expert), so nothing is dropped and
+  the result does not depend on how tokens are batched. `moe.impl` picks it:
+  `jax.lax.ragged_dot` ('auto', 'xla'), or the Pallas kernel ('pallas',
+  pallas_kernels/grouped_matmul: XLA on GPUs expands ragged_dot densely over the groups).
   capacity_factor > 0 is the fixed-shape alternative (GShard): each expert takes at most
   C = ceil(factor x tokens x k / experts) assignments in token order, the rest are
   dropped (their output is 0; the residual carries the token) and counted.
@@ -77,6 +79,7 @@ class Experts(nnx.Module):
         self.up = nnx.Param(_init(rngs, (x, e, m), 1, pdt), out_sharding=("experts", "embed", "expert_mlp"))
         self.down = nnx.Param(_init(rngs, (x, m, e), 1, pdt), out_sharding=("experts", "expert_mlp", "embed"))
         self.dtype = jnp.dtype(cfg.dtype)
+        self.impl = cfg.moe_impl
 
     def _kernels(self) -> tuple[jax.Array, jax.Array, jax.Array]:
         return tuple(p.get_value().astype(self.dtype) for p in (self.gate, self.up, self.down))  # type: ignore[return-value]
@@ -85,8 +88,19 @@ class Experts(nnx.Module):
         """rows [M, E] sorted by expert, group_sizes [X] -> [M, E]; rows past the groups give 0."""
         gate, up, down = self._kernels()
         rows = rows.astype(self.dtype)
-        hidden = jax.nn.silu(jax.lax.ragged_dot(rows, gate, group_sizes)) * jax.lax.ragged_dot(rows, up, group_sizes)
-        return jax.lax.ragged_dot(hidden, down, group_sizes)
+        matmul = self._grouped_matmul
+        hidden = jax.nn.silu(matmul(rows, gate, group_sizes)) * matmul(rows, up, group_sizes)
+        return matmul(hidden, down, group_sizes)
+
+    def _grouped_matmul(self, rows: jax.Array, weights: jax.Array, group_sizes: jax.Array) -> jax.Array:
+        """One grouped matmul as `moe.impl` asks: jax.lax.ragged_dot, or the Pallas kernel (Triton,
+        run by the interpreter on a CPU; never a silent fallback to ragged_dot)."""
+        if self.impl != "pallas":
+            return jax.lax.ragged_dot(rows, weights, group_sizes)
+        from pallas_kernels.backends import default_interpret
+        from pallas_kernels.grouped_matmul import grouped_matmul
+
+        return grouped_matmul(rows, weights, group_sizes, backend="triton", interpret=default_interpret())
 
     def dense(self, buffer: jax.Array) -> jax.Array:
         """buffer [X, C, E] (each expert's rows) -> [X, C, E]."""

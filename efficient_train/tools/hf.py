@@ -145,7 +145,8 @@ def train_overrides(step_dir: str) -> list[str]:
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     return [f"--config.model.{field}={value}" for field, value in model.items()
             if field in STORED_FIELDS or (field in defaults and value != defaults[field]
-                                          and field not in ("remat", "dtype", "attention_impl", "norm_impl", "matmul_precision"))]
+                                          and field not in ("remat", "dtype", "attention_impl", "norm_impl", "moe_impl",
+                                                            "matmul_precision"))]
 
 
 def _remove_output(out_dir: str, created: str | None, names: list[str]) -> None:

@@ -390,4 +390,5 @@ def config_to_hf(cfg: ModelConfig, dtype: str | None = None) -> dict:
 
 # The ModelConfig fields config.json holds (everything but how to compute and store).
 STORED_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in (
-    "remat", "scan_layers", "dtype", "param_dtype", "attention_impl", "norm_impl", "matmul_precision", "capacity_factor"))
+    "remat", "scan_layers", "dtype", "param_dtype", "attention_impl", "norm_impl", "moe_impl", "matmul_precision",
+    "capacity_factor"))

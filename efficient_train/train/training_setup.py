@@ -153,7 +153,7 @@ def build_setup(
     create_model: Callable[[], nnx.Module]
     if model is None:
         model_config = ModelConfig.from_config_dict(config.model, attention_impl=config.attention.impl,
-                                                    norm_impl=config.norm.impl)
+                                                    norm_impl=config.norm.impl, moe_impl=config.moe.impl)
         lora_config = LoRAConfig.from_config_dict(config.finetune.lora)
         create_model = functools.partial(_create_llama, model_config, lora_config, config.seed)
     else:

@@ -22,6 +22,7 @@ from efficient_train.models.choices import (
     ACTIVATIONS,
     ATTENTION_IMPLS,
     MATMUL_PRECISIONS,
+    MOE_IMPLS,
     NORM_IMPLS,
     REMAT_POLICIES,
     ROPE_TYPES,
@@ -39,6 +40,7 @@ DTypeName = Literal["float32", "bfloat16"]
 RopeType = Literal["default", "linear", "dynamic", "yarn", "llama3"]
 Activation = Literal["silu", "gelu_tanh"]
 MatmulPrecision = Literal["bf16", "fp8"]
+MoeImpl = Literal["auto", "xla", "pallas"]
 Router = Literal["softmax_topk", "sigmoid_topk"]
 
 
@@ -82,6 +84,10 @@ class ModelConfig:
     projection of the decoder layers in `dtype`; 'fp8' runs them as FP8 GEMMs (models/fp8.py:
     E4M3 forward, E5M2 gradients, per-tensor current scaling). How to compute, not what is
     stored: a checkpoint restores under either. The output head stays in `dtype`.
+
+    moe_impl (after it, set from the config's `moe.impl`): how a dropless expert layer runs its
+    grouped matmuls, `jax.lax.ragged_dot` ('auto', 'xla') or the Pallas kernel ('pallas'). How to
+    compute, not what is stored.
     """
 
     vocab_size: int
@@ -132,6 +138,7 @@ class ModelConfig:
     capacity_factor: float = 0.0
     router_bias_update: float = 0.0
     matmul_precision: MatmulPrecision = "bf16"
+    moe_impl: MoeImpl = "auto"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -156,6 +163,8 @@ class ModelConfig:
                 f"model.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.norm_impl not in NORM_IMPLS:
             raise ConfigError(f"model.norm_impl must be one of {NORM_IMPLS}, got {self.norm_impl!r}")
+        if self.moe_impl not in MOE_IMPLS:
+            raise ConfigError(f"moe.impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPE_NAMES:
                 raise ConfigError(f"model.{name} must be one of {DTYPE_NAMES}, got {getattr(self, name)!r}")
@@ -190,13 +199,13 @@ class ModelConfig:
 
     @classmethod
     def from_config_dict(cls, cfg: Any, attention_impl: str | None = None,
-                         norm_impl: str | None = None) -> ModelConfig:
+                         norm_impl: str | None = None, moe_impl: str | None = None) -> ModelConfig:
         """Builds from a ConfigDict (or mapping) whose keys are this class's field names.
 
         Missing optional fields take their defaults; unknown keys are an error, so a typo
-        in a config file cannot silently fall back to a default. `attention_impl` and
-        `norm_impl`, when given, override the ones in `cfg` (they live elsewhere in the
-        config: attention.impl, norm.impl).
+        in a config file cannot silently fall back to a default. `attention_impl`,
+        `norm_impl` and `moe_impl`, when given, override the ones in `cfg` (they live
+        elsewhere in the config: attention.impl, norm.impl, moe.impl).
         """
         values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
         names = {f.name for f in dataclasses.fields(cls)}
@@ -207,6 +216,8 @@ class ModelConfig:
             values["attention_impl"] = attention_impl
         if norm_impl is not None:
             values["norm_impl"] = norm_impl
+        if moe_impl is not None:
+            values["moe_impl"] = moe_impl
         missing = sorted(
             f.name for f in dataclasses.fields(cls)
             if f.name not in values and f.default is dataclasses.MISSING)
