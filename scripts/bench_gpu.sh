@@ -9,7 +9,8 @@
 #   BENCH_ONLY="fp8_gemm fp8_8bwidth_bf16 fp8_8bwidth_fp8 loss_full_llama1b loss_chunked_llama1b \
 #     chunked_loss_sweep" bash scripts/bench_gpu.sh   # section 6 alone (issue 18), about 8 minutes
 #   BENCH_ONLY=fp8_curves_8bwidth bash scripts/bench_gpu.sh   # opt-in: 2 x 200 steps, about 6 minutes
-#   BENCH_ONLY="moe_dropless moe_capacity" bash scripts/bench_gpu.sh   # section 8 alone (issue 19), about 4 minutes
+#   BENCH_ONLY="moe_pallas moe_capacity moe8_pallas moe8_ragged_dot" bash scripts/bench_gpu.sh   # section 8
+#     alone (issue 19), about 6 minutes
 #   BENCH_SMOKE=1 BENCH_ONLY="<the same names>" bash scripts/bench_gpu.sh   # sections 6-8 on a CPU, tiny
 #     settings (checks the plumbing, not the speed: run it before spending GPU time)
 #
@@ -133,20 +134,27 @@ fi
 run remat_offload_llama1b $py benchmarks/remat_offload.py "${remat_args[@]}"
 # ---- end of section 7 ------------------------------------------------------------------------
 
-# ---- 8. Mixture of Experts (issue 19): dropless grouped matmul vs capacity dispatch --------
+# ---- 8. Mixture of Experts (issue 19): the Pallas grouped matmul, ragged_dot, capacity dispatch ----
 #    Qwen3-30B-A3B's widths (128 experts of 768, 8 per token, hidden 2048) with 2 layers on one
-#    GPU (about 1.9B parameters, 30 GB of fp32 state), bf16, 4 x 2048 tokens: tokens/s and MFU of
-#    the active parameters (ModelConfig.flops_per_token), dropless (jax.lax.ragged_dot) against
-#    a [experts, capacity, hidden] buffer at capacity factor 1.25. About 2 minutes each.
-#      BENCH_SMOKE=1 BENCH_ONLY="moe_dropless moe_capacity" bash scripts/bench_gpu.sh
+#    GPU (1.87B parameters, 21 GiB of fp32 params + Adam), bf16, 4 x 2048 tokens: tokens/s and MFU of
+#    the active parameters (ModelConfig.flops_per_token), dropless through the Pallas kernel
+#    (moe.impl=pallas; estimate on the CPU: temp 22.2 GiB) against a [experts, capacity, hidden]
+#    buffer at capacity factor 1.25. ragged_dot is not run at 128 experts: XLA expands it densely
+#    over the groups (estimate: temp 307.8 GiB). Then 8 experts of 768, 2 per token, where both fit:
+#    the kernel against ragged_dot. About 1-2 minutes each.
+#      BENCH_SMOKE=1 BENCH_ONLY="moe_pallas moe_capacity moe8_pallas moe8_ragged_dot" bash scripts/bench_gpu.sh
 moe_args=(--config configs/qwen3_30b_a3b.py --config.model.num_layers=2 --config.mesh.expert=1 --config.mesh.data=1
           --config.zero_stage=0 --config.train.batch_size=4 --config.train.grad_accum=1 --config.data.seq_len=2048)
+moe8=(--config.model.num_experts=8 --config.model.experts_per_token=2)
 if [[ -n "$smoke" ]]; then
   moe_args+=("${tiny[@]}" --config.model.num_experts=8 --config.model.experts_per_token=2
              --config.model.moe_intermediate_size=64 --config.model.num_kv_heads=2)
+  moe8=(--config.model.num_experts=4)
 fi
-run moe_dropless $py benchmarks/mfu.py "${moe_args[@]}" "${few[@]}" --config.model.capacity_factor=0
+run moe_pallas $py benchmarks/mfu.py "${moe_args[@]}" "${few[@]}" --config.moe.impl=pallas
 run moe_capacity $py benchmarks/mfu.py "${moe_args[@]}" "${few[@]}" --config.model.capacity_factor=1.25
+run moe8_pallas $py benchmarks/mfu.py "${moe_args[@]}" "${moe8[@]}" "${few[@]}" --config.moe.impl=pallas
+run moe8_ragged_dot $py benchmarks/mfu.py "${moe_args[@]}" "${moe8[@]}" "${few[@]}" --config.moe.impl=xla
 # ---- end of section 8 ------------------------------------------------------------------------
 
 echo "=============== summary ==============="
