@@ -1,5 +1,6 @@
 """Checkpoints of an MoE model hold the global expert tensors: a run saved on expert=4 resumes on
-expert=2 and expert=1, and `checkpoint convert` lays it out for another expert count, byte-identically."""
+expert=2 and expert=1, and `checkpoint convert` lays it out for another expert count, byte-identically;
+the run continues under the other grouped-matmul implementation."""
 from __future__ import annotations
 
 import json
@@ -61,3 +62,9 @@ def test_saved_on_expert_4_restores_on_expert_2_and_1_and_converts_byte_identica
     for name in original.leaves:
         np.testing.assert_array_equal(read_leaf(step_dir, name), read_leaf(os.path.join(checkpoints, "2"), name),
                                       err_msg=name)
+
+    # moe.impl says how to compute, not what is stored: the run continues under the Pallas kernel and saves.
+    continued = Trainer(_config(tmp_path / "continued", checkpoints,
+                                **{"mesh.data": 2, "mesh.expert": 4, "moe.impl": "pallas", "train.steps": 4}))
+    assert int(continued.state.step) == 2
+    assert np.isfinite(continued.fit()["loss"]) and read_metadata(os.path.join(checkpoints, "4")).step == 4

@@ -287,11 +287,15 @@ def read_metadata_file(path: str) -> CheckpointMetadata:
     return CheckpointMetadata.from_json(raw, source=path)
 
 
+# The ModelConfig fields that say how to compute, not what is stored: a checkpoint restores,
+# converts and exports under any value of them.
+COMPUTE_FIELDS = frozenset({"attention_impl", "norm_impl", "moe_impl", "remat", "dtype", "matmul_precision"})
+
+
 def check_model_matches(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse a checkpoint of another architecture; only the attention kernel may differ."""
-    ignored = {"attention_impl", "norm_impl", "moe_impl", "remat", "dtype", "matmul_precision"}  # how to compute, not what is stored
+    """Refuse a checkpoint of another architecture; only the COMPUTE_FIELDS may differ."""
     differing = sorted(
-        key for key in set(saved) | set(current) if key not in ignored and saved.get(key) != current.get(key)
+        key for key in set(saved) | set(current) if key not in COMPUTE_FIELDS and saved.get(key) != current.get(key)
     )
     if differing:
         detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs config {current.get(k)!r}" for k in differing)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from efficient_train.checkpoint.metadata import CheckpointWriteError, DamagedCheckpoint
+from efficient_train.checkpoint.metadata import COMPUTE_FIELDS, CheckpointWriteError, DamagedCheckpoint
 from efficient_train.checkpoint.paths import check_destination, first_missing_dir, refuse_existing_steps, resolve_step
 from efficient_train.checkpoint.verify import LeafDamaged, VerifiedReader, read_step_metadata
 from efficient_train.checkpoint.writer import write_checkpoint
@@ -145,8 +145,7 @@ def train_overrides(step_dir: str) -> list[str]:
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     return [f"--config.model.{field}={value}" for field, value in model.items()
             if field in STORED_FIELDS or (field in defaults and value != defaults[field]
-                                          and field not in ("remat", "dtype", "attention_impl", "norm_impl", "moe_impl",
-                                                            "matmul_precision"))]
+                                          and field not in COMPUTE_FIELDS)]
 
 
 def _remove_output(out_dir: str, created: str | None, names: list[str]) -> None:

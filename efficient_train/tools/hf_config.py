@@ -21,6 +21,7 @@ import dataclasses
 import math
 from typing import Any
 
+from efficient_train.checkpoint.metadata import COMPUTE_FIELDS
 from efficient_train.models import ModelConfig
 from efficient_train.models.llama.hf_names import moe_family
 from efficient_train.tools.safetensors import HFError
@@ -389,6 +390,5 @@ def config_to_hf(cfg: ModelConfig, dtype: str | None = None) -> dict:
 
 
 # The ModelConfig fields config.json holds (everything but how to compute and store).
-STORED_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in (
-    "remat", "scan_layers", "dtype", "param_dtype", "attention_impl", "norm_impl", "moe_impl", "matmul_precision",
-    "capacity_factor"))
+STORED_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in COMPUTE_FIELDS | {
+    "scan_layers", "param_dtype", "capacity_factor"})
