@@ -131,6 +131,8 @@ def default_config() -> ml_collections.ConfigDict:
             routed_scaling=1.0,
             capacity_factor=0.0,
             router_bias_update=0.0,
+            router_groups=0,
+            router_topk_groups=0,
         )
     )
     # MoE training (train/moe_balance.py): load-balancing loss coefficient (frequencies over the global

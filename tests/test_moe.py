@@ -47,7 +47,14 @@ def _reference(block: moe.MoE, x: np.ndarray) -> np.ndarray:
             scores /= scores.sum()
         else:
             scores = 1 / (1 + np.exp(-logits))
-        chosen = np.argsort(-scores, kind="stable")[:cfg.experts_per_token]
+        choice = scores.copy()
+        if cfg.router_groups:  # DeepSeek V3: a group scores its two best experts; keep the best groups
+            grouped = choice.reshape(cfg.router_groups, -1)
+            group_scores = np.sort(grouped, axis=1)[:, -2:].sum(axis=1)
+            dropped = np.argsort(-group_scores, kind="stable")[cfg.router_topk_groups:]
+            grouped[dropped] = -np.inf
+            choice = grouped.reshape(-1)
+        chosen = np.argsort(-choice, kind="stable")[:cfg.experts_per_token]
         weights = scores[chosen]
         if cfg.norm_topk_prob:
             weights = weights / weights.sum()
@@ -61,7 +68,9 @@ def _reference(block: moe.MoE, x: np.ndarray) -> np.ndarray:
     {},  # Mixtral: softmax, top 2, renormalized
     {"norm_topk_prob": False, "experts_per_token": 3},  # Qwen 3 MoE with norm_topk_prob off
     {"router": "sigmoid_topk", "routed_scaling": 2.5},  # DeepSeek V3
-], ids=["softmax_norm", "softmax_raw", "sigmoid"])
+    # DeepSeek V3's group-limited routing: 8 experts in 4 groups, 3 chosen among the best 2 groups.
+    {"router": "sigmoid_topk", "num_experts": 8, "experts_per_token": 3, "router_groups": 4, "router_topk_groups": 2},
+], ids=["softmax_norm", "softmax_raw", "sigmoid", "sigmoid_groups"])
 def test_moe_block_matches_a_per_token_reference(fields):
     cfg = dataclasses.replace(BASE, scan_layers=False, **fields)
     block = _block(cfg)
@@ -141,6 +150,8 @@ def test_first_dense_layers_and_active_flops():
     ("model.first_dense_layers", 1, "model.first_dense_layers: dense and MoE layers differ in structure"),
     ("model.capacity_factor", -1.0, "model.capacity_factor: -1.0 must be a finite number >= 0"),
     ("moe.balance_scope", "batch", "moe.balance_scope"),
+    ("model.router_groups", 3, "model.router_groups: 3 must divide model.num_experts=4"),
+    ("model.router_topk_groups", 1, "model.router_topk_groups: set only with model.router_groups > 0"),
 ])
 def test_bad_moe_fields_are_one_line_naming_the_field(field, value, message):
     c = default_config()
@@ -148,6 +159,33 @@ def test_bad_moe_fields_are_one_line_naming_the_field(field, value, message):
     section, name = field.split(".")
     c[section][name] = value
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate_fields(c)
+
+
+def test_group_limited_routing_keeps_each_token_in_its_best_groups():
+    """16 experts in 8 groups, the best 3 kept, 6 chosen: every token's experts lie in at most 3
+    groups, and they are the 6 best of those groups' experts; choosing more experts than the kept
+    groups hold, or keeping more groups than there are, is refused in one line."""
+    cfg = dataclasses.replace(BASE, router="sigmoid_topk", num_experts=16, experts_per_token=6, router_groups=8,
+                              router_topk_groups=3)
+    logits = jax.random.normal(jax.random.key(7), (64, 16))
+    _, ids, _ = moe.route(cfg, logits)
+    ids = np.asarray(ids)
+    assert max(len(set(row // 2)) for row in ids) <= 3
+    scores = np.asarray(jax.nn.sigmoid(logits))
+    for row, token_scores in zip(ids, scores):
+        groups = set(row // 2)
+        allowed = [e for e in range(16) if e // 2 in groups]
+        best = sorted(allowed, key=lambda e: -token_scores[e])[:6]
+        assert set(row) == set(best)
+    c = default_config()
+    c.model.update(num_experts=8, experts_per_token=5, router_groups=4, router_topk_groups=2)
+    with pytest.raises(ConfigError, match=r"model\.experts_per_token: 5 exceeds the experts of "
+                                          r"model\.router_topk_groups=2 groups \(4\)"):
+        validate_fields(c)
+    c.model.update(experts_per_token=2, router_topk_groups=5)
+    with pytest.raises(ConfigError, match=r"model\.router_topk_groups: 5 must be an integer from 1 to "
+                                          r"model\.router_groups=4"):
         validate_fields(c)
 
 

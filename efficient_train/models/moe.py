@@ -113,21 +113,36 @@ class Experts(nnx.Module):
 def route(cfg: ModelConfig, logits: jax.Array, bias: jax.Array | None = None
           ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """fp32 logits [T, X] -> (weights [T, k], expert ids [T, k], probabilities [T, X] for the balance loss).
-    `bias` [X] (auxiliary-loss-free balancing) shifts the scores for the choice of experts only."""
+    `bias` [X] (auxiliary-loss-free balancing) shifts the scores for the choice of experts only;
+    with router_groups, the choice is among the experts of each token's best groups only."""
     k = cfg.experts_per_token
     if cfg.router == "softmax_topk":
         probs = scores = jax.nn.softmax(logits, axis=-1)
     else:
         scores = jax.nn.sigmoid(logits)
         probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
-    if bias is None:
+    if bias is None and not cfg.router_groups:
         weights, ids = jax.lax.top_k(scores, k)
     else:
-        _, ids = jax.lax.top_k(scores + jax.lax.stop_gradient(bias), k)
+        choice = scores if bias is None else scores + jax.lax.stop_gradient(bias)
+        if cfg.router_groups:
+            choice = limit_to_groups(jax.lax.stop_gradient(choice), cfg.router_groups, cfg.router_topk_groups)
+        _, ids = jax.lax.top_k(choice, k)
         weights = jnp.take_along_axis(scores, ids, axis=-1)
     if cfg.norm_topk_prob:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return weights * cfg.routed_scaling, ids, probs
+
+
+def limit_to_groups(choice: jax.Array, groups: int, keep: int) -> jax.Array:
+    """choice [T, X] with every expert outside each token's `keep` best of `groups` equal groups set
+    to -inf (DeepSeek V3: a group scores the sum of its two best choice scores, one if it has one)."""
+    tokens, experts = choice.shape
+    grouped = choice.reshape(tokens, groups, experts // groups)
+    group_scores = jnp.sum(jax.lax.top_k(grouped, min(2, experts // groups))[0], axis=-1)  # [T, groups]
+    _, kept = jax.lax.top_k(group_scores, keep)
+    allowed = jnp.zeros((tokens, groups), bool).at[jnp.arange(tokens)[:, None], kept].set(True)
+    return jnp.where(allowed[:, :, None], grouped, -jnp.inf).reshape(tokens, experts)
 
 
 def capacity(cfg: ModelConfig, tokens: int) -> int:

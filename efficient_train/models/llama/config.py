@@ -77,7 +77,10 @@ class ModelConfig:
       weights times routed_scaling; capacity_factor > 0 drops assignments beyond
       ceil(factor x tokens x k / num_experts) per expert, 0 is dropless. router_bias_update u > 0:
       DeepSeek V3's auxiliary-loss-free balancing, a per-expert bias added to the scores for the
-      top-k choice only (never to the weights), moved by u x sign(mean load - load) after each
+      top-k choice only (never to the weights). router_groups G > 0 with router_topk_groups g:
+      DeepSeek V3's group-limited routing, experts in G equal groups, each token choosing among
+      the experts of its g best groups only (a group's score: the sum of its two best choice
+      scores), moved by u x sign(mean load - load) after each
       applied step from the global batch's loads (train/step.py).
 
     matmul_precision (last, so a default one is left out of `record`): 'bf16' runs every
@@ -137,6 +140,8 @@ class ModelConfig:
     routed_scaling: float = 1.0
     capacity_factor: float = 0.0
     router_bias_update: float = 0.0
+    router_groups: int = 0
+    router_topk_groups: int = 0
     matmul_precision: MatmulPrecision = "bf16"
     moe_impl: MoeImpl = "auto"
 
@@ -305,7 +310,8 @@ def family_problem(model: Any) -> str | None:
 
 def moe_problem(model: Any) -> str | None:
     """Why the Mixture-of-Experts fields of `model` do not make a model, as one line; None if they do."""
-    for name in ("num_experts", "moe_intermediate_size", "shared_experts", "first_dense_layers"):
+    for name in ("num_experts", "moe_intermediate_size", "shared_experts", "first_dense_layers", "router_groups",
+                 "router_topk_groups"):
         value = getattr(model, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             return f"model.{name}: {value!r} must be an integer >= 0"
@@ -322,12 +328,30 @@ def moe_problem(model: Any) -> str | None:
         return f"model.experts_per_token: {k!r} must be an integer from 1 to model.num_experts={model.num_experts}"
     if model.routed_scaling <= 0:
         return f"model.routed_scaling: {model.routed_scaling} must be > 0 with experts"
+    problem = router_groups_problem(model)
+    if problem:
+        return problem
     if model.first_dense_layers >= model.num_layers:
         return (f"model.first_dense_layers: {model.first_dense_layers} leaves no MoE layer among "
                 f"model.num_layers={model.num_layers}")
     if model.first_dense_layers and model.scan_layers:
         return ("model.first_dense_layers: dense and MoE layers differ in structure, and a scan runs one "
                 "structure; set model.scan_layers=False with it (or 0: every layer MoE)")
+    return None
+
+
+def router_groups_problem(model: Any) -> str | None:
+    """Why the group-limited routing fields of an MoE `model` do not fit, as one line; None if they do."""
+    groups, keep = model.router_groups, model.router_topk_groups
+    if not groups:
+        return "model.router_topk_groups: set only with model.router_groups > 0" if keep else None
+    if model.num_experts % groups:
+        return f"model.router_groups: {groups} must divide model.num_experts={model.num_experts}"
+    if not 1 <= keep <= groups:
+        return f"model.router_topk_groups: {keep} must be an integer from 1 to model.router_groups={groups}"
+    if model.experts_per_token > keep * (model.num_experts // groups):
+        return (f"model.experts_per_token: {model.experts_per_token} exceeds the experts of "
+                f"model.router_topk_groups={keep} groups ({keep * (model.num_experts // groups)})")
     return None
 
 
