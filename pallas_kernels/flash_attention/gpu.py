@@ -33,19 +33,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash_attention.reference import effective_window, visible
+from pallas_kernels.kernel_math import NT, cdiv, dot
 
 _LOG2E = math.log2(math.e)
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-
-
-def _dot(a: jax.Array, b: jax.Array, dims=_NN) -> jax.Array:
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-
-
-def _cdiv(x: jax.Array, block: int) -> jax.Array:
-    """ceil(x / block) for x >= 0 (lax.div truncates, which is floor there)."""
-    return lax.div(x + (block - 1), block)
 
 
 def kv_block_range(q_first: jax.Array, q_last: jax.Array, kv_offset: jax.Array,
@@ -63,7 +53,7 @@ def kv_block_range(q_first: jax.Array, q_last: jax.Array, kv_offset: jax.Array,
     if causal:
         # Blocks whose first key is <= q_last are (partly) visible; blocks whose last key
         # is <= q_first are fully visible.
-        hi = jnp.minimum(_cdiv(jnp.maximum(q_last - kv_offset + 1, zero), block_kv), hi)
+        hi = jnp.minimum(cdiv(jnp.maximum(q_last - kv_offset + 1, zero), block_kv), hi)
         lo = jnp.minimum(lax.div(jnp.maximum(q_first - kv_offset + 1, zero), block_kv), lo)
     lo = jnp.minimum(lo, hi)
     if window is None:
@@ -71,7 +61,7 @@ def kv_block_range(q_first: jax.Array, q_last: jax.Array, kv_offset: jax.Array,
     # The first key some row sees is q_first - window + 1; every row sees the keys from
     # q_last - window + 1 on.
     start = jnp.minimum(lax.div(jnp.maximum(q_first - window + 1 - kv_offset, zero), block_kv), hi)
-    mid = jnp.clip(_cdiv(jnp.maximum(q_last - window + 1 - kv_offset, zero), block_kv), start, hi)
+    mid = jnp.clip(cdiv(jnp.maximum(q_last - window + 1 - kv_offset, zero), block_kv), start, hi)
     return start, mid, jnp.maximum(lo, mid), hi
 
 
@@ -85,14 +75,14 @@ def q_block_range(kv_first: jax.Array, kv_last: jax.Array, q_offset: jax.Array,
     end = jnp.int32(num_q_blocks)
     if causal:
         lo = jnp.minimum(lax.div(jnp.maximum(kv_first - q_offset, zero), block_q), end)
-        full = jnp.minimum(_cdiv(jnp.maximum(kv_last - q_offset, zero), block_q), end)
+        full = jnp.minimum(cdiv(jnp.maximum(kv_last - q_offset, zero), block_q), end)
     else:
         lo, full = zero, zero
     full = end if segmented else jnp.maximum(full, lo)
     if window is None:
         return lo, full, end, end
     # Rows up to kv_last + window - 1 see some key; rows up to kv_first + window - 1 see all.
-    end = jnp.clip(_cdiv(jnp.maximum(kv_last + window - q_offset, zero), block_q), lo, end)
+    end = jnp.clip(cdiv(jnp.maximum(kv_last + window - q_offset, zero), block_q), lo, end)
     full = jnp.minimum(full, end)
     near = jnp.clip(lax.div(jnp.maximum(kv_first + window - q_offset, zero), block_q), full, end)
     return lo, full, near, end
@@ -123,7 +113,7 @@ def _fwd_kernel(offsets_ref, q_ref, k_ref, v_ref, *refs, scale2: float, causal: 
     def step(j, carry, masked: bool):
         acc, m, denom = carry
         keys = pl.ds(j * block_kv, block_kv)
-        s = _dot(q, k_ref[keys, :], _NT) * scale2
+        s = dot(q, k_ref[keys, :], NT) * scale2
         if masked:
             mask = _mask(q_pos, q_seg, j, kv_offset, kv_seg_ref, window, causal=causal,
                          kv_len=kv_len, block_kv=block_kv)
@@ -134,7 +124,7 @@ def _fwd_kernel(offsets_ref, q_ref, k_ref, v_ref, *refs, scale2: float, causal: 
         alpha = jnp.exp2(m - m_use)
         p = jnp.exp2(s - m_use[:, None])
         v = v_ref[keys, :]
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v)
         return acc, m_new, denom * alpha + jnp.sum(p, axis=1)
 
     carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
@@ -189,14 +179,14 @@ def _dq_kernel(offsets_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
     def step(j, dq, masked: bool):
         keys = pl.ds(j * block_kv, block_kv)
         k, v = k_ref[keys, :], v_ref[keys, :]
-        s = _dot(q, k, _NT) * scale2
+        s = dot(q, k, NT) * scale2
         if masked:
             mask = _mask(q_pos, q_seg, j, kv_offset, kv_seg_ref, window, causal=causal,
                          kv_len=kv_len, block_kv=block_kv)
             s = jnp.where(mask, s, -jnp.inf)
         p = jnp.exp2(s - lse2[:, None])
-        ds = p * (_dot(do, v, _NT) - delta[:, None])
-        return dq + _dot(ds.astype(k.dtype), k)
+        ds = p * (dot(do, v, NT) - delta[:, None])
+        return dq + dot(ds.astype(k.dtype), k)
 
     dq = jnp.zeros(q.shape, jnp.float32)
     if windowed:
@@ -227,7 +217,7 @@ def _dkv_kernel(offsets_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *r
         dk, dv = carry
         rows = pl.ds(i * block_q, block_q)
         q, do = q_ref[rows, g, :], do_ref[rows, g, :]
-        s_t = _dot(k, q, _NT) * scale2  # [block_kv, block_q]
+        s_t = dot(k, q, NT) * scale2  # [block_kv, block_q]
         if masked:
             q_pos = q_offset + i * block_q + jnp.arange(block_q)
             q_seg = q_seg_ref[rows] if segmented else None
@@ -238,9 +228,9 @@ def _dkv_kernel(offsets_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *r
             assert mask is not None, "a masked block masks something"
             s_t = jnp.where(mask, s_t, -jnp.inf)
         p_t = jnp.exp2(s_t - lse_ref[g, rows][None, :] * _LOG2E)
-        dv = dv + _dot(p_t.astype(do.dtype), do)
-        ds_t = p_t * (_dot(v, do, _NT) - delta_ref[g, rows][None, :])
-        return dk + _dot(ds_t.astype(q.dtype), q), dv
+        dv = dv + dot(p_t.astype(do.dtype), do)
+        ds_t = p_t * (dot(v, do, NT) - delta_ref[g, rows][None, :])
+        return dk + dot(ds_t.astype(q.dtype), q), dv
 
     def group(g, carry):
         if causal or segmented:

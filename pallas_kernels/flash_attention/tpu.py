@@ -26,14 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.flash_attention.reference import effective_window, visible
-
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
-
-
-def _dot(a: jax.Array, b: jax.Array, dims=_NN) -> jax.Array:
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+from pallas_kernels.kernel_math import NT, TN, dot
 
 
 def _window(offsets_ref, windowed: bool) -> jax.Array | None:
@@ -45,7 +38,7 @@ def _masked_scores(q, k, offsets_ref, i, j, q_seg_ref, kv_seg_ref, *, scale: flo
     """Scaled scores [block_q, block_kv] of query block i and key block j, -inf where
     masked."""
     block_q, block_kv = q.shape[0], k.shape[0]
-    s = _dot(q, k, _NT) * scale
+    s = dot(q, k, NT) * scale
     shape = (block_q, block_kv)
     key = j * block_kv + lax.broadcasted_iota(jnp.int32, shape, 1)
     q_pos = offsets_ref[0] + i * block_q + lax.broadcasted_iota(jnp.int32, shape, 0)
@@ -96,7 +89,7 @@ def _fwd_kernel(offsets_ref, q_ref, k_ref, v_ref, *refs, scale: float, causal: b
         alpha = jnp.exp(m - m_use)
         p = jnp.exp(s - m_use)
         l_ref[...] = l_ref[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
-        acc_ref[...] = acc_ref[...] * alpha + _dot(p.astype(v_ref.dtype), v_ref[...])
+        acc_ref[...] = acc_ref[...] * alpha + dot(p.astype(v_ref.dtype), v_ref[...])
         m_ref[...] = m_new
 
     @pl.when(j == pl.num_programs(3) - 1)
@@ -127,8 +120,8 @@ def _dq_kernel(offsets_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
         s = _masked_scores(q_ref[...], k, offsets_ref, i, j, q_seg_ref, kv_seg_ref,
                            scale=scale, causal=causal, windowed=windowed, kv_len=kv_len)
         p = jnp.exp(s - lse_ref[...])
-        ds = p * (_dot(do_ref[...], v_ref[...], _NT) - delta_ref[...])
-        acc_ref[...] += _dot(ds.astype(k.dtype), k)
+        ds = p * (dot(do_ref[...], v_ref[...], NT) - delta_ref[...])
+        acc_ref[...] += dot(ds.astype(k.dtype), k)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
@@ -155,9 +148,9 @@ def _dkv_kernel(offsets_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *r
         s = _masked_scores(q, k_ref[...], offsets_ref, i, j, q_seg_ref, kv_seg_ref,
                            scale=scale, causal=causal, windowed=windowed, kv_len=kv_len)
         p = jnp.exp(s - lse_ref[...])
-        dv_acc[...] += _dot(p.astype(do.dtype), do, _TN)
-        ds = p * (_dot(do, v_ref[...], _NT) - delta_ref[...])
-        dk_acc[...] += _dot(ds.astype(q.dtype), q, _TN)
+        dv_acc[...] += dot(p.astype(do.dtype), do, TN)
+        ds = p * (dot(do, v_ref[...], NT) - delta_ref[...])
+        dk_acc[...] += dot(ds.astype(q.dtype), q, TN)
 
     @pl.when((g == pl.num_programs(3) - 1) & (i == pl.num_programs(4) - 1))
     def _finish():

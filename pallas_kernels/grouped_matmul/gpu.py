@@ -24,17 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
-
-
-def _dot(a: jax.Array, b: jax.Array, dims=_NN) -> jax.Array:
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-
-
-def _cdiv(x: jax.Array, block: int) -> jax.Array:
-    return lax.div(x + (block - 1), block)
+from pallas_kernels.kernel_math import NT, TN, cdiv, dot
 
 
 def _gmm_kernel(starts_ref, ends_ref, x_ref, w_ref, o_ref, *, block_m: int, block_k: int, num_k: int,
@@ -53,8 +43,8 @@ def _gmm_kernel(starts_ref, ends_ref, x_ref, w_ref, o_ref, *, block_m: int, bloc
         def k_step(kk, acc):
             x = x_ref[:, pl.ds(kk * block_k, block_k)]
             if transpose_w:  # w [G, N_out, K_in]: rows @ w[g].T
-                return acc + _dot(x, w_ref[g, pl.ds(col * block_n, block_n), pl.ds(kk * block_k, block_k)], _NT)
-            return acc + _dot(x, w_ref[g, pl.ds(kk * block_k, block_k), pl.ds(col * block_n, block_n)])
+                return acc + dot(x, w_ref[g, pl.ds(col * block_n, block_n), pl.ds(kk * block_k, block_k)], NT)
+            return acc + dot(x, w_ref[g, pl.ds(kk * block_k, block_k), pl.ds(col * block_n, block_n)])
 
         steps = jnp.where(end > start, num_k, 0)  # an empty group costs nothing
         acc = lax.fori_loop(0, steps, k_step, jnp.zeros((block_m, block_n), jnp.float32))
@@ -96,9 +86,9 @@ def _tgmm_kernel(starts_ref, ends_ref, x_ref, dy_ref, dw_ref, *, block_m: int) -
         rows = first_row + jnp.arange(block_m)
         inside = (rows >= start) & (rows < end)
         x = jnp.where(inside[:, None], x_ref[pl.ds(first_row, block_m), :], 0)
-        return acc + _dot(x, dy_ref[pl.ds(first_row, block_m), :], _TN)
+        return acc + dot(x, dy_ref[pl.ds(first_row, block_m), :], TN)
 
-    acc = lax.fori_loop(lax.div(start, block_m), _cdiv(end, block_m), step,
+    acc = lax.fori_loop(lax.div(start, block_m), cdiv(end, block_m), step,
                         jnp.zeros((block_k, block_n), jnp.float32))
     dw_ref[...] = acc.astype(dw_ref.dtype)
 

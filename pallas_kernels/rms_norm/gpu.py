@@ -26,6 +26,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.kernel_math import cdiv_int
+
 TILE_ELEMENTS = 4096  # elements of one tile of rows (fp32 in registers)
 BACKWARD_PROGRAMS = 512  # the backward's default block count (one dscale partial each)
 
@@ -35,14 +37,10 @@ def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def default_block_rows(rows: int, hidden: int, *, backward: bool) -> int:
     """Rows per program: one tile forward; backward about BACKWARD_PROGRAMS blocks."""
     tile = max(1, TILE_ELEMENTS // _pow2(hidden))
-    wanted = max(tile, _pow2(_cdiv(rows, BACKWARD_PROGRAMS))) if backward else tile
+    wanted = max(tile, _pow2(cdiv_int(rows, BACKWARD_PROGRAMS))) if backward else tile
     return min(wanted, _pow2(rows))
 
 
@@ -140,7 +138,7 @@ def forward(x: jax.Array, scale: jax.Array, *, eps: float, out_dtype: jnp.dtype,
     return pl.pallas_call(
         functools.partial(_fwd_kernel, eps=eps, rows=rows, hidden=hidden, tile=tile,
                           mask_rows=mask_rows),
-        grid=(_cdiv(rows, block_rows),),
+        grid=(cdiv_int(rows, block_rows),),
         in_specs=[row_spec, pl.BlockSpec((hidden_pad,), lambda i: (0,))],
         out_specs=[row_spec, pl.BlockSpec((block_rows,), lambda i: (i,))],
         out_shape=[jax.ShapeDtypeStruct((rows, hidden), out_dtype),
@@ -158,7 +156,7 @@ def backward(x: jax.Array, scale: jax.Array, inv_rms: jax.Array, dy: jax.Array, 
     rows, hidden = x.shape
     block_rows = block_rows or default_block_rows(rows, hidden, backward=True)
     hidden_pad, tile, mask_rows = _layout(rows, hidden, block_rows)
-    blocks = _cdiv(rows, block_rows)
+    blocks = cdiv_int(rows, block_rows)
     row_spec = pl.BlockSpec((block_rows, hidden_pad), lambda i: (i, 0))
     return pl.pallas_call(
         functools.partial(_bwd_kernel, rows=rows, hidden=hidden, tile=tile,

@@ -26,18 +26,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.kernel_math import cdiv_int
+
 LANES = 128
 BLOCK_ELEMENTS = 1 << 18
 MIN_ROWS = 32  # sublane tiling: 8 rows of 32-bit, 16 of 16-bit, 32 of 8-bit values
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def default_block_rows(hidden: int) -> int:
     """A power of two in [MIN_ROWS, 1024], about BLOCK_ELEMENTS elements per block."""
-    hidden_p = _cdiv(hidden, LANES) * LANES
+    hidden_p = cdiv_int(hidden, LANES) * LANES
     return min(1024, max(MIN_ROWS, 1 << (max(BLOCK_ELEMENTS // hidden_p, 1).bit_length() - 1)))
 
 
@@ -84,7 +82,7 @@ def _call(kernel, args: tuple, *, block_rows: int, out_shape: list, out_specs: l
     rows = args[0].shape[0]
     return pl.pallas_call(
         kernel,
-        grid=(_cdiv(rows, block_rows),),
+        grid=(cdiv_int(rows, block_rows),),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
@@ -123,7 +121,7 @@ def backward(x: jax.Array, scale: jax.Array, inv_rms: jax.Array, dy: jax.Array, 
     block_rows = _block_rows(rows, hidden, block_rows)
     xp, wp, dyp = _pad_hidden(x), _pad_hidden(scale[None, :]), _pad_hidden(dy)
     hidden_p = xp.shape[1]
-    blocks = _cdiv(rows, block_rows)
+    blocks = cdiv_int(rows, block_rows)
     row_spec = pl.BlockSpec((block_rows, hidden_p), lambda i: (i, 0))
     dx, dw = _call(
         functools.partial(_bwd_kernel, rows=rows, hidden=hidden),
