@@ -14,6 +14,15 @@
 #   BENCH_SMOKE=1 BENCH_ONLY="<the same names>" bash scripts/bench_gpu.sh   # sections 6-8 on a CPU, tiny
 #     settings (checks the plumbing, not the speed: run it before spending GPU time)
 #
+# A lent GPU gives a session 15 minutes of device time in all, so the runs come in two
+# prepared plans of about 8-10 minutes each (run the first; the second if time is left):
+#   BENCH_PLAN=first bash scripts/bench_gpu.sh    # fingerprints; llama_1b MFU with the chunked loss (the
+#     default) and with the whole-logits loss; FP8 vs bf16 at llama_8b widths; MoE: the Pallas
+#     grouped matmul at 128 experts, and against ragged_dot at 8
+#   BENCH_PLAN=second bash scripts/bench_gpu.sh   # attention table; llama_1b MFU with our attention
+#     kernel; offload vs recompute; MoE capacity dispatch; the chunked loss over vocabularies
+#   BENCH_SMOKE=1 BENCH_PLAN=first bash scripts/bench_gpu.sh   # the same on a CPU, tiny (no fingerprints)
+#
 # Runs from the source tree (PYTHONPATH), so it works on an image whose jax is already
 # installed (jax 0.10 or 0.11). Wheels of pure-Python dependencies the image lacks may be
 # placed in .wheels/ and are installed with --no-deps first.
@@ -27,6 +36,15 @@ if compgen -G ".wheels/*.whl" >/dev/null; then
   $py -m pip install --quiet --no-deps --no-index .wheels/*.whl >"$out/wheels.log" 2>&1 || cat "$out/wheels.log"
 fi
 smoke=${BENCH_SMOKE:-}
+case "${BENCH_PLAN:-}" in
+  first) BENCH_ONLY="loss_chunked_llama1b loss_full_llama1b fp8_8bwidth_bf16 fp8_8bwidth_fp8 moe_pallas moe8_pallas
+                     moe8_ragged_dot"
+         [[ -n "$smoke" ]] || BENCH_ONLY="fingerprints $BENCH_ONLY" ;;
+  second) BENCH_ONLY="attention mfu_llama1b_b8_pallas remat_offload_llama1b moe_capacity chunked_loss_sweep" ;;
+  "") ;;
+  *) echo "BENCH_PLAN: '$BENCH_PLAN' is not one of first, second" >&2; exit 2 ;;
+esac
+BENCH_ONLY=$(echo ${BENCH_ONLY:-})  # one line, single spaces
 if [[ -n "$smoke" ]]; then export JAX_PLATFORMS=cpu; fi
 {
   [[ -n "$smoke" ]] || nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
