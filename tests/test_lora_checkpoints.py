@@ -222,6 +222,30 @@ def test_adapters_export_in_bfloat16(workflow):
         assert torch.equal(halves[name], torch.from_numpy(whole).to(torch.bfloat16)), name
 
 
+def test_eval_and_generate_run_a_lora_checkpoint_as_its_merged_model(workflow, capsys):
+    """`eval` and `generate` read a LoRA checkpoint as its base with the adapters merged in: the
+    model they build gives the adapter forward's logits (not the base's), and `generate` prints
+    what it prints for the checkpoint `merge-lora` writes."""
+    from efficient_train.tools.checkpoint_model import load_checkpoint_model
+
+    tmp, ckpt = workflow["tmp"], workflow["ckpt"]
+    config = get_config("configs/lora_tiny.py")
+    model = load_checkpoint_model(ckpt, config).module()
+    graphdef, state = nnx.split(model)
+    logits = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, IDS))
+    np.testing.assert_allclose(logits, adapter_logits(workflow["resumed"]), rtol=1e-5, atol=1e-5)
+    assert np.abs(logits - torch_logits(workflow["hf_model"])).max() > 1e-3  # the adapters moved the base
+    merged = str(tmp / "merged_for_generate")
+    assert cli.main(["checkpoint", "merge-lora", ckpt, merged]) == 0
+    printed = []
+    for source in (ckpt, merged):
+        capsys.readouterr()
+        assert cli.main(["generate", "--checkpoint", source, "--prompt", "def ", "--max_new_tokens", "8",
+                         "--temperature", "0"]) == 0
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1] and printed[0].startswith("def ")
+
+
 def test_lora_tools_refuse_bad_input_with_one_line(workflow, capsys):
     tmp, base, ckpt = workflow["tmp"], workflow["base"], workflow["ckpt"]
     cases = [
