@@ -20,7 +20,8 @@
 #     default) and with the whole-logits loss; FP8 vs bf16 at llama_8b widths; MoE: the Pallas
 #     grouped matmul at 128 experts, and against ragged_dot at 8
 #   BENCH_PLAN=second bash scripts/bench_gpu.sh   # attention table; llama_1b MFU with our attention
-#     kernel; offload vs recompute; MoE capacity dispatch; the chunked loss over vocabularies
+#     kernel; offload vs recompute; MoE capacity dispatch; the grouped matmul's tiles; the chunked
+#     loss over vocabularies
 #   BENCH_SMOKE=1 BENCH_PLAN=first bash scripts/bench_gpu.sh   # the same on a CPU, tiny (no fingerprints)
 #
 # Runs from the source tree (PYTHONPATH), so it works on an image whose jax is already
@@ -40,7 +41,8 @@ case "${BENCH_PLAN:-}" in
   first) BENCH_ONLY="loss_chunked_llama1b loss_full_llama1b fp8_8bwidth_bf16 fp8_8bwidth_fp8 moe_pallas moe8_pallas
                      moe8_ragged_dot"
          [[ -n "$smoke" ]] || BENCH_ONLY="fingerprints $BENCH_ONLY" ;;
-  second) BENCH_ONLY="attention mfu_llama1b_b8_pallas remat_offload_llama1b moe_capacity chunked_loss_sweep" ;;
+  second) BENCH_ONLY="attention mfu_llama1b_b8_pallas remat_offload_llama1b moe_capacity grouped_matmul
+                      chunked_loss_sweep" ;;
   "") ;;
   *) echo "BENCH_PLAN: '$BENCH_PLAN' is not one of first, second" >&2; exit 2 ;;
 esac
@@ -160,7 +162,8 @@ run remat_offload_llama1b $py benchmarks/remat_offload.py "${remat_args[@]}"
 #    buffer at capacity factor 1.25. ragged_dot is not run at 128 experts: XLA expands it densely
 #    over the groups (estimate: temp 307.8 GiB). Then 8 experts of 768, 2 per token, where both fit:
 #    the kernel against ragged_dot. About 1-2 minutes each.
-#      BENCH_SMOKE=1 BENCH_ONLY="moe_pallas moe_capacity moe8_pallas moe8_ragged_dot" bash scripts/bench_gpu.sh
+#      BENCH_SMOKE=1 BENCH_ONLY="moe_pallas moe_capacity moe8_pallas moe8_ragged_dot grouped_matmul" \
+#        bash scripts/bench_gpu.sh
 moe_args=(--config configs/qwen3_30b_a3b.py --config.model.num_layers=2 --config.mesh.expert=1 --config.mesh.data=1
           --config.zero_stage=0 --config.train.batch_size=4 --config.train.grad_accum=1 --config.data.seq_len=2048)
 moe8=(--config.model.num_experts=8 --config.model.experts_per_token=2)
@@ -173,6 +176,9 @@ run moe_pallas $py benchmarks/mfu.py "${moe_args[@]}" "${few[@]}" --config.moe.i
 run moe_capacity $py benchmarks/mfu.py "${moe_args[@]}" "${few[@]}" --config.model.capacity_factor=1.25
 run moe8_pallas $py benchmarks/mfu.py "${moe_args[@]}" "${moe8[@]}" "${few[@]}" --config.moe.impl=pallas
 run moe8_ragged_dot $py benchmarks/mfu.py "${moe_args[@]}" "${moe8[@]}" "${few[@]}" --config.moe.impl=xla
+#    The grouped matmul alone at Qwen3-30B-A3B's widths: the kernel at several tile sizes (the
+#    default tiles come from here), and ragged_dot at 8 groups. Under a minute.
+run grouped_matmul $py benchmarks/grouped_matmul.py ${smoke:+--cpu-smoke}
 # ---- end of section 8 ------------------------------------------------------------------------
 
 echo "=============== summary ==============="
