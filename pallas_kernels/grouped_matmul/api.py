@@ -98,8 +98,8 @@ class _Tiles:
 def _bounds(group_sizes: jax.Array, rows: int, padded_rows: int) -> tuple[jax.Array, jax.Array]:
     """Each group's [start, end) rows, clipped to the rows there are, padded to a power-of-two
     length with empty groups past every row (Triton loads power-of-two vectors)."""
-    ends = jnp.minimum(jnp.cumsum(group_sizes), rows)
-    starts = jnp.minimum(ends - group_sizes, ends)
+    cumulative = jnp.cumsum(group_sizes)
+    starts, ends = jnp.minimum(cumulative - group_sizes, rows), jnp.minimum(cumulative, rows)
     groups = group_sizes.shape[0]
     length = 1 << max(groups - 1, 0).bit_length()
     pad = jnp.full((length - groups,), padded_rows, jnp.int32)
