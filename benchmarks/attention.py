@@ -34,6 +34,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from timing import median_seconds  # noqa: E402
+
 from pallas_kernels import BlockSizes, flash_attention  # noqa: E402
 
 
@@ -41,18 +43,6 @@ def attention_flops(batch: int, heads: int, seq: int, head_dim: int, causal: boo
                     backward: bool) -> float:
     fwd = 4.0 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
     return fwd * (3.5 if backward else 1.0)
-
-
-def time_jax(fn: Callable, args: tuple, repeats: int, warmup: int = 2) -> float:
-    """Median seconds per call of a jitted function."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def jax_impls(interpret: bool) -> dict[str, Callable]:
@@ -118,7 +108,7 @@ def matmul_peak(repeats: int) -> float:
     n = 8192
     a = jnp.ones((n, n), jnp.bfloat16)
     f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-    return 2 * n ** 3 / time_jax(f, (a, a), repeats) / 1e12
+    return 2 * n ** 3 / median_seconds(f, (a, a), repeats) / 1e12
 
 
 def check_on_device(interpret: bool) -> None:
@@ -195,7 +185,7 @@ def sweep(seq: int, tokens: int, heads: int, head_dim: int, repeats: int) -> Non
         fn, fargs = (fwdbwd, (q, k, v, do)) if backward else (fwd, (q, k, v))
         flops = attention_flops(batch, heads, seq, head_dim, True, backward)
         try:
-            result = f"{flops / time_jax(fn, fargs, repeats) / 1e12:7.1f} TFLOP/s"
+            result = f"{flops / median_seconds(fn, fargs, repeats) / 1e12:7.1f} TFLOP/s"
         except Exception as e:  # a config Triton rejects (e.g. out of shared memory)
             result = f"failed: {type(e).__name__}: {str(e)[:200]}"
         print(f"sweep seq={seq} causal {'fwd+bwd' if backward else 'fwd'} {blocks}: {result}",
@@ -266,7 +256,7 @@ def main() -> None:
                     fwd, fwdbwd = fwd_and_fwdbwd(attn, causal)
                     fn, fargs = (fwdbwd, (q, k, v, do)) if backward else (fwd, (q, k, v))
                     try:
-                        tflops[name] = flops / time_jax(fn, fargs, repeats) / 1e12
+                        tflops[name] = flops / median_seconds(fn, fargs, repeats) / 1e12
                     except Exception as e:  # report and go on: one failure must not hide the rest
                         print(f"{name} seq={seq} causal={causal} failed: "
                               f"{type(e).__name__}: {str(e)[:300]}", flush=True)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 
 def main() -> None:
@@ -28,6 +26,7 @@ def main() -> None:
 
     import jax
     import jax.numpy as jnp
+    from timing import median_seconds
 
     from efficient_train.models.llama.model import OutputHead
     from efficient_train.train.loss import cross_entropy
@@ -41,13 +40,7 @@ def main() -> None:
             return cross_entropy(h, OutputHead(w, True, dtype, 0.0), targets, chunk=chunk).sum()
 
         compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(h, w).compile()
-        jax.block_until_ready(compiled(h, w))
-        times = []
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            jax.block_until_ready(compiled(h, w))
-            times.append(time.perf_counter() - start)
-        return compiled.memory_analysis().temp_size_in_bytes, statistics.median(times)
+        return compiled.memory_analysis().temp_size_in_bytes, median_seconds(compiled, (h, w), args.steps, warmup=1)
 
     for vocab in (int(v) for v in args.vocabs.split(",")):
         w = jax.random.normal(keys[1], (vocab, args.hidden), jnp.float32) * args.hidden ** -0.5

@@ -15,8 +15,6 @@ import argparse
 import collections
 import json
 import re
-import statistics
-import time
 
 
 def main() -> None:
@@ -30,6 +28,7 @@ def main() -> None:
 
     import jax
     import jax.numpy as jnp
+    from timing import median_seconds
 
     from efficient_train.models import fp8
 
@@ -50,13 +49,7 @@ def main() -> None:
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
     def timed(fn, *inputs) -> float:
-        jax.block_until_ready(fn(*inputs))
-        times = []
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*inputs))
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return median_seconds(fn, inputs, args.steps, warmup=1)
 
     total = {"bf16": 0.0, "fp8": 0.0}
     for name, (k, n) in shapes.items():

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import jax
@@ -30,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from timing import median_seconds  # noqa: E402
+
 from pallas_kernels.grouped_matmul import GroupedBlocks, grouped_matmul  # noqa: E402
 
 DEFAULT_TILES = "64,64,64,4,2;128,64,128,8,3;128,128,128,8,3;64,128,64,4,3"
@@ -42,17 +42,6 @@ def group_sizes(rows: int, groups: int, seed: int = 0) -> np.ndarray:
     sizes = np.floor(weights / weights.sum() * rows).astype(np.int32)
     sizes[np.argmax(sizes)] += rows - sizes.sum()
     return sizes
-
-
-def median_seconds(fn: Callable, args: tuple, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def passes(matmul: Callable) -> dict[str, Callable]:

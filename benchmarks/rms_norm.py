@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import jax
@@ -33,21 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from timing import median_seconds  # noqa: E402
+
 from pallas_kernels import rms_norm  # noqa: E402
 
 EPS = 1e-5
-
-
-def time_jax(fn: Callable, args: tuple, repeats: int, warmup: int = 2) -> float:
-    """Median seconds per call of a jitted function."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def norms(interpret: bool, block_rows: int | None) -> dict[str, Callable]:
@@ -144,7 +132,7 @@ def main() -> None:
                     fwd, fwdbwd = fwd_and_fwdbwd(norm)
                     fn, fargs = (fwdbwd, (x, scale, dy)) if backward else (fwd, (x, scale))
                     try:
-                        seconds[name] = time_jax(fn, fargs, repeats)
+                        seconds[name] = median_seconds(fn, fargs, repeats)
                     except Exception as e:  # report and go on: one failure must not hide the rest
                         print(f"{name} rows={rows} hidden={hidden} failed: "
                               f"{type(e).__name__}: {str(e)[:300]}", flush=True)
