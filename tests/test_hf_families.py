@@ -71,21 +71,29 @@ def family_param(name: str):
     return pytest.param(name, marks=() if name == FAST else pytest.mark.slow)
 
 
-def random_model(family: str, seed: int = 0) -> torch.nn.Module:
-    """The family's tiny model with O(1) activations: sharp attention, norms far from identity."""
-    config_cls, model_cls, overrides = FAMILIES[family]
+def randomized_model(config_cls: type, model_cls: type, fields: dict, seed: int = 0,
+                     zero_centred_norms: bool = False) -> torch.nn.Module:
+    """A tiny transformers model (eager attention) with O(1) activations: sharp attention, norms far
+    from identity; `zero_centred_norms` for families whose norms scale by 1 + w (Gemma)."""
     torch.manual_seed(seed)
-    config = config_cls(**{**TINY, **overrides})
+    config = config_cls(**fields)
     config._attn_implementation = "eager"
     model = model_cls(config).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if parameter.ndim == 1:
-                centre = 0.0 if family.startswith("gemma") and "norm" in name else 1.0  # Gemma scales by 1 + w
+                centre = 0.0 if zero_centred_norms and "norm" in name else 1.0
                 parameter.copy_(centre + 0.5 * torch.randn_like(parameter))
             else:
                 parameter.copy_(torch.randn_like(parameter) / parameter.shape[-1] ** 0.5)
     return model
+
+
+def random_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """The family's tiny model with O(1) activations."""
+    config_cls, model_cls, overrides = FAMILIES[family]
+    return randomized_model(config_cls, model_cls, {**TINY, **overrides}, seed,
+                            zero_centred_norms=family.startswith("gemma"))
 
 
 def token_ids(batch: int = 2, seq: int = SEQ) -> np.ndarray:

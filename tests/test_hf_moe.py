@@ -13,7 +13,14 @@ import torch
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from efficient_train.tools.hf import config_from_hf, export_hf, import_hf, load_llama
-from tests.test_hf_families import check_gradient_parity, relative_error, token_ids, torch_logits, torch_loss_and_grads
+from tests.test_hf_families import (
+    check_gradient_parity,
+    randomized_model,
+    relative_error,
+    token_ids,
+    torch_logits,
+    torch_loss_and_grads,
+)
 
 torch.set_num_threads(1)
 
@@ -28,17 +35,7 @@ FAMILIES = {
 
 def random_model(family: str) -> torch.nn.Module:
     config_cls, model_cls, overrides = FAMILIES[family]
-    torch.manual_seed(0)
-    config = config_cls(**{**TINY, **overrides})
-    config._attn_implementation = "eager"
-    model = model_cls(config).eval()
-    with torch.no_grad():
-        for _, parameter in model.named_parameters():
-            if parameter.ndim == 1:
-                parameter.copy_(1.0 + 0.5 * torch.randn_like(parameter))
-            else:
-                parameter.copy_(torch.randn_like(parameter) / parameter.shape[-1] ** 0.5)
-    return model
+    return randomized_model(config_cls, model_cls, {**TINY, **overrides})
 
 
 @pytest.fixture(scope="module", params=["mixtral", pytest.param("qwen3_moe", marks=pytest.mark.slow)])
