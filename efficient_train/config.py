@@ -481,6 +481,7 @@ def _check_moe_impl(config: ml_collections.ConfigDict, mesh: dict[str, int]) -> 
     elif mesh["tensor"] > 1:
         why = ("runs whole experts per device and is not split by the compiler; use mesh.tensor=1 with it, "
                "or 'auto'/'xla' with tensor parallelism")
+    # 16: pallas_kernels.grouped_matmul.MIN_BLOCK, written out because config.py loads without jax.
     elif model.hidden_size % 16 or (model.moe_intermediate_size or model.intermediate_size) % 16:
         why = "needs model.hidden_size and the experts' intermediate size to be multiples of 16"
     if why:

@@ -169,7 +169,7 @@ moe_args=(--config configs/qwen3_30b_a3b.py --config.model.num_layers=2 --config
 moe8=(--config.model.num_experts=8 --config.model.experts_per_token=2)
 if [[ -n "$smoke" ]]; then
   moe_args+=("${tiny[@]}" --config.model.num_experts=8 --config.model.experts_per_token=2
-             --config.model.moe_intermediate_size=64 --config.model.num_kv_heads=2)
+             --config.model.moe_intermediate_size=64)
   moe8=(--config.model.num_experts=4)
 fi
 run moe_pallas $py benchmarks/mfu.py "${moe_args[@]}" "${few[@]}" --config.moe.impl=pallas

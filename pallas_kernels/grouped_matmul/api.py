@@ -62,13 +62,12 @@ def grouped_matmul(rows: jax.Array, weights: jax.Array, group_sizes: jax.Array, 
     if group_sizes.shape != (weights.shape[0],) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
         raise ValueError(f"group_sizes must be int [G] = [{weights.shape[0]}], got {group_sizes.dtype} "
                          f"{group_sizes.shape}")
+    if backend == "auto" and not interpret:  # ragged_dot on every platform until a GPU measurement
+        return jax.lax.ragged_dot(rows, weights, group_sizes)
     resolved = resolve_backend(backend, interpret)
     if resolved == "mosaic_tpu":
-        if backend != "auto":
-            raise ValueError("backend: 'mosaic_tpu' has no grouped matmul kernel; use 'xla' (ragged_dot, native "
-                             "on TPUs)")
-        resolved = "xla"
-    if resolved == "xla" or backend == "auto" and not interpret:
+        raise ValueError("backend: 'mosaic_tpu' has no grouped matmul kernel; use 'xla' (ragged_dot, native on TPUs)")
+    if resolved == "xla":
         return jax.lax.ragged_dot(rows, weights, group_sizes)
     if rows.dtype != weights.dtype:
         raise ValueError(f"rows and weights must share a dtype for the Pallas kernel, got {rows.dtype} and "
