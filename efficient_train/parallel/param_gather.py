@@ -73,23 +73,23 @@ def _all_gather(value: jax.Array, axes: tuple[str, ...], dim: int, auto_spec: P 
                          check_vma=False)(value)
 
 
-def _local_spec(metadata: dict, dropped: int) -> P | None:
-    """The automatic-axes spec of a parameter read without its `dropped` leading (stacked) dims."""
+def _gather_shard(value: jax.Array, metadata: dict, axes: tuple[str, ...], dropped: int) -> jax.Array:
+    """The whole of `value`, a ZeRO-3 shard read without its `dropped` leading (stacked) dims, as its
+    metadata says: along `zero_dim`, over its `zero_axes` (else `axes`), its `zero_auto_spec` kept."""
+    dim = metadata[ZERO_DIM]
+    if dim < dropped:
+        raise ValueError(f"zero_dim {dim} lies in the {dropped} leading (stacked layer) dims; the layer axis is "
+                         "never ZeRO-sharded")
     spec = metadata.get(ZERO_AUTO_SPEC)
-    return None if spec is None else P(*tuple(spec)[dropped:])
+    return _all_gather(value, tuple(metadata.get(ZERO_AXES) or axes), dim - dropped,
+                       None if spec is None else P(*tuple(spec)[dropped:]))
 
 
 def _gather_variable(variable: nnx.Variable, axes: tuple[str, ...], stacked_dims: int) -> nnx.Variable:
     metadata = variable.get_metadata()
-    dim = metadata.get(ZERO_DIM)
-    if dim is None:
+    if metadata.get(ZERO_DIM) is None:
         return variable
-    axes = tuple(metadata.get(ZERO_AXES) or axes)
-    local_dim = dim - stacked_dims
-    if local_dim < 0:
-        raise ValueError(f"zero_dim {dim} lies in the stacked layer dims; the layer axis is never ZeRO-sharded")
-    value = _all_gather(variable.get_value(), axes, local_dim, _local_spec(metadata, stacked_dims))
-    return variable.replace(value)
+    return variable.replace(_gather_shard(variable.get_value(), metadata, axes, stacked_dims))
 
 
 def gather(state: T, stacked_dims: int = 0) -> T:
@@ -114,18 +114,14 @@ def gather(state: T, stacked_dims: int = 0) -> T:
 STORED_NDIM = "stored_ndim"  # rank of the parameter as stored, so a read of a slice finds its dim
 
 
-def _gather_at_read(value: jax.Array, dim: int, stored_ndim: int, auto_spec: P | None) -> jax.Array:
+def _gather_at_read(value: jax.Array, metadata: dict) -> jax.Array:
     axes = _GATHER_AXES.current()
     if not axes:
         return value
     # Inside a scan or vmap over stacked layers (nnx.scan, nnx.vmap) a read sees the
     # parameter without its leading layer dims.
-    local_dim = dim - (stored_ndim - value.ndim)
-    if local_dim < 0:
-        raise ValueError(f"zero_dim {dim} lies in the {stored_ndim - value.ndim} leading dims this read sliced off")
-    if auto_spec is not None:
-        auto_spec = P(*tuple(auto_spec)[stored_ndim - value.ndim:])
-    return checkpoint_name(_all_gather(value, axes, local_dim, auto_spec), GATHERED_NAME)
+    dropped = metadata[STORED_NDIM] - value.ndim
+    return checkpoint_name(_gather_shard(value, metadata, axes, dropped), GATHERED_NAME)
 
 
 _WHOLE = object()  # no index given to get_value
@@ -136,9 +132,7 @@ class GatheredOnRead(nnx.Param):
     all-gathers it over the gathering axes (`zero_dim` from the metadata)."""
 
     def get_value(self, *, index: Any = _WHOLE) -> Any:
-        metadata = self.get_metadata()
-        whole = _gather_at_read(super().get_value(), metadata[ZERO_DIM], metadata[STORED_NDIM],
-                                metadata.get(ZERO_AUTO_SPEC))
+        whole = _gather_at_read(super().get_value(), self.get_metadata())
         return whole if index is _WHOLE or index is Ellipsis else whole[index]
 
     def __getattr__(self, name: str) -> Any:  # .T, .dtype, .ndim, ... of the whole value
